@@ -1,0 +1,96 @@
+"""The untrusted accelerator's role: the heavy linear work on what it was sent, nothing more.
+
+It holds conv weights and the noised residuals it received (kept until the matching backward),
+never a data set, a label, X_main, A or V. It answers the requests of `legrace.boundary`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from legrace.boundary import (
+    Ack,
+    ConvBackward,
+    ConvBackwardReply,
+    ConvForward,
+    ConvForwardReply,
+    Free,
+    Message,
+    RegisterConv,
+    SetWeight,
+)
+
+
+class AcceleratorError(RuntimeError):
+    """A request the accelerator cannot serve (unknown layer or stored residual)."""
+
+
+@dataclass
+class _Conv:
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    weight: Tensor | None = None
+
+
+class Accelerator:
+    """Serves conv forward, dL/dX and the residual's weight-gradient part on `device`."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self._convs: dict[int, _Conv] = {}
+        self._stored: dict[int, Tensor] = {}
+        self._ids = itertools.count()
+
+    def handle(self, message: Message) -> Message:
+        if isinstance(message, RegisterConv):
+            self._convs[message.layer] = _Conv(message.stride, message.padding, message.dilation)
+            return Ack()
+        if isinstance(message, SetWeight):
+            self._conv(message.layer).weight = message.weight.to(self.device)
+            return Ack()
+        if isinstance(message, ConvForward):
+            return self._forward(message)
+        if isinstance(message, ConvBackward):
+            return self._backward(message)
+        if isinstance(message, Free):
+            for i in message.stored:
+                self._stored.pop(i, None)
+            return Ack()
+        raise AcceleratorError(f"unknown request {type(message).__name__}")
+
+    def _conv(self, layer: int) -> _Conv:
+        if layer not in self._convs:
+            raise AcceleratorError(f"layer {layer} was never registered")
+        return self._convs[layer]
+
+    def _forward(self, m: ConvForward) -> ConvForwardReply:
+        conv = self._conv(m.layer)
+        if conv.weight is None:
+            raise AcceleratorError(f"layer {m.layer} has no weight yet")
+        x = m.residual.tensor.to(self.device)
+        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+        stored = None
+        if m.keep:
+            stored = next(self._ids)
+            self._stored[stored] = x
+        return ConvForwardReply(y.to("cpu"), stored)
+
+    def _backward(self, m: ConvBackward) -> ConvBackwardReply:
+        conv = self._conv(m.layer)
+        gy = m.grad_y.to(self.device)
+        x = self._stored.pop(m.stored, None) if m.stored is not None else None
+        if m.need_grad_w and x is None:
+            raise AcceleratorError(f"no stored residual {m.stored} for layer {m.layer}")
+        gx = gw = None
+        if m.need_grad_x:
+            gx = conv2d_input(m.x_shape, conv.weight, gy, conv.stride, conv.padding, conv.dilation).to("cpu")
+        if m.need_grad_w:
+            gw = conv2d_weight(x, conv.weight.shape, gy, conv.stride, conv.padding, conv.dilation).to("cpu")
+        return ConvBackwardReply(gx, gw)

@@ -1,0 +1,112 @@
+"""Convert a user's own nn.Module by rewriting its torch.fx graph (like quantize_fx).
+
+The model is traced once; every node is checked against the layers legrace knows how to place
+(DESIGN section 4), and every nn.Conv2d call becomes a decomposition point: a SplitConv2d that
+shares the conv's Parameters, so parameter names, state_dict keys and the user's optimizer stay
+valid. Everything else (BN, ReLU, pools, adds, the classifier head) runs on the trusted side as is.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses a layer or operation legrace cannot place; the message names it."""
+
+
+SUPPORTED_MODULES = (
+    nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.Dropout, nn.Flatten, nn.Identity,
+)
+SUPPORTED_FUNCTIONS = {
+    operator.add, operator.iadd, torch.add, torch.flatten, torch.relu, torch.relu_, F.relu,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, getattr,
+}
+SUPPORTED_METHODS = {"add", "add_", "relu", "relu_", "flatten", "view", "reshape", "size", "dim", "contiguous"}
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """Symbolically trace `module`, turning tracer failures into one clear error."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+    try:
+        return fx.symbolic_trace(module)
+    except Exception as err:  # tracer errors come in many types; the user needs one message
+        raise UnsupportedModelError(
+            f"could not trace {type(module).__name__} with torch.fx ({type(err).__name__}: {err}). "
+            "legrace needs a model without data-dependent control flow."
+        ) from err
+
+
+def check_supported(gm: fx.GraphModule) -> None:
+    """Raise UnsupportedModelError naming the first node legrace cannot place."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if not isinstance(mod, SUPPORTED_MODULES):
+                raise UnsupportedModelError(
+                    f"layer '{node.target}' ({type(mod).__name__}) is not supported by legrace; "
+                    f"supported: {', '.join(m.__name__ for m in SUPPORTED_MODULES)}"
+                )
+            if isinstance(mod, nn.Conv2d):
+                if mod.groups != 1:
+                    raise UnsupportedModelError(f"layer '{node.target}' is a grouped conv (groups={mod.groups}); only groups=1 is supported")
+                if mod.padding_mode != "zeros":
+                    raise UnsupportedModelError(f"layer '{node.target}' uses padding_mode={mod.padding_mode!r}; only 'zeros' is supported")
+        elif node.op == "call_function" and node.target not in SUPPORTED_FUNCTIONS:
+            name = getattr(node.target, "__name__", str(node.target))
+            raise UnsupportedModelError(f"operation '{name}' (node '{node.name}') is not supported by legrace")
+        elif node.op == "call_method" and node.target not in SUPPORTED_METHODS:
+            raise UnsupportedModelError(f"tensor method '.{node.target}()' (node '{node.name}') is not supported by legrace")
+
+
+def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The Conv2d calls in forward order: the decomposition points."""
+    modules = dict(gm.named_modules())
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Conv2d)]
+
+
+def convert(module: nn.Module, make_split: Callable[[nn.Conv2d, int, int], nn.Module] | None = None) -> fx.GraphModule:
+    """Trace, check and rewrite `module`; `make_split(conv, point, n_points)` replaces each conv.
+
+    Each call of a conv gets its own decomposition point; a conv module called twice is refused,
+    since its two calls would need two different trusted-side stand-ins under one name.
+    """
+    gm = trace(module)
+    check_supported(gm)
+    nodes = conv_nodes(gm)
+    targets = [n.target for n in nodes]
+    reused = {t for t in targets if targets.count(t) > 1}
+    if reused:
+        raise UnsupportedModelError(f"conv layer(s) {sorted(reused)} are called more than once in forward")
+    if make_split is not None:
+        for point, node in enumerate(nodes):
+            _set_submodule(gm, node.target, make_split(gm.get_submodule(node.target), point, len(nodes)))
+    _keep_unused(module, gm)
+    gm.train(module.training)
+    gm.recompile()
+    return gm
+
+
+def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def _keep_unused(original: nn.Module, gm: fx.GraphModule) -> None:
+    # fx drops submodules that forward never calls; keep them so no parameter or buffer of the
+    # user's model silently disappears from state_dict or checkpoints.
+    have = dict(gm.named_modules())
+    for name, mod in original.named_modules():
+        if name and name not in have:
+            parent, _, leaf = name.rpartition(".")
+            if not parent or parent in have:
+                (gm.get_submodule(parent) if parent else gm).add_module(leaf, mod)
+                have = dict(gm.named_modules())

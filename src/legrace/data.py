@@ -1,0 +1,251 @@
+"""Data sets for ``legrace train --data SPEC``.
+
+Accepted specs: ``digits``, ``npz:PATH``, ``cifar10:DIR``, ``imagefolder:DIR``.
+Every item is ``(x, y)``: ``x`` a float32 C x H x W tensor normalised with fixed,
+data-independent constants, ``y`` an int64 scalar tensor.
+"""
+
+from __future__ import annotations
+
+import numbers
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+# Normalisation statistics computed from private data would leak it without being
+# accounted for, so fixed constants are used: (x/255 - 0.5) / 0.25 per pixel, all
+# channels; typical images then have about unit RMS per coordinate.
+NORM_MEAN = 0.5
+NORM_STD = 0.25
+
+SPEC_FORMS = "digits, npz:PATH, cifar10:DIR, imagefolder:DIR"
+DEFAULT_FOLDER_SIZE = 32
+
+# What each loader returns: dataset, num_classes, in_channels, image_size, classes.
+_Loaded = tuple[Dataset, int, int, int, list[str]]
+
+
+class DataError(ValueError):
+    """A user-facing data problem; the message is one line naming the spec/file and what is wrong."""
+
+
+@dataclass
+class DataSplit:
+    """The loaded data: train/val datasets plus what a model needs to know about them."""
+
+    train: Dataset
+    val: Dataset | None
+    num_classes: int
+    in_channels: int
+    image_size: int
+    classes: list[str]
+    spec: str
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Map pixel intensities in [0, 1] to the fixed normalised scale."""
+    return (x - NORM_MEAN) / NORM_STD
+
+
+class ArrayDataset(Dataset):
+    """Images kept compact (uint8, N x C x H x W) and normalised per item.
+
+    Converting all of CIFAR-10 to float up front would cost ~600 MB; per item it is free.
+    ``scale`` is the value of a full-intensity pixel (255 for uint8, 16 for sklearn digits).
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, scale: float = 255.0, size: int | None = None
+    ) -> None:
+        self.images = images
+        self.labels = labels
+        self.scale = float(scale)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].to(torch.float32) / self.scale
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=False)[0]
+        return normalise(x), self.labels[i]
+
+
+class _PilToNormalised:
+    """PIL image -> RGB -> square ``size`` -> normalised float tensor (picklable for workers)."""
+
+    def __init__(self, size: int | None) -> None:
+        from torchvision import transforms
+
+        steps = [transforms.Resize((size, size), antialias=True)] if size is not None else []
+        self.transform = transforms.Compose([*steps, transforms.ToTensor()])
+
+    def __call__(self, img) -> torch.Tensor:
+        return normalise(self.transform(img.convert("RGB")))
+
+
+def _as_label(y: int) -> torch.Tensor:
+    return torch.tensor(y, dtype=torch.int64)
+
+
+def _load_digits(size: int | None) -> _Loaded:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.uint8))[:, None]  # values 0..16
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    classes = [str(c) for c in bunch.target_names]
+    return ArrayDataset(images, labels, scale=16.0, size=size), len(classes), 1, size or 8, classes
+
+
+def _load_npz(path: Path, size: int | None) -> _Loaded:
+    if not path.is_file():
+        raise DataError(f"npz:{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                have = ", ".join(f.files) or "none"
+                raise DataError(f"npz:{path}: missing array(s) {', '.join(missing)} (has: {have})")
+            x, y = f["x"], f["y"]
+            names = f["classes"] if "classes" in f.files else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise DataError(f"npz:{path}: cannot read as .npz ({type(err).__name__}: {err})") from err
+
+    if x.dtype != np.uint8:
+        raise DataError(f"npz:{path}: x must be uint8 images in 0..255, got dtype {x.dtype}")
+    if x.ndim not in (3, 4):
+        raise DataError(f"npz:{path}: x must be N x H x W x C or N x H x W, got shape {x.shape}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"npz:{path}: y must be a 1-d integer array, got dtype {y.dtype} shape {y.shape}")
+    if len(x) != len(y):
+        raise DataError(f"npz:{path}: x has {len(x)} images but y has {len(y)} labels")
+    if len(y) == 0:
+        raise DataError(f"npz:{path}: contains no samples")
+    if y.min() < 0:
+        raise DataError(f"npz:{path}: labels must be non-negative, found {y.min()}")
+    n, h, w, c = x.shape
+    if h != w and size is None:
+        raise DataError(f"npz:{path}: images are {h}x{w}, not square; pass an image size to resize them")
+
+    num_classes = int(y.max()) + 1
+    if names is None:
+        classes = [str(i) for i in range(num_classes)]
+    else:
+        if names.ndim != 1 or len(names) < num_classes:
+            raise DataError(f"npz:{path}: classes has {names.size} names "
+                            f"but labels go up to {num_classes - 1}")
+        classes = [v.decode() if isinstance(v, bytes) else str(v) for v in names.tolist()]
+        num_classes = len(classes)
+
+    images = torch.from_numpy(x).permute(0, 3, 1, 2)  # NCHW view, no copy
+    labels = torch.from_numpy(y.astype(np.int64, copy=False))
+    return ArrayDataset(images, labels, size=size), num_classes, c, size or h, classes
+
+
+def _load_cifar10(root: Path, size: int | None, download: bool, split: str) -> _Loaded:
+    from torchvision.datasets import CIFAR10
+
+    kwargs = dict(root=str(root), train=(split == "train"), transform=_PilToNormalised(size),
+                  target_transform=_as_label)
+    if not download:
+        try:
+            ds = CIFAR10(download=False, **kwargs)
+        except (RuntimeError, OSError) as err:
+            raise DataError(f"cifar10:{root}: CIFAR-10 data is not in {root}; pass --download to fetch it "
+                            "(needs network)") from err
+    else:
+        try:
+            ds = CIFAR10(download=True, **kwargs)
+        except Exception as err:  # URLError, HTTPError, checksum RuntimeError, ...
+            raise DataError(f"cifar10:{root}: could not download CIFAR-10 into {root} (offline?): "
+                            f"{type(err).__name__}: {err}") from err
+    return ds, len(ds.classes), 3, size or 32, list(ds.classes)
+
+
+def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise DataError(f"imagefolder:{root}: directory not found")
+    size = size or DEFAULT_FOLDER_SIZE
+    try:
+        ds = ImageFolder(str(root), transform=_PilToNormalised(size), target_transform=_as_label)
+    except (OSError, RuntimeError) as err:  # FileNotFoundError: no class folders / no images
+        raise DataError(f"imagefolder:{root}: no images found; "
+                        f"expected DIR/CLASS/IMAGE files ({err})") from err
+    return ds, len(ds.classes), 3, size, list(ds.classes)
+
+
+def _check_options(val_fraction: float, max_samples: int | None, image_size: int | None, split: str) -> None:
+    if not (isinstance(val_fraction, numbers.Real) and 0 <= val_fraction < 1):
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if max_samples is not None and (not isinstance(max_samples, numbers.Integral) or max_samples < 1):
+        raise DataError(f"max_samples must be a positive integer, got {max_samples!r}")
+    if image_size is not None and (not isinstance(image_size, numbers.Integral) or image_size < 1):
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def load_data(
+    spec: str = "digits",
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_samples: int | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+    split: str = "train",
+) -> DataSplit:
+    """Load the data set named by ``spec`` and split it into train/val deterministically.
+
+    ``max_samples`` keeps the first samples of a seeded shuffle (quick CPU runs); the
+    validation split is a seeded permutation so runs are reproducible. ``split`` picks
+    the CIFAR-10 train or test set and is ignored by the other specs.
+    """
+    _check_options(val_fraction, max_samples, image_size, split)
+    if not isinstance(spec, str):
+        raise DataError(f"data spec must be a string, got {type(spec).__name__}")
+    kind, sep, arg = spec.partition(":")
+    if kind == "digits" and not sep:
+        loaded = _load_digits(image_size)
+    elif kind in ("npz", "cifar10", "imagefolder") and arg:
+        path = Path(arg).expanduser()
+        if kind == "npz":
+            loaded = _load_npz(path, image_size)
+        elif kind == "cifar10":
+            loaded = _load_cifar10(path, image_size, download, split)
+        else:
+            loaded = _load_imagefolder(path, image_size)
+    else:
+        raise DataError(f"unknown data spec {spec!r}; accepted forms: {SPEC_FORMS}")
+    dataset, num_classes, in_channels, size, classes = loaded
+
+    gen = torch.Generator().manual_seed(seed)
+    if max_samples is not None and max_samples < len(dataset):
+        keep = torch.randperm(len(dataset), generator=gen)[:max_samples]
+        dataset = Subset(dataset, keep.tolist())
+
+    n = len(dataset)
+    n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise DataError(f"{spec}: too few samples ({n}) for val_fraction={val_fraction}")
+    if n_val:
+        perm = torch.randperm(n, generator=gen).tolist()
+        train, val = Subset(dataset, perm[n_val:]), Subset(dataset, perm[:n_val])
+    else:
+        train, val = dataset, None
+    return DataSplit(train=train, val=val, num_classes=num_classes, in_channels=in_channels,
+                     image_size=size, classes=classes, spec=spec)

@@ -1,0 +1,252 @@
+"""`LegRace`: the privacy engine that wraps a user's model, optimizer and data loader (like Opacus).
+
+    engine = LegRace(mode="legrace", rank=8, target_epsilon=8.0, target_delta=1e-5)
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
+                                                   data_loader=loader, epochs=10)
+    ... an ordinary training loop ...
+    engine.get_epsilon(delta=1e-5)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from legrace.accelerator import Accelerator
+from legrace.accountant import PrivacyLedger, calibrate_noise_multiplier, epsilon
+from legrace.boundary import AuditLog, Boundary, InProcessTransport
+from legrace.convert import convert
+from legrace.decompose import METHODS, Rank, validate_rank
+from legrace.mechanism import GaussianMechanism
+from legrace.split_conv import SPLIT_MODES, SplitConfig, SplitConv2d
+
+MODES = ("legrace", "dp_only", "lowrank_only", "tee_only", "gpu_only")
+
+# clip="auto": C = AUTO_NOISE_STD / z, so the noise std per coordinate is AUTO_NOISE_STD whatever
+# epsilon is. Activations normalised to about unit RMS per coordinate (inputs scaled with fixed
+# constants, conv inputs after BatchNorm) keep noise small beside the signal; the default uses no
+# private data, so it costs no privacy (DESIGN section 9).
+AUTO_NOISE_STD = 0.05
+
+
+class PrivateDataLoader:
+    """Wraps a DataLoader of private data: records each pass in the ledger, moves batches."""
+
+    def __init__(self, loader: Any, ledger: PrivacyLedger, name: str, device: Optional[torch.device] = None) -> None:
+        self.loader, self.ledger, self.name, self.device = loader, ledger, name, device
+
+    def __iter__(self) -> Iterator:
+        for i, batch in enumerate(self.loader):
+            if i == 0:  # accounted before the first release of the pass
+                self.ledger.record_pass(self.name)
+            yield _to_device(batch, self.device) if self.device is not None else batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+class LegRace:
+    """Trains a user's model with the trusted/untrusted split and accounts what it releases.
+
+    mode: "legrace" (the method), "dp_only" (same mechanism on the whole activation),
+    "lowrank_only" (residual dropped, nothing released), "tee_only" (all on the trusted side),
+    "gpu_only" (plain training on the accelerator, no privacy).
+    rank: R per decomposition point: an int, a list (one per Conv2d in forward order) or "auto".
+    clip: C, the per-sample l2 bound of a residual; "auto" for the data-independent default; None
+    for no clipping (only with noise_multiplier=0: exactness tests, epsilon infinite).
+    noise_multiplier: z (noise std = z*C), or None to calibrate z from target_epsilon/target_delta.
+    accelerator: "cpu" or a torch device such as "cuda" for the in-process accelerator.
+    """
+
+    def __init__(
+        self,
+        mode: str = "legrace",
+        *,
+        rank: Rank = 8,
+        clip: Union[float, str, None] = "auto",
+        noise_multiplier: Optional[float] = None,
+        target_epsilon: Optional[float] = None,
+        target_delta: float = 1e-5,
+        accelerator: str = "cpu",
+        decomposition: str = "light",
+        power_iters: int = 2,
+        max_rank: int = 16,
+        accountant: str = "rdp",
+        noise_seed: Optional[int] = None,
+        audit: Union[str, Path, None] = None,
+        ledger_path: Union[str, Path, None] = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if decomposition not in METHODS:
+            raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {', '.join(METHODS)}")
+        if not (0 < target_delta < 1):
+            raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
+        if clip is not None and clip != "auto" and not (isinstance(clip, (int, float)) and clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"clip must be a number > 0, 'auto' or None, got {clip!r}")
+        if mode in ("legrace", "dp_only"):
+            if (noise_multiplier is None) == (target_epsilon is None):
+                raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+            if noise_multiplier is not None and not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+            if clip is None and noise_multiplier != 0:
+                raise ValueError("clip=None (no clipping) is only allowed with noise_multiplier=0")
+        self.mode = mode
+        self.rank = validate_rank(rank)
+        self._clip_arg = clip
+        self._noise_arg = noise_multiplier
+        self.target_epsilon = target_epsilon
+        self.target_delta = target_delta
+        self.decomposition, self.power_iters, self.max_rank = decomposition, power_iters, max_rank
+        self.accountant = accountant
+        self.noise_seed = noise_seed
+        self.device = _accelerator_device(accelerator)
+        self.ledger = PrivacyLedger(ledger_path)
+        self.audit = AuditLog(audit) if audit is not None else None
+        self.boundary: Optional[Boundary] = None
+        self.mechanism: Optional[GaussianMechanism] = None
+        self._n_points: Optional[int] = None
+
+    # ---- wrapping the user's objects ----------------------------------------------------------
+
+    def make_private(
+        self, *, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: Any, epochs: Optional[int] = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer, PrivateDataLoader]:
+        """Convert `module`, calibrate the noise for `epochs` uses of the data, wrap the loader.
+
+        The returned model shares its Parameters with `module`, so `optimizer` works unchanged.
+        """
+        model = self.convert(module)
+        if self.target_epsilon is not None and self.releases_per_sample > 0 and self.mechanism is None:
+            if epochs is None or epochs < 1:
+                raise ValueError("target_epsilon needs epochs (how many times each sample is used)")
+            z = calibrate_noise_multiplier(
+                self.target_epsilon, self.target_delta, epochs * self.releases_per_sample, self.accountant
+            )
+            self._set_noise(z)
+        return model, optimizer, self.private_loader(data_loader, name="train")
+
+    def private_loader(self, data_loader: Any, name: str = "validation") -> PrivateDataLoader:
+        """Wrap another loader of private data (e.g. validation): its passes are accounted too."""
+        device = self.device if self.mode == "gpu_only" else None
+        return PrivateDataLoader(data_loader, self.ledger, name, device)
+
+    def convert(self, module: nn.Module) -> nn.Module:
+        """The split model for this engine's mode (the plain model on the accelerator for gpu_only)."""
+        if self.mode == "gpu_only":
+            self._n_points = 0
+            return module.to(self.device)
+        if self.mode == "tee_only":
+            gm = convert(module)
+            self._n_points = 0
+            return gm
+        config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank)
+        if config.releases:
+            self.boundary = Boundary(InProcessTransport(Accelerator(self.device)), audit=self.audit)
+            config.boundary = self.boundary
+
+        def make_split(conv: nn.Conv2d, point: int, n_points: int) -> SplitConv2d:
+            config.n_points = n_points
+            return SplitConv2d(conv, point, config)
+
+        gm = convert(module, make_split)
+        self._config = config
+        self._n_points = config.n_points
+        if self._noise_arg is not None and self.mechanism is None:
+            self._set_noise(self._noise_arg)
+        config.mechanism = self.mechanism
+        return gm
+
+    def _set_noise(self, z: float) -> None:
+        clip = self._clip_arg
+        if clip == "auto":
+            clip = AUTO_NOISE_STD / z if z > 0 else None
+        self.mechanism = GaussianMechanism(clip, z, seed=self.noise_seed)
+        if getattr(self, "_config", None) is not None:
+            self._config.mechanism = self.mechanism
+
+    # ---- what was spent -----------------------------------------------------------------------
+
+    @property
+    def releases_per_sample(self) -> int:
+        """Noised residuals released per use of one sample (one per decomposition point)."""
+        if self._n_points is None:
+            raise RuntimeError("call make_private (or convert) first: the count depends on the model")
+        return self._n_points if self.mode in ("legrace", "dp_only") else 0
+
+    @property
+    def noise_multiplier(self) -> float:
+        """z: noise std over the clipping bound C."""
+        return self.mechanism.noise_multiplier if self.mechanism else 0.0
+
+    @property
+    def clip(self) -> Optional[float]:
+        return self.mechanism.clip if self.mechanism else None
+
+    @property
+    def sigma(self) -> float:
+        """Noise standard deviation z * C."""
+        return self.mechanism.sigma if self.mechanism else 0.0
+
+    @property
+    def sensitivity(self) -> Optional[float]:
+        """l2 sensitivity 2C of one release."""
+        return self.mechanism.sensitivity if self.mechanism else None
+
+    def get_epsilon(self, delta: Optional[float] = None) -> float:
+        """Epsilon spent so far at `delta` (default target_delta), over every accounted pass."""
+        delta = self.target_delta if delta is None else delta
+        if self.mode == "gpu_only":
+            return math.inf
+        if self._n_points is None or self.releases_per_sample == 0:
+            return 0.0
+        return epsilon(self.noise_multiplier, self.ledger.max_uses * self.releases_per_sample, delta, self.accountant)
+
+    def epsilon_per_release(self, delta: Optional[float] = None) -> float:
+        """Epsilon of a single released residual at `delta`."""
+        delta = self.target_delta if delta is None else delta
+        if self.mode == "gpu_only":
+            return math.inf
+        if self._n_points is None or self.releases_per_sample == 0:
+            return 0.0
+        return epsilon(self.noise_multiplier, 1, delta, self.accountant)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume without spending privacy twice."""
+        return {"mode": self.mode, "noise_multiplier": self.noise_multiplier, "clip": self.clip,
+                "ledger": self.ledger.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(f"checkpoint was trained in mode {state['mode']!r}, not {self.mode!r}")
+        self.ledger.load_state_dict(state["ledger"])
+
+
+def _accelerator_device(accelerator: str) -> torch.device:
+    try:
+        device = torch.device(accelerator)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"accelerator must be 'cpu' or a torch device such as 'cuda' (got {accelerator!r})"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("accelerator 'cuda' was asked for but this machine has no usable CUDA GPU")
+    return device
+
+
+__all__ = ["AUTO_NOISE_STD", "LegRace", "MODES", "PrivateDataLoader", "SPLIT_MODES"]

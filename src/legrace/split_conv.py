@@ -1,0 +1,166 @@
+"""The trusted side of one conv layer, split as in DESIGN section 2.
+
+Forward:  Y = sum_p conv(V_p, W'_p) [trusted, R input channels]  +  conv(X_res~, W) [accelerator]
+          with W'[i, p] = sum_j A[j, p] W[i, j], batched as one grouped conv with per-sample kernels.
+Backward: dL/dX = conv_transpose(dL/dY, W) [accelerator, paper's mode; the decomposition is the
+          identity in backward], dL/dW = trusted low-rank part + accelerator's X_res~ part.
+
+Modes: "legrace" releases the noised residual; "dp_only" is the same with R = 0 (the whole
+activation is the residual); "lowrank_only" drops the residual and sends nothing at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from legrace.boundary import Boundary
+from legrace.decompose import Rank, decompose, rank_for_point
+from legrace.mechanism import GaussianMechanism
+
+SPLIT_MODES = ("legrace", "dp_only", "lowrank_only")
+
+
+@dataclass
+class SplitConfig:
+    """Trusted-side settings shared by every split conv of one model."""
+
+    mode: str
+    rank: Rank
+    method: str = "light"
+    iters: int = 2
+    max_rank: int = 16
+    n_points: int = 0
+    mechanism: Optional[GaussianMechanism] = None
+    boundary: Optional[Boundary] = None
+
+    @property
+    def releases(self) -> bool:
+        return self.mode in ("legrace", "dp_only")
+
+
+def lowrank_conv(A: Tensor, V: Tensor, weight: Tensor, hw: tuple[int, int], stride, padding, dilation) -> Tensor:
+    """conv(A·V, W) computed as conv(V, W') with only R input channels per sample."""
+    B, N, R = A.shape
+    M, _, kh, kw = weight.shape
+    w_prime = torch.einsum("bnr,mnkl->bmrkl", A, weight).reshape(B * M, R, kh, kw)
+    y = F.conv2d(V.reshape(1, B * R, *hw), w_prime, None, stride, padding, dilation, groups=B)
+    return y.reshape(B, M, *y.shape[2:])
+
+
+def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, stride, padding, dilation) -> Tensor:
+    """The trusted part of dL/dW: sum_b sum_p A[b, j, p] · (V_bp (*) dL/dY_bi)."""
+    B, N, R = A.shape
+    M, _, kh, kw = w_shape
+    g_prime = conv2d_weight(
+        V.reshape(1, B * R, *hw), (B * M, R, kh, kw), grad_y.reshape(1, B * M, *grad_y.shape[2:]),
+        stride, padding, dilation, groups=B,
+    )
+    return torch.einsum("bnr,bmrkl->mnkl", A, g_prime.reshape(B, M, R, kh, kw))
+
+
+class _SplitConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SplitConv2d") -> Tensor:
+        cfg = layer.config
+        rank = 0 if cfg.mode == "dp_only" else rank_for_point(cfg.rank, layer.point, cfg.n_points)
+        dec = decompose(x, rank, method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank)
+        hw = tuple(x.shape[2:])
+        out_shape = (x.shape[0], weight.shape[0], *layer.output_hw(hw))
+        y = x.new_zeros(out_shape)
+        if dec.rank > 0:
+            y = lowrank_conv(dec.A, dec.V, weight, hw, layer.stride, layer.padding, layer.dilation)
+        stored = None
+        if cfg.releases:
+            released = cfg.mechanism.release(dec.X_res)
+            y_res, stored = cfg.boundary.conv_forward(layer.point, released, ctx.needs_input_grad[1], out_shape)
+            y = y + y_res
+        if bias is not None:
+            y = y + bias.reshape(1, -1, 1, 1)
+        ctx.save_for_backward(dec.A, dec.V, weight)
+        ctx.layer, ctx.stored, ctx.x_shape = layer, stored, tuple(x.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        A, V, weight = ctx.saved_tensors
+        layer, cfg = ctx.layer, ctx.layer.config
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        conv_args = (layer.stride, layer.padding, layer.dilation)
+        grad_y = grad_y.contiguous()
+        grad_x = grad_w = None
+        if cfg.releases:
+            grad_x, grad_w = cfg.boundary.conv_backward(
+                layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape), need_x, need_w
+            )
+        elif need_x:  # lowrank_only: nothing leaves the trusted side, not even dL/dY
+            grad_x = conv2d_input(ctx.x_shape, weight, grad_y, *conv_args)
+        if need_w:
+            if A.shape[-1] > 0:
+                g_main = lowrank_weight_grad(A, V, grad_y, weight.shape, ctx.x_shape[2:], *conv_args)
+                grad_w = g_main if grad_w is None else grad_w + g_main
+            elif grad_w is None:
+                grad_w = torch.zeros_like(weight)
+        grad_b = grad_y.sum((0, 2, 3)) if need_b else None
+        return grad_x, grad_w, grad_b, None
+
+
+class SplitConv2d(nn.Module):
+    """Stands in for a user's nn.Conv2d; shares its weight and bias Parameters (same names)."""
+
+    def __init__(self, conv: nn.Conv2d, point: int, config: SplitConfig) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.padding = conv_padding(conv)
+        self.point = point
+        self.config = config
+        self._sent_weight: Optional[tuple] = None
+        if config.releases:
+            config.boundary.register_conv(point, self.stride, self.padding, self.dilation)
+
+    def output_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(hw, self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"layer {self.point} expects a 4-d N x C x H x W input, got shape {tuple(x.shape)}")
+        if self.config.releases:
+            self._sync_weight()
+        return _SplitConvFunction.apply(x, self.weight, self.bias, self)
+
+    def _sync_weight(self) -> None:
+        # Send W again only when it changed (optimizer step, load_state_dict, dtype change).
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if key != self._sent_weight:
+            self.config.boundary.set_weight(self.point, w)
+            self._sent_weight = key
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, point={self.point}, mode={self.config.mode}"
+        )
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """Integer padding of a conv, resolving 'valid' and symmetric 'same'."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' with an even kernel pads asymmetrically, which legrace does not support")
+        return tuple(t // 2 for t in total)
+    return tuple(conv.padding)

@@ -1,0 +1,232 @@
+"""The training job behind `legrace train` and `legrace evaluate`: an ordinary PyTorch loop
+around `LegRace.make_private`, with metrics, a summary and resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from legrace.data import DataSplit, load_data
+from legrace.engine import LegRace
+from legrace.models import build_model
+
+
+@dataclass
+class TrainConfig:
+    model: str = "cnn"
+    data: str = "digits"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    mode: str = "legrace"
+    rank: Union[int, str, list] = 8
+    clip: Union[float, str, None] = "auto"
+    target_epsilon: Optional[float] = 8.0
+    noise_multiplier: Optional[float] = None
+    delta: float = 1e-5
+    val_fraction: float = 0.1
+    seed: int = 0
+    noise_seed: Optional[int] = None
+    max_samples: Optional[int] = None
+    image_size: Optional[int] = None
+    download: bool = False
+    accelerator: str = "cpu"
+    decomposition: str = "light"
+    accountant: str = "rdp"
+    out: str = "runs/legrace"
+    progress: bool = True
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or resume; the message says why."""
+
+
+def _engine(cfg: TrainConfig, noise_multiplier: Optional[float], clip, ledger_path: Optional[Path]) -> LegRace:
+    releasing = cfg.mode in ("legrace", "dp_only")
+    return LegRace(
+        mode=cfg.mode, rank=cfg.rank, clip=clip,
+        noise_multiplier=noise_multiplier if releasing else None,
+        target_epsilon=cfg.target_epsilon if releasing and noise_multiplier is None else None,
+        target_delta=cfg.delta, accelerator=cfg.accelerator, decomposition=cfg.decomposition,
+        accountant=cfg.accountant, noise_seed=cfg.noise_seed, ledger_path=ledger_path,
+    )
+
+
+def _loader(ds, cfg: TrainConfig, train: bool) -> DataLoader:
+    g = torch.Generator().manual_seed(cfg.seed)
+    # drop_last in training: a last batch of one sample breaks BatchNorm and wastes a step
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=g,
+                      drop_last=train and len(ds) > cfg.batch_size)
+
+
+def _evaluate(model, loader) -> tuple[float, float]:
+    model.eval()
+    total = correct = 0
+    loss = 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x)
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+    return loss / max(total, 1), correct / max(total, 1)
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
+    """Train as `cfg` says; returns the summary also written to OUT/summary.json."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, ledger_path = out / "checkpoint.pt", out / "privacy_ledger.json"
+    state = None
+    if resume:
+        if not ckpt_path.exists():
+            raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = TrainConfig(**state["config"])
+        saved.epochs, saved.out, saved.progress = cfg.epochs, cfg.out, cfg.progress
+        cfg = saved
+        log(f"resuming {cfg.mode} run from epoch {state['epoch']} of {ckpt_path}; settings come from the checkpoint")
+    elif ckpt_path.exists() or ledger_path.exists():
+        raise TrainError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+
+    torch.manual_seed(cfg.seed)
+    data: DataSplit = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, max_samples=cfg.max_samples,
+                                image_size=cfg.image_size, download=cfg.download)
+    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if state is not None:
+        engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path)
+        engine.load_state_dict(state["engine"])
+        if cfg.noise_seed is not None:  # never replay the same noise stream after a resume
+            cfg.noise_seed += 1_000_003 * engine.ledger.max_uses
+    else:
+        engine = _engine(cfg, cfg.noise_multiplier, cfg.clip, ledger_path)
+    model, optimizer, train_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=_loader(data.train, cfg, True), epochs=cfg.epochs
+    )
+    val_loader = engine.private_loader(_loader(data.val, cfg, False), "validation") if data.val is not None else None
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    start_epoch, history, step_times = 0, [], []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scheduler.T_max = max(cfg.epochs, 1)
+        start_epoch, history, step_times = state["epoch"], state["history"], state["step_times"]
+        torch.set_rng_state(state["rng"])
+    if start_epoch >= cfg.epochs:
+        log(f"nothing to do: the checkpoint already has {start_epoch} epochs (pass a larger --epochs)")
+
+    metrics_file = open(out / "metrics.jsonl", "a" if state is not None else "w")
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for x, y in bar:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            step_times.append(time.perf_counter() - t0)
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        scheduler.step()
+        val_loss, val_acc = _evaluate(model, val_loader) if val_loader is not None else (math.nan, math.nan)
+        row = {"epoch": epoch + 1, "steps": len(step_times), "train_loss": loss_sum / max(seen, 1),
+               "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
+               "epsilon": engine.get_epsilon(cfg.delta), "seconds_per_step": statistics.median(step_times)}
+        history.append(row)
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train_acc {row['train_acc']:.3f}  val_acc {val_acc:.3f}  "
+            f"epsilon {row['epsilon']:.3g}")
+        _save(ckpt_path, {"config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "engine": engine.state_dict(), "history": history, "step_times": step_times,
+                          "rng": torch.get_rng_state(), "num_classes": data.num_classes,
+                          "in_channels": data.in_channels, "image_size": data.image_size})
+    metrics_file.close()
+
+    last = history[-1] if history else {}
+    summary = {
+        "mode": cfg.mode, "model": cfg.model, "data": cfg.data, "epochs": len(history), "steps": len(step_times),
+        "train_samples": len(data.train), "val_samples": len(data.val) if data.val is not None else 0,
+        "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"),
+        "epsilon": engine.get_epsilon(cfg.delta), "epsilon_per_release": engine.epsilon_per_release(cfg.delta),
+        "delta": cfg.delta, "target_epsilon": cfg.target_epsilon if engine.releases_per_sample else None,
+        "noise_multiplier": engine.noise_multiplier, "sigma": engine.sigma, "clip": engine.clip,
+        "rank": cfg.rank, "releases_per_sample": engine.releases_per_sample, "sensitivity": engine.sensitivity,
+        "uses_per_sample": engine.ledger.max_uses,
+        "releases_accounted": engine.ledger.max_uses * engine.releases_per_sample,
+        "accountant": cfg.accountant, "sample_rate": 1.0,
+        "seconds_per_step": statistics.median(step_times) if step_times else None,
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "accelerator": cfg.accelerator,
+        "decomposition": cfg.decomposition,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    return summary
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isinf(o):
+        return "inf"
+    raise TypeError(type(o).__name__)
+
+
+def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print) -> dict:
+    """Split inference of a trained checkpoint on `data_spec`; accuracy and this pass's epsilon."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise TrainError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = TrainConfig(**state["config"])
+    except Exception as err:
+        raise TrainError(f"{path} is not a legrace checkpoint ({type(err).__name__}: {err})") from err
+    if split not in ("all", "val"):
+        raise TrainError(f"--split must be 'all' or 'val', not {split!r}")
+    data = load_data(data_spec, val_fraction=cfg.val_fraction if split == "val" else 0.0, seed=cfg.seed,
+                     max_samples=cfg.max_samples if split == "val" else None,
+                     image_size=state["image_size"], split="test")
+    if data.in_channels != state["in_channels"] or data.num_classes > state["num_classes"]:
+        raise TrainError(
+            f"{data_spec} has {data.in_channels} channels and {data.num_classes} classes; the checkpoint "
+            f"was trained on {state['in_channels']} channels and {state['num_classes']} classes"
+        )
+    model = build_model(cfg.model, num_classes=state["num_classes"], in_channels=state["in_channels"],
+                        image_size=state["image_size"])
+    engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], None)
+    model = engine.convert(model)
+    model.load_state_dict(state["model"])
+    ds = data.val if split == "val" else data.train
+    loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), "evaluation")
+    loss, acc = _evaluate(model, loader)
+    result = {"checkpoint": str(path), "data": data_spec, "split": split, "samples": len(ds), "mode": cfg.mode,
+              "accuracy": acc, "loss": loss, "epsilon_of_this_pass": engine.get_epsilon(cfg.delta),
+              "delta": cfg.delta}
+    return result
