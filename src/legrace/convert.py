@@ -26,7 +26,7 @@ SUPPORTED_MODULES = (
 )
 SUPPORTED_FUNCTIONS = {
     operator.add, operator.iadd, torch.add, torch.flatten, torch.relu, torch.relu_, F.relu,
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, getattr,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, getattr, operator.getitem,
 }
 SUPPORTED_METHODS = {"add", "add_", "relu", "relu_", "flatten", "view", "reshape", "size", "dim", "contiguous"}
 
@@ -73,8 +73,22 @@ def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Conv2d)]
 
 
-def convert(module: nn.Module, make_split: Callable[[nn.Conv2d, int, int], nn.Module] | None = None) -> fx.GraphModule:
-    """Trace, check and rewrite `module`; `make_split(conv, point, n_points)` replaces each conv.
+def batch_coupled(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[bool]:
+    """For each node: does a BatchNorm come before it? In training mode BatchNorm mixes the batch,
+    so the activation there depends on every batch-mate (accounted in legrace.accountant)."""
+    modules = dict(gm.named_modules())
+    after_bn: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:  # topological order: inputs are seen before their users
+        is_bn = node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d)
+        after_bn[node] = is_bn or any(after_bn[i] for i in node.all_input_nodes)
+    return [any(after_bn[i] for i in n.all_input_nodes) for n in nodes]
+
+
+def convert(
+    module: nn.Module, make_split: Callable[[nn.Conv2d, int, int, bool], nn.Module] | None = None
+) -> fx.GraphModule:
+    """Trace, check and rewrite `module`; `make_split(conv, point, n_points, coupled)` replaces
+    each conv (coupled: a BatchNorm comes before it, see batch_coupled).
 
     Each call of a conv gets its own decomposition point; a conv module called twice is refused,
     since its two calls would need two different trusted-side stand-ins under one name.
@@ -87,8 +101,10 @@ def convert(module: nn.Module, make_split: Callable[[nn.Conv2d, int, int], nn.Mo
     if reused:
         raise UnsupportedModelError(f"conv layer(s) {sorted(reused)} are called more than once in forward")
     if make_split is not None:
+        coupled = batch_coupled(gm, nodes)
         for point, node in enumerate(nodes):
-            _set_submodule(gm, node.target, make_split(gm.get_submodule(node.target), point, len(nodes)))
+            split = make_split(gm.get_submodule(node.target), point, len(nodes), coupled[point])
+            _set_submodule(gm, node.target, split)
     _keep_unused(module, gm)
     gm.train(module.training)
     gm.recompile()

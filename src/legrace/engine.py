@@ -121,6 +121,8 @@ class LegRace:
         self.boundary: Optional[Boundary] = None
         self.mechanism: Optional[GaussianMechanism] = None
         self._n_points: Optional[int] = None
+        self._coupled_points = 0
+        self.batch_size = 1
 
     # ---- wrapping the user's objects ----------------------------------------------------------
 
@@ -132,17 +134,21 @@ class LegRace:
         The returned model shares its Parameters with `module`, so `optimizer` works unchanged.
         """
         model = self.convert(module)
+        loader = self.private_loader(data_loader, name="train")
         if self.target_epsilon is not None and self.releases_per_sample > 0 and self.mechanism is None:
             if epochs is None or epochs < 1:
                 raise ValueError("target_epsilon needs epochs (how many times each sample is used)")
-            z = calibrate_noise_multiplier(
-                self.target_epsilon, self.target_delta, epochs * self.releases_per_sample, self.accountant
-            )
-            self._set_noise(z)
-        return model, optimizer, self.private_loader(data_loader, name="train")
+            releases = [(s, n * epochs) for s, n in self.releases_per_use()]
+            self._set_noise(calibrate_noise_multiplier(self.target_epsilon, self.target_delta, releases, self.accountant))
+        return model, optimizer, loader
 
     def private_loader(self, data_loader: Any, name: str = "validation") -> PrivateDataLoader:
         """Wrap another loader of private data (e.g. validation): its passes are accounted too."""
+        batch_size = getattr(data_loader, "batch_size", None)
+        if batch_size is None and not isinstance(data_loader, (list, tuple)):
+            raise ValueError("cannot tell the loader's batch size (needed to account BatchNorm's batch coupling); "
+                             "use a DataLoader with batch_size set")
+        self.batch_size = max(self.batch_size, batch_size or _longest_batch(data_loader))
         device = self.device if self.mode == "gpu_only" else None
         return PrivateDataLoader(data_loader, self.ledger, name, device)
 
@@ -160,11 +166,15 @@ class LegRace:
             self.boundary = Boundary(InProcessTransport(Accelerator(self.device)), audit=self.audit)
             config.boundary = self.boundary
 
-        def make_split(conv: nn.Conv2d, point: int, n_points: int) -> SplitConv2d:
+        coupled = []
+
+        def make_split(conv: nn.Conv2d, point: int, n_points: int, after_bn: bool) -> SplitConv2d:
             config.n_points = n_points
+            coupled.append(after_bn)
             return SplitConv2d(conv, point, config)
 
         gm = convert(module, make_split)
+        self._coupled_points = sum(coupled)
         self._config = config
         self._n_points = config.n_points
         if self._noise_arg is not None and self.mechanism is None:
@@ -188,6 +198,16 @@ class LegRace:
         if self._n_points is None:
             raise RuntimeError("call make_private (or convert) first: the count depends on the model")
         return self._n_points if self.mode in ("legrace", "dp_only") else 0
+
+    @property
+    def batch_coupled_releases_per_sample(self) -> int:
+        """Of releases_per_sample, those after a BatchNorm: sensitivity 2C*sqrt(batch size)."""
+        return self._coupled_points if self.releases_per_sample else 0
+
+    def releases_per_use(self) -> list[tuple[float, int]]:
+        """(l2 sensitivity in units of C, count) of what one use of a sample releases."""
+        coupled = self.batch_coupled_releases_per_sample
+        return [(2.0, self.releases_per_sample - coupled), (2.0 * math.sqrt(self.batch_size), coupled)]
 
     @property
     def noise_multiplier(self) -> float:
@@ -215,7 +235,8 @@ class LegRace:
             return math.inf
         if self._n_points is None or self.releases_per_sample == 0:
             return 0.0
-        return epsilon(self.noise_multiplier, self.ledger.max_uses * self.releases_per_sample, delta, self.accountant)
+        uses = self.ledger.max_uses
+        return epsilon(self.noise_multiplier, [(s, n * uses) for s, n in self.releases_per_use()], delta, self.accountant)
 
     def epsilon_per_release(self, delta: Optional[float] = None) -> float:
         """Epsilon of a single released residual at `delta`."""
@@ -224,7 +245,7 @@ class LegRace:
             return math.inf
         if self._n_points is None or self.releases_per_sample == 0:
             return 0.0
-        return epsilon(self.noise_multiplier, 1, delta, self.accountant)
+        return epsilon(self.noise_multiplier, [(2.0, 1)], delta, self.accountant)
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume without spending privacy twice."""
@@ -235,6 +256,11 @@ class LegRace:
         if state["mode"] != self.mode:
             raise ValueError(f"checkpoint was trained in mode {state['mode']!r}, not {self.mode!r}")
         self.ledger.load_state_dict(state["ledger"])
+
+
+def _longest_batch(batches) -> int:
+    lengths = [len(b[0]) if isinstance(b, (list, tuple)) else len(b) for b in batches]
+    return max(lengths, default=1)
 
 
 def _accelerator_device(accelerator: str) -> torch.device:

@@ -181,8 +181,14 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         "delta": cfg.delta, "target_epsilon": cfg.target_epsilon if engine.releases_per_sample else None,
         "noise_multiplier": engine.noise_multiplier, "sigma": engine.sigma, "clip": engine.clip,
         "rank": cfg.rank, "releases_per_sample": engine.releases_per_sample, "sensitivity": engine.sensitivity,
+        "batch_coupled_releases_per_sample": engine.batch_coupled_releases_per_sample,
         "uses_per_sample": engine.ledger.max_uses,
         "releases_accounted": engine.ledger.max_uses * engine.releases_per_sample,
+        # what the accountant composed, so anyone can recompute epsilon with another accountant:
+        # Gaussian mechanisms of noise std / l2 sensitivity `noise_multiplier`, `count` times each
+        "compositions": [{"sensitivity": sens * engine.clip if engine.clip else None,
+                          "noise_multiplier": engine.noise_multiplier / sens, "count": n * engine.ledger.max_uses}
+                         for sens, n in engine.releases_per_use() if n > 0],
         "accountant": cfg.accountant, "sample_rate": 1.0,
         "seconds_per_step": statistics.median(step_times) if step_times else None,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "accelerator": cfg.accelerator,

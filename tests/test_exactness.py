@@ -1,0 +1,114 @@
+"""The project's most important test: with noise and clipping off, the split model's logits and
+every parameter gradient equal those of the unconverted model (DESIGN section 2), for every
+supported architecture, rank, dtype, and in training and eval mode."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from legrace import LegRace, verify
+from legrace.models import build_model
+
+TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
+
+
+def split_vs_plain(model, x, y, *, rank, train, mode="legrace", decomposition="light"):
+    """Logits error and worst gradient error of the split model against the plain model."""
+    engine = LegRace(mode=mode, rank=rank, clip=None, noise_multiplier=0, decomposition=decomposition)
+    split = engine.convert(copy.deepcopy(model))
+    assert [n for n, _ in split.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert split.state_dict().keys() == model.state_dict().keys()
+    result = verify.split_vs_plain(model, x, y, rank=rank, train=train, mode=mode, decomposition=decomposition)
+    return result.logits, result.worst_grad, engine
+
+
+def data(dtype, size, channels=3, batch=4, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, channels, size, size, generator=g).to(dtype),
+            torch.randint(0, classes, (batch,), generator=g))
+
+
+FAST = [("cnn", 8, 1), ("cnn", 32, 3), ("vgg11", 32, 3), ("vgg11_bn", 32, 3), ("resnet18", 32, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,size,channels", FAST, ids=[f"{n}-{s}" for n, s, _ in FAST])
+def test_split_equals_plain(name, size, channels, train, dtype):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, in_channels=channels, image_size=size).to(dtype)
+    x, y = data(dtype, size, channels)
+    logit_err, grad_err, engine = split_vs_plain(model, x, y, rank=4, train=train)
+    assert engine.releases_per_sample == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert logit_err <= TOL[dtype] and grad_err <= TOL[dtype], (logit_err, grad_err)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3, 16, 512, "auto", "list"])
+@pytest.mark.parametrize("decomposition", ["light", "deflation", "exact"])
+def test_every_rank_and_method(rank, decomposition):
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, image_size=16).double()
+    if rank == "list":
+        n = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        rank = [i % 5 for i in range(n)]
+    x, y = data(torch.float64, 16, batch=3)
+    logit_err, grad_err, _ = split_vs_plain(model, x, y, rank=rank, train=True, decomposition=decomposition)
+    assert logit_err <= 1e-6 and grad_err <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["dp_only", "tee_only"])
+def test_other_modes_are_exact_without_noise(mode):
+    torch.manual_seed(0)
+    model = build_model("vgg11_bn", num_classes=10, image_size=32).double()
+    x, y = data(torch.float64, 32)
+    logit_err, grad_err, _ = split_vs_plain(model, x, y, rank=4, train=True, mode=mode)
+    assert logit_err <= 1e-6 and grad_err <= 1e-6
+
+
+def test_conv_hyperparameters():
+    # stride, padding (int, tuple, 'same', 'valid'), dilation, with and without bias, non-square
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 6, 3, stride=2, padding=(1, 2), bias=False)
+            self.b = torch.nn.Conv2d(6, 5, (3, 5), padding="same", dilation=2)
+            self.c = torch.nn.Conv2d(5, 7, 2, stride=(2, 1), padding="valid")
+            self.d = torch.nn.Conv2d(7, 4, 1)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            x = self.b(x) + x[:, :5]
+            x = F.max_pool2d(self.d(self.c(x)), 2)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 17, 23, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,))
+    logit_err, grad_err, engine = split_vs_plain(Net().double(), x, y, rank=2, train=True)
+    assert engine.releases_per_sample == 4
+    assert logit_err <= 1e-6 and grad_err <= 1e-6
+
+
+SLOW_ARCHS = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+              "resnet18", "resnet34", "resnet50"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize("name", SLOW_ARCHS)
+def test_torchvision_architectures(name, size, dtype):
+    """torchvision's own models, unchanged (ImageNet stem even at 32x32), and the CIFAR variants."""
+    torch.manual_seed(0)
+    variants = [torchvision.models.get_model(name, weights=None, num_classes=10)]
+    if size == 32:
+        variants.append(build_model(name, num_classes=10, image_size=32))
+    for i, model in enumerate(variants):
+        x, y = data(dtype, size, batch=2 if size == 224 else 4)
+        for train in (True, False):
+            logit_err, grad_err, _ = split_vs_plain(copy.deepcopy(model).to(dtype), x, y, rank=[1, 4, 8][i % 3] if size == 224 else 8, train=train)
+            assert logit_err <= TOL[dtype] and grad_err <= TOL[dtype], (i, train, logit_err, grad_err)

@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+
+from legrace.boundary import NoisedResidual
+from legrace.mechanism import GaussianMechanism
+
+
+def test_clip_bounds_each_sample_and_keeps_small_ones():
+    m = GaussianMechanism(clip=1.0, noise_multiplier=0.0)
+    x = torch.stack([torch.full((2, 3, 3), 5.0), torch.full((2, 3, 3), 0.01)])
+    r = m.release(x)
+    assert isinstance(r, NoisedResidual)
+    norms = r.tensor.flatten(1).norm(dim=1)
+    assert norms[0].item() == pytest.approx(1.0, rel=1e-6)
+    assert torch.equal(r.tensor[1], x[1])  # under the bound: untouched
+    # direction kept
+    assert torch.allclose(r.tensor[0] / norms[0], x[0] / x[0].norm())
+
+
+def test_noise_has_std_z_times_c_and_is_fresh():
+    m = GaussianMechanism(clip=0.5, noise_multiplier=3.0)
+    assert m.sigma == 1.5 and m.sensitivity == 1.0
+    zero = torch.zeros(4, 8, 32, 32)
+    a, b = m.release(zero).tensor, m.release(zero).tensor
+    assert a.std().item() == pytest.approx(1.5, rel=0.02)
+    assert abs(a.mean().item()) < 0.02
+    assert not torch.equal(a, b)  # never reused
+    assert m.releases == 2
+
+
+def test_generators_are_secretly_seeded():
+    a = GaussianMechanism(1.0, 1.0).release(torch.zeros(1, 100)).tensor
+    b = GaussianMechanism(1.0, 1.0).release(torch.zeros(1, 100)).tensor
+    assert not torch.equal(a, b)
+    with pytest.warns(UserWarning, match="experiments only"):
+        c = GaussianMechanism(1.0, 1.0, seed=7).release(torch.zeros(1, 100)).tensor
+    with pytest.warns(UserWarning):
+        d = GaussianMechanism(1.0, 1.0, seed=7).release(torch.zeros(1, 100)).tensor
+    assert torch.equal(c, d)
+
+
+def test_noise_does_not_touch_global_rng():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    GaussianMechanism(1.0, 2.0).release(torch.zeros(2, 10))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_off_is_identity():
+    x = torch.randn(3, 4, 5, 5)
+    assert torch.equal(GaussianMechanism(None, 0.0).release(x).tensor, x)
+
+
+@pytest.mark.parametrize("clip,z,msg", [(None, 1.0, "noise needs a clipping bound"), (-1.0, 1.0, "clip must be"),
+                                        (1.0, -0.5, "noise_multiplier must be"), (1.0, math.nan, "noise_multiplier")])
+def test_bad_settings(clip, z, msg):
+    with pytest.raises(ValueError, match=msg):
+        GaussianMechanism(clip, z)
