@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from legrace.convert import UnsupportedModelError
     from legrace.data import DataError
     from legrace.models import ModelError
-    from legrace.train import TrainConfig, TrainError, run_evaluation, run_training
+    from legrace.train import TrainConfig, TrainError, jsonable, run_evaluation, run_training
 
     try:
         if args.command == "train":
@@ -110,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
             print(describe(summary, cfg.out))
         else:
-            print(json.dumps(run_evaluation(args.checkpoint, args.data, args.split), indent=2))
+            print(json.dumps(jsonable(run_evaluation(args.checkpoint, args.data, args.split)), indent=2))
     except (DataError, ModelError, UnsupportedModelError, TrainError, ValueError) as err:
         print(f"legrace: error: {err}", file=sys.stderr)
         return 2

@@ -161,7 +161,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
                "epsilon": engine.get_epsilon(cfg.delta), "seconds_per_step": statistics.median(step_times)}
         history.append(row)
-        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
         metrics_file.flush()
         log(f"epoch {epoch + 1}/{cfg.epochs}: train_acc {row['train_acc']:.3f}  val_acc {val_acc:.3f}  "
             f"epsilon {row['epsilon']:.3g}")
@@ -194,14 +194,19 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "accelerator": cfg.accelerator,
         "decomposition": cfg.decomposition,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
     return summary
 
 
-def _json_default(o):
-    if isinstance(o, float) and math.isinf(o):
-        return "inf"
-    raise TypeError(type(o).__name__)
+def jsonable(o):
+    """Standard JSON: infinite epsilon becomes "inf", an undefined number null."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
+    if isinstance(o, dict):
+        return {k: jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    return o
 
 
 def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print) -> dict:

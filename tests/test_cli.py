@@ -1,0 +1,118 @@
+"""The command line as a new user runs it."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from legrace.accountant import epsilon
+from legrace.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "legrace.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_default_job_on_digits_learns_and_reports(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--epochs", "3", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "Validation accuracy" in r.stdout and "epsilon" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("mode", "model", "data", "epochs", "steps", "train_acc", "val_acc", "epsilon", "epsilon_per_release",
+                "delta", "noise_multiplier", "sigma", "clip", "rank", "releases_per_sample", "sensitivity",
+                "seconds_per_step"):
+        assert key in summary, key
+    assert summary["mode"] == "legrace" and summary["data"] == "digits" and summary["epochs"] == 3
+    assert summary["val_acc"] > 0.8  # it learns for real
+    assert 7.5 < summary["epsilon"] <= 8.0
+    # an independent recomputation from what summary.json says was composed
+    recomputed = epsilon(1.0, [(1.0 / c["noise_multiplier"], c["count"]) for c in summary["compositions"]],
+                         summary["delta"], "prv")
+    assert recomputed == pytest.approx(summary["epsilon"], rel=0.15)
+    assert sum(c["count"] for c in summary["compositions"]) == 3 * summary["releases_per_sample"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[-1])["epoch"] == 3
+
+
+def test_resume_continues_without_spending_twice(tmp_path):
+    out = str(tmp_path / "run")
+    common = ["train", "--noise-multiplier", "20", "--out", out, "--no-progress", "--lr", "0.02"]
+    assert main(common + ["--epochs", "1"]) == 0
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert main(common + ["--epochs", "2", "--resume"]) == 0
+    second = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert second["epochs"] == 2 and second["uses_per_sample"] == 2 and second["steps"] == 2 * first["steps"]
+    assert second["noise_multiplier"] == first["noise_multiplier"]
+    assert second["epsilon"] > first["epsilon"]
+    # two epochs in one go cost exactly what 1 + 1 resumed epochs cost
+    assert main(["train", "--noise-multiplier", "20", "--out", str(tmp_path / "direct"), "--no-progress",
+                 "--epochs", "2", "--lr", "0.02"]) == 0
+    direct = json.loads((tmp_path / "direct" / "summary.json").read_text())
+    assert second["epsilon"] == pytest.approx(direct["epsilon"])
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_crash_mid_epoch_is_still_accounted(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--noise-multiplier", "20", "--out", str(out), "--no-progress", "--epochs", "1"]) == 0
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    ledger["uses"]["train"] += 1  # a pass that started and crashed before its checkpoint
+    (out / "privacy_ledger.json").write_text(json.dumps(ledger))
+    assert main(["train", "--out", str(out), "--no-progress", "--epochs", "2", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["uses_per_sample"] == 3
+
+
+def test_evaluate_runs_split_inference(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", "--split", "val"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 180 and result["accuracy"] > 0.7 and result["epsilon_of_this_pass"] > 0
+
+
+def test_npz_data_and_other_modes(tmp_path):
+    g = np.random.default_rng(0)
+    x = g.integers(0, 256, size=(60, 12, 12, 3), dtype=np.uint8)
+    y = g.integers(0, 2, size=60)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    for mode in ("gpu_only", "tee_only", "lowrank_only", "dp_only"):
+        out = tmp_path / mode
+        assert main(["train", "--data", f"npz:{path}", "--mode", mode, "--epochs", "1", "--batch-size", "16",
+                     "--out", str(out), "--no-progress"]) == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert s["mode"] == mode
+        expected_eps = {"gpu_only": "inf", "tee_only": 0.0, "lowrank_only": 0.0}.get(mode)
+        if expected_eps is not None:
+            assert s["epsilon"] == expected_eps
+        else:
+            assert 0 < s["epsilon"] <= 8.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "mnist"], "digits, npz:PATH"),
+    (["--data", "npz:/no/such/file.npz"], "/no/such/file.npz"),
+    (["--model", "alexnet"], "unknown model"),
+    (["--rank", "1,2"], "2 entries but the model has 3"),
+    (["--data", "cifar10:/nonexistent"], "--download"),
+])
+def test_bad_input_gets_a_clear_message(tmp_path, args, message):
+    r = run_cli("train", "--epochs", "1", "--out", str(tmp_path / "r"), "--no-progress", *args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", "digits"]) == 2
+
+
+def test_torch_threads_untouched():
+    assert torch.get_num_threads() >= 1

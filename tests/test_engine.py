@@ -1,0 +1,202 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from legrace import LegRace
+from legrace.accountant import epsilon
+from legrace.boundary import ConvForward, InProcessTransport
+from legrace.engine import AUTO_NOISE_STD
+from legrace.models import SmallCNN
+
+
+def tiny_loader(n=32, batch=8, size=8, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, size, size, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def train_epochs(model, optimizer, loader, epochs):
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+
+def test_opacus_shaped_api_trains_and_accounts():
+    torch.manual_seed(0)
+    module = SmallCNN(1, 3)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    engine = LegRace(mode="legrace", rank=2, target_epsilon=4.0, target_delta=1e-5)
+    model, opt, loader = engine.make_private(module=module, optimizer=optimizer, data_loader=tiny_loader(), epochs=3)
+    assert opt is optimizer
+    assert {id(p) for p in model.parameters()} == {id(p) for p in module.parameters()}
+    assert engine.releases_per_sample == 3 and engine.batch_coupled_releases_per_sample == 2
+    assert engine.get_epsilon() == 0.0  # nothing released yet
+    before = [p.detach().clone() for p in module.parameters()]
+    train_epochs(model, opt, loader, 1)
+    eps1 = engine.get_epsilon(1e-5)
+    train_epochs(model, opt, loader, 2)
+    eps3 = engine.get_epsilon(1e-5)
+    assert 0 < eps1 < eps3 <= 4.0 and eps3 > 3.9
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert engine.sigma == pytest.approx(AUTO_NOISE_STD)
+    assert engine.clip == pytest.approx(AUTO_NOISE_STD / engine.noise_multiplier)
+    assert engine.sensitivity == pytest.approx(2 * engine.clip)
+    assert engine.epsilon_per_release() < eps1
+    # every stored residual was consumed or freed
+    assert engine.boundary.transport.accelerator._stored == {}
+
+
+def test_given_noise_multiplier_and_clip():
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(), epochs=1)
+    assert engine.sigma == 1.5 and engine.sensitivity == 1.0 and engine.noise_multiplier == 3.0
+
+
+def test_noise_off_means_infinite_epsilon_after_a_pass():
+    engine = LegRace(rank=1, clip=None, noise_multiplier=0)
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    assert engine.get_epsilon() == 0.0
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    assert engine.get_epsilon() == math.inf
+
+
+@pytest.mark.parametrize("mode,expected", [("lowrank_only", 0.0), ("tee_only", 0.0), ("gpu_only", math.inf)])
+def test_modes_that_release_nothing(mode, expected):
+    engine = LegRace(mode=mode, rank=2)
+    model, opt, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    assert engine.boundary is None and engine.releases_per_sample == 0
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    assert engine.get_epsilon() == expected
+
+
+def test_lowrank_only_drops_the_residual():
+    torch.manual_seed(0)
+    module = SmallCNN(1, 3).eval()
+    x = torch.randn(4, 1, 8, 8)
+    full = module(x)
+    low = LegRace(mode="lowrank_only", rank=1).convert(SmallCNN(1, 3).eval())
+    low.load_state_dict(module.state_dict())
+    assert not torch.allclose(low(x), full, atol=1e-4)
+
+
+def test_validation_passes_are_accounted_in_parallel():
+    engine = LegRace(rank=1, noise_multiplier=5.0, clip=1.0)
+    model, _, train = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    val = engine.private_loader(tiny_loader(seed=1), "validation")
+    with torch.no_grad():
+        for loader in (train, val, val):
+            for x, _ in loader:
+                model(x)
+    assert engine.ledger.uses == {"train": 1, "validation": 2}
+    # disjoint data sets: the most-used one sets epsilon
+    twice = [(s, 2 * n) for s, n in engine.releases_per_use()]
+    assert engine.get_epsilon() == pytest.approx(epsilon(5.0, twice, 1e-5))
+
+
+def test_batchnorm_coupling_costs_privacy():
+    class NoBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.b(torch.relu(self.a(x))), 1), 1))
+
+    class WithBN(NoBN):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.b(self.bn(self.a(x))), 1), 1))
+
+    eps = {}
+    for cls in (NoBN, WithBN):
+        engine = LegRace(rank=1, noise_multiplier=10.0, clip=1.0)
+        model, _, loader = engine.make_private(module=cls(), optimizer=None, data_loader=tiny_loader(batch=16))
+        for x, _ in loader:
+            model(x)
+        eps[cls] = engine.get_epsilon()
+        assert engine.releases_per_sample == 2
+        assert engine.batch_coupled_releases_per_sample == (1 if cls is WithBN else 0)
+    assert eps[WithBN] > eps[NoBN]
+    assert eps[NoBN] == pytest.approx(epsilon(10.0, [(2.0, 2)], 1e-5))
+    assert eps[WithBN] == pytest.approx(epsilon(10.0, [(2.0, 1), (8.0, 1)], 1e-5))  # sqrt(16) = 4
+
+
+def test_bad_arguments_have_clear_messages():
+    with pytest.raises(ValueError, match="unknown mode"):
+        LegRace(mode="fast")
+    with pytest.raises(ValueError, match="exactly one of noise_multiplier and target_epsilon"):
+        LegRace(noise_multiplier=1.0, target_epsilon=3.0)
+    with pytest.raises(ValueError, match="exactly one of"):
+        LegRace()
+    with pytest.raises(ValueError, match="clip=None"):
+        LegRace(clip=None, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="target_epsilon needs epochs"):
+        LegRace(target_epsilon=1.0).make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    with pytest.raises(ValueError, match="no usable CUDA" if not torch.cuda.is_available() else "zzz"):
+        LegRace(noise_multiplier=1.0, accelerator="cuda")
+    with pytest.raises(ValueError, match="accelerator must be"):
+        LegRace(noise_multiplier=1.0, accelerator="quantum")
+    with pytest.raises(ValueError, match="decomposition"):
+        LegRace(noise_multiplier=1.0, decomposition="qr")
+
+
+def spy_on_releases(engine):
+    """Capture every residual that crosses to the accelerator."""
+    seen = []
+    transport = engine.boundary.transport
+
+    class Spy(InProcessTransport):
+        def request(self, message):
+            if isinstance(message, ConvForward):
+                seen.append((message.layer, message.residual.tensor.clone()))
+            return transport.request(message)
+
+    engine.boundary.transport = Spy(transport.accelerator)
+    return seen
+
+
+def test_first_release_of_a_sample_depends_only_on_that_sample():
+    # DESIGN section 7 at the model level (layer 0: no BatchNorm before it)
+    engine = LegRace(rank=1, clip=None, noise_multiplier=0)
+    model = engine.convert(SmallCNN(3, 3))
+    seen = spy_on_releases(engine)
+    x = torch.randn(4, 3, 8, 8)
+    y = x.clone()
+    y[1:] = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        model(y)
+    first = [t for layer, t in seen if layer == 0]
+    assert torch.equal(first[0][0], first[1][0]) and not torch.equal(first[0][1], first[1][1])
+
+
+def test_every_crossing_is_audited_and_residuals_are_noised(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    engine = LegRace(rank=2, noise_multiplier=2.0, clip=0.1, audit=audit)
+    model, opt, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=torch.optim.SGD(
+        SmallCNN(1, 3).parameters(), lr=0.1), data_loader=tiny_loader())
+    for x, y in loader:
+        F.cross_entropy(model(x), y).backward()
+    engine.audit.close()
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    kinds = {(line["direction"], line["kind"]) for line in lines}
+    assert kinds <= {("to_accelerator", k) for k in ("RegisterConv", "SetWeight", "ConvForward", "ConvBackward", "Free")} | {
+        ("to_trusted", k) for k in ("Ack", "ConvForwardReply", "ConvBackwardReply")}
+    released = [line for line in lines if line["kind"] == "ConvForward"]
+    assert len(released) == 3 * len(loader)
+    assert all(line["clip"] == 0.1 and line["sigma"] == pytest.approx(0.2) for line in released)
