@@ -6,10 +6,14 @@ import argparse
 import json
 import math
 import sys
+from importlib import import_module
 from typing import Optional, Sequence
 
 from legrace.engine import MODES
 from legrace.models import model_names
+
+# Modules that add a subcommand: each defines add_parser(subparsers), setting func=handler(args) -> int.
+COMMAND_MODULES: list[str] = []
 
 
 def _rank(text: str):
@@ -77,11 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    t.set_defaults(func=_train)
+
     e = sub.add_parser("evaluate", help="split inference of a checkpoint; prints accuracy")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True, help="digits | npz:PATH | cifar10:DIR (its test split) | imagefolder:DIR")
     e.add_argument("--split", choices=("all", "val"), default="all",
                    help="all samples of --data, or the validation split the run held out")
+    e.set_defaults(func=_evaluate)
+
+    # Further commands live in their own modules: each has add_parser(subparsers) that sets func.
+    for name in COMMAND_MODULES:
+        import_module(name).add_parser(sub)
     return p
 
 
@@ -91,29 +102,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from legrace.convert import UnsupportedModelError
     from legrace.data import DataError
     from legrace.models import ModelError
-    from legrace.train import TrainConfig, TrainError, jsonable, run_evaluation, run_training
+    from legrace.train import TrainError
 
     try:
-        if args.command == "train":
-            target = args.target_epsilon
-            if target is None and args.noise_multiplier is None:
-                target = 8.0
-            cfg = TrainConfig(
-                model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                mode=args.mode, rank=args.rank, clip=args.clip, target_epsilon=target,
-                noise_multiplier=args.noise_multiplier, delta=args.delta, val_fraction=args.val_fraction,
-                seed=args.seed, noise_seed=args.noise_seed, max_samples=args.max_samples,
-                image_size=args.image_size, download=args.download, accelerator=args.accelerator,
-                decomposition=args.decomposition, accountant=args.accountant, out=args.out,
-                progress=not args.no_progress,
-            )
-            summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
-            print(describe(summary, cfg.out))
-        else:
-            print(json.dumps(jsonable(run_evaluation(args.checkpoint, args.data, args.split)), indent=2))
+        return args.func(args) or 0
     except (DataError, ModelError, UnsupportedModelError, TrainError, ValueError) as err:
         print(f"legrace: error: {err}", file=sys.stderr)
         return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from legrace.train import TrainConfig, run_training
+
+    target = args.target_epsilon
+    if target is None and args.noise_multiplier is None:
+        target = 8.0
+    cfg = TrainConfig(
+        model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        mode=args.mode, rank=args.rank, clip=args.clip, target_epsilon=target,
+        noise_multiplier=args.noise_multiplier, delta=args.delta, val_fraction=args.val_fraction,
+        seed=args.seed, noise_seed=args.noise_seed, max_samples=args.max_samples,
+        image_size=args.image_size, download=args.download, accelerator=args.accelerator,
+        decomposition=args.decomposition, accountant=args.accountant, out=args.out,
+        progress=not args.no_progress,
+    )
+    summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
+    print(describe(summary, cfg.out))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from legrace.train import jsonable, run_evaluation
+
+    print(json.dumps(jsonable(run_evaluation(args.checkpoint, args.data, args.split)), indent=2))
     return 0
 
 
