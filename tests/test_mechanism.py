@@ -59,3 +59,23 @@ def test_off_is_identity():
 def test_bad_settings(clip, z, msg):
     with pytest.raises(ValueError, match=msg):
         GaussianMechanism(clip, z)
+
+
+def test_noise_pool_prepares_the_next_releases_and_never_reuses():
+    import time
+
+    m = GaussianMechanism(clip=1.0, noise_multiplier=2.0)
+    m.start_pool(ahead=2)
+    shapes = [(4, 3, 8, 8), (4, 16, 4, 4), (4, 16, 4, 4), (4, 32, 2, 2)]
+    seen = []
+    for _ in range(4):  # four "steps"; the pool learns the order after the first
+        for shape in shapes:
+            seen.append(m.release(torch.zeros(shape)).tensor)
+            time.sleep(0.01)  # the accelerator's turn: the pool fills meanwhile
+    pool = m._pool
+    assert sum(len(v) for v in pool._ready.values()) <= 2
+    assert pool._plan == [(shapes[0], torch.float32), (shapes[1], torch.float32)]  # next step
+    flat = torch.cat([t.flatten() for t in seen])
+    assert flat.std().item() == pytest.approx(2.0, rel=0.05)
+    assert len({t.flatten()[:4].tolist().__repr__() for t in seen}) == len(seen)  # all fresh
+    m.close()

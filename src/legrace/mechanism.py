@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 import warnings
 from typing import Optional
 
@@ -35,6 +36,8 @@ class GaussianMechanism:
             warnings.warn("a fixed noise seed makes the noise predictable: use it for experiments only", stacklevel=2)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(secrets.randbits(63) if seed is None else int(seed))
+        self._seed = None if seed is None else int(seed)
+        self._pool: Optional[NoisePool] = None
         self.releases = 0
 
     @property
@@ -49,13 +52,103 @@ class GaussianMechanism:
 
     def release(self, x_res: Tensor) -> NoisedResidual:
         """Clip each sample of x_res (B x ...) to l2 norm C and add fresh Gaussian noise."""
-        x = x_res
+        scale = None
         if self.clip is not None:
-            norms = x.reshape(x.shape[0], -1).norm(dim=1)
-            scale = (self.clip / norms.clamp_min(torch.finfo(x.dtype).tiny)).clamp(max=1.0)
-            x = x * scale.reshape(-1, *([1] * (x.dim() - 1)))
+            norms = x_res.reshape(x_res.shape[0], -1).norm(dim=1)
+            scale = (self.clip / norms.clamp_min(torch.finfo(x_res.dtype).tiny)).clamp(max=1.0)
+            scale = scale.reshape(-1, *([1] * (x_res.dim() - 1)))
         if self.sigma > 0:
-            noise = torch.randn(x.shape, generator=self._generator, dtype=x.dtype, device="cpu")
-            x = x + noise.to(x.device).mul_(self.sigma)
+            out = self._noise(x_res.shape, x_res.dtype).to(x_res.device)
+            out = out.addcmul_(x_res, scale) if scale is not None else out.add_(x_res)
+        else:
+            out = x_res * scale if scale is not None else x_res
         self.releases += 1
-        return NoisedResidual(x.contiguous(), self.clip, self.sigma)
+        return NoisedResidual(out, self.clip, self.sigma)
+
+    def _noise(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """A fresh N(0, sigma^2) buffer, used once: from the pool when one is ready."""
+        if self._pool is not None:
+            ready = self._pool.take(shape, dtype)
+            if ready is not None:
+                return ready
+        return torch.empty(shape, dtype=dtype).normal_(0.0, self.sigma, generator=self._generator)
+
+    def start_pool(self, ahead: int = 2) -> None:
+        """Generate noise ahead of time in a background thread, off the critical path.
+
+        Noise does not depend on data (DESIGN section 7), so each release's noise can be drawn
+        while the trusted side waits for the accelerator. Every buffer is used exactly once.
+        """
+        if self._pool is None and self.sigma > 0:
+            self._pool = NoisePool(self.sigma, ahead, None if self._seed is None else self._seed + 1)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+class NoisePool:
+    """Draws the noise of the next `ahead` releases in a daemon thread.
+
+    Releases come in the same order every step (one per conv, forward order), so the pool learns
+    which shape follows the last two and prepares the next ones; buffers the plan no longer needs
+    are dropped (unused noise is never released), so at most `ahead` buffers wait in memory.
+    """
+
+    def __init__(self, sigma: float, ahead: int, seed: Optional[int]) -> None:
+        self.sigma, self.ahead = sigma, ahead
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+        self._ready: dict[tuple, list[Tensor]] = {}
+        self._follows: dict[tuple, tuple] = {}
+        self._recent: tuple = (None, None)
+        self._plan: list[tuple] = []
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._fill, name="legrace-noise", daemon=True)
+        self._thread.start()
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> Optional[Tensor]:
+        key = (tuple(shape), dtype)
+        with self._lock:
+            if self._recent[1] is not None:
+                self._follows[self._recent] = key
+            self._recent = (self._recent[1], key)
+            ready = self._ready.get(key)
+            buffer = ready.pop() if ready else None
+            self._plan, context = [], self._recent
+            for _ in range(self.ahead):
+                nxt = self._follows.get(context)
+                if nxt is None:
+                    break
+                self._plan.append(nxt)
+                context = (context[1], nxt)
+            for k in list(self._ready):
+                del self._ready[k][self._plan.count(k):]
+            self._lock.notify()
+        return buffer
+
+    def _missing(self) -> Optional[tuple]:
+        for key in set(self._plan):
+            if len(self._ready.get(key, [])) < self._plan.count(key):
+                return key
+        return None
+
+    def _fill(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and self._missing() is None:
+                    self._lock.wait()
+                if self._stop:
+                    return
+                key = self._missing()
+            buffer = torch.empty(key[0], dtype=key[1]).normal_(0.0, self.sigma, generator=self._generator)
+            with self._lock:
+                self._ready.setdefault(key, []).append(buffer)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout=5)

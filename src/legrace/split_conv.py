@@ -11,6 +11,7 @@ activation is the residual); "lowrank_only" drops the residual and sends nothing
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +39,7 @@ class SplitConfig:
     n_points: int = 0
     mechanism: Optional[GaussianMechanism] = None
     boundary: Optional[Boundary] = None
+    timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
 
     @property
     def releases(self) -> bool:
@@ -64,30 +66,58 @@ def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, strid
     return torch.einsum("bnr,bmrkl->mnkl", A, g_prime.reshape(B, M, R, kh, kw))
 
 
+class LayerTimings:
+    """Seconds per decomposition point: trusted work and waiting for the accelerator."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[int, str], float] = {}
+
+    def add(self, point: int, kind: str, seconds: float) -> None:
+        self.seconds[point, kind] = self.seconds.get((point, kind), 0.0) + seconds
+
+
+def _timed_call(cfg: SplitConfig, point: int, phase: str, fn, *args):
+    """Call fn; when timing, book its wall time as waiting for the accelerator."""
+    if cfg.timings is None:
+        return fn(*args)
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        cfg.timings.add(point, f"wait_{phase}", time.perf_counter() - t0)
+
+
 class _SplitConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SplitConv2d") -> Tensor:
+        t0 = time.perf_counter()
         cfg = layer.config
         rank = 0 if cfg.mode == "dp_only" else rank_for_point(cfg.rank, layer.point, cfg.n_points)
         dec = decompose(x, rank, method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank)
         hw = tuple(x.shape[2:])
         out_shape = (x.shape[0], weight.shape[0], *layer.output_hw(hw))
-        y = x.new_zeros(out_shape)
+        y_main = None
         if dec.rank > 0:
-            y = lowrank_conv(dec.A, dec.V, weight, hw, layer.stride, layer.padding, layer.dilation)
+            y_main = lowrank_conv(dec.A, dec.V, weight, hw, layer.stride, layer.padding, layer.dilation)
         stored = None
         if cfg.releases:
             released = cfg.mechanism.release(dec.X_res)
-            y_res, stored = cfg.boundary.conv_forward(layer.point, released, ctx.needs_input_grad[1], out_shape)
-            y = y + y_res
+            y_res, stored = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
+                                        layer.point, released, ctx.needs_input_grad[1], out_shape)
+            y = y_res.clone() if y_main is None else torch.add(y_res, y_main)
+        else:  # lowrank_only: the residual is dropped
+            y = x.new_zeros(out_shape) if y_main is None else y_main.clone()
         if bias is not None:
-            y = y + bias.reshape(1, -1, 1, 1)
+            y.add_(bias.reshape(1, -1, 1, 1))
         ctx.save_for_backward(dec.A, dec.V, weight)
         ctx.layer, ctx.stored, ctx.x_shape = layer, stored, tuple(x.shape)
+        if cfg.timings is not None:
+            cfg.timings.add(layer.point, "total_fwd", time.perf_counter() - t0)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
+        t0 = time.perf_counter()
         A, V, weight = ctx.saved_tensors
         layer, cfg = ctx.layer, ctx.layer.config
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -95,9 +125,9 @@ class _SplitConvFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_w = None
         if cfg.releases:
-            grad_x, grad_w = cfg.boundary.conv_backward(
-                layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape), need_x, need_w
-            )
+            grad_x, grad_w = _timed_call(cfg, layer.point, "bwd", cfg.boundary.conv_backward,
+                                         layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape),
+                                         need_x, need_w)
         elif need_x:  # lowrank_only: nothing leaves the trusted side, not even dL/dY
             grad_x = conv2d_input(ctx.x_shape, weight, grad_y, *conv_args)
         if need_w:
@@ -107,6 +137,8 @@ class _SplitConvFunction(torch.autograd.Function):
             elif grad_w is None:
                 grad_w = torch.zeros_like(weight)
         grad_b = grad_y.sum((0, 2, 3)) if need_b else None
+        if cfg.timings is not None:
+            cfg.timings.add(layer.point, "total_bwd", time.perf_counter() - t0)
         return grad_x, grad_w, grad_b, None
 
 

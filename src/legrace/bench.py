@@ -1,0 +1,264 @@
+"""`legrace bench`: time training (or inference) steps of each mode side by side, in one run.
+
+For each mode it reports the median step time, the trusted side's share of it (the wall time the
+trusted side works, not waiting for the accelerator), trusted and accelerator MACs, and the
+memory the trusted side holds for backward; for split modes a per-layer breakdown of trusted
+compute, accelerator compute and transfer/wait. Synthetic inputs: timing does not need data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from legrace.engine import MODES, LegRace
+from legrace.models import build_model
+from legrace.split_conv import LayerTimings, SplitConv2d
+
+
+class _TimedTransport:
+    """Wraps a transport to book the accelerator's own time (compute and device copies)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def request(self, message):
+        t0 = time.perf_counter()
+        reply = self.inner.request(message)
+        if getattr(self.inner, "accelerator", None) is not None and self.inner.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        return reply
+
+
+def _trusted_saved_bytes(model: nn.Module, step) -> int:
+    """Bytes of activations the trusted side keeps for backward (distinct storages, no weights)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.device.type == "cpu":
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train: bool) -> dict:
+    """Trusted and accelerator multiply-accumulates of one step, counted from the layer shapes."""
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((m, i[0].shape, o.shape)))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, SplitConv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    trusted = accel = 0
+    bwd = 2 if train else 0
+    for i, (m, xs, ys) in enumerate(shapes):
+        if isinstance(m, nn.Linear):
+            macs = xs[0] * m.in_features * m.out_features
+            trusted += macs * (1 + bwd) if mode != "gpu_only" else 0
+            accel += macs * (1 + bwd) if mode == "gpu_only" else 0
+            continue
+        B, N, h, w = xs
+        M, k = ys[1], m.weight.shape[2] * m.weight.shape[3]
+        full = B * N * M * ys[2] * ys[3] * k
+        if mode in ("tee_only", "gpu_only"):
+            macs = full * (1 + bwd)
+            trusted, accel = (trusted + macs, accel) if mode == "tee_only" else (trusted, accel + macs)
+            continue
+        R = 0 if mode == "dp_only" else min(16 if rank == "auto" else int(rank if not isinstance(rank, list) else rank[i]), N, h * w)
+        lowrank = B * R * M * ys[2] * ys[3] * k + B * M * N * R * k  # conv(V, W') and W'
+        decomposition = B * (2 * iters + 1) * N * h * w * R
+        trusted += lowrank * (1 + (1 if train else 0)) + decomposition
+        if mode == "lowrank_only":
+            trusted += full if train else 0  # dL/dX stays on the trusted side
+        else:
+            accel += full * (1 + bwd)
+    return {"trusted_macs": trusted, "accelerator_macs": accel}
+
+
+def bench_mode(mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank, warmup: int,
+               repeats: int, accelerator: str, iters: int) -> dict:
+    engine = LegRace(mode=mode, rank=rank, noise_multiplier=1.0, clip=1.0, accelerator=accelerator,
+                     power_iters=iters) if mode in ("legrace", "dp_only") else LegRace(mode=mode, rank=rank, accelerator=accelerator)
+    net = engine.convert(copy.deepcopy(model))
+    data_device = engine.device if mode == "gpu_only" else torch.device("cpu")
+    xd, yd = x.to(data_device), y.to(data_device)
+    timer = _TimedTransport(engine.boundary.transport) if engine.boundary else None
+    if timer:
+        engine.boundary.transport = timer
+    config = getattr(engine, "_config", None)
+
+    def step():
+        if train:
+            net.train()
+            net.zero_grad(set_to_none=True)
+            F.cross_entropy(net(xd), yd).backward()
+        else:
+            with torch.no_grad():
+                net.eval()(xd)
+        if data_device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    steps, trusted, accel, layers = [], [], [], []
+    for _ in range(repeats):
+        if config is not None:
+            config.timings = LayerTimings()
+        before = timer.seconds if timer else 0.0
+        t0 = time.perf_counter()
+        step()
+        total = time.perf_counter() - t0
+        waited = sum(v for (p, k), v in config.timings.seconds.items() if k.startswith("wait")) if config else 0.0
+        steps.append(total)
+        accel.append(timer.seconds - before if timer else (total if mode == "gpu_only" else 0.0))
+        trusted.append(0.0 if mode == "gpu_only" else total - waited)
+        if config is not None:
+            layers.append(config.timings.seconds)
+    if config is not None:
+        config.timings = None
+    result = {"mode": mode, "step_seconds": statistics.median(steps), "trusted_seconds": statistics.median(trusted),
+              "accelerator_seconds": statistics.median(accel), "repeats": repeats}
+    result.update(_macs(net, x[:1].to(data_device), mode, rank, iters, train))
+    for key in ("trusted_macs", "accelerator_macs"):
+        result[key] *= len(x)
+    result["trusted_saved_bytes"] = 0 if mode == "gpu_only" or not train else _trusted_saved_bytes(net, step)
+    if layers:
+        result["layers"] = _layer_breakdown(layers)
+    return result
+
+
+def _layer_breakdown(runs: list[dict]) -> list[dict]:
+    points = sorted({p for run in runs for p, _ in run})
+    out = []
+    for p in points:
+        def med(kind):
+            return statistics.median(run.get((p, kind), 0.0) for run in runs)
+        wait = med("wait_fwd") + med("wait_bwd")
+        out.append({"point": p, "trusted_seconds": med("total_fwd") + med("total_bwd") - wait, "wait_seconds": wait})
+    return out
+
+
+def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str], *, train: bool = True,
+              rank=8, warmup: int = 1, repeats: int = 3, accelerator: str = "cpu", iters: int = 2,
+              num_classes: int = 10, out: Optional[Path] = None, log=print) -> dict:
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=num_classes, image_size=input_size)
+    x = torch.randn(batch_size, 3, input_size, input_size)
+    y = torch.randint(0, num_classes, (batch_size,))
+    results = []
+    for mode in modes:
+        r = bench_mode(mode, model, x, y, train=train, rank=rank, warmup=warmup, repeats=repeats,
+                       accelerator=accelerator, iters=iters)
+        results.append(r)
+        log(f"{mode:13s} step {r['step_seconds']:.3f}s  trusted {r['trusted_seconds']:.3f}s  "
+            f"accelerator {r['accelerator_seconds']:.3f}s  trusted MACs {r['trusted_macs'] / 1e9:.2f}G  "
+            f"trusted memory {r['trusted_saved_bytes'] / 2**20:.1f} MiB")
+    report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
+              "rank": rank, "power_iters": iters, "accelerator": accelerator, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "modes": results, "ratios": _ratios(results)}
+    for k, v in report["ratios"].items():
+        log(f"{k}: {v:.2f}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        _charts(report, out)
+    return report
+
+
+def _ratios(results: list[dict]) -> dict:
+    by = {r["mode"]: r for r in results}
+    ratios = {}
+    if "tee_only" in by and "legrace" in by:
+        tee, leg = by["tee_only"], by["legrace"]
+        ratios["tee_only_step / legrace_trusted"] = tee["step_seconds"] / max(leg["trusted_seconds"], 1e-12)
+        ratios["tee_only_step / legrace_step"] = tee["step_seconds"] / leg["step_seconds"]
+        ratios["tee_only_macs / legrace_trusted_macs"] = tee["trusted_macs"] / max(leg["trusted_macs"], 1)
+        if tee["trusted_saved_bytes"] and leg["trusted_saved_bytes"]:
+            ratios["tee_only_memory / legrace_trusted_memory"] = tee["trusted_saved_bytes"] / leg["trusted_saved_bytes"]
+    if "gpu_only" in by and "legrace" in by:
+        ratios["legrace_step / gpu_only_step"] = by["legrace"]["step_seconds"] / by["gpu_only"]["step_seconds"]
+    return ratios
+
+
+def _charts(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = (f"{report['model']} {report['input_size']}x{report['input_size']} batch {report['batch_size']} "
+             f"({'train' if report['train'] else 'inference'}, accelerator {report['accelerator']})")
+    modes = report["modes"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [m["mode"] for m in modes]
+    trusted = [m["trusted_seconds"] for m in modes]
+    other = [max(m["step_seconds"] - m["trusted_seconds"], 0.0) for m in modes]
+    ax.bar(names, trusted, label="trusted side working")
+    ax.bar(names, other, bottom=trusted, label="accelerator + transfer/wait")
+    ax.set_ylabel("seconds per step (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "step_times.png", dpi=100)
+    plt.close(fig)
+    split = [m for m in modes if m.get("layers")]
+    for m in split:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        pts = [layer["point"] for layer in m["layers"]]
+        ax.bar(pts, [layer["trusted_seconds"] for layer in m["layers"]], label="trusted compute")
+        ax.bar(pts, [layer["wait_seconds"] for layer in m["layers"]],
+               bottom=[layer["trusted_seconds"] for layer in m["layers"]], label="accelerator compute + transfer")
+        ax.set_xlabel("decomposition point (conv layer, forward order)")
+        ax.set_ylabel("seconds per step (median)")
+        ax.set_title(f"{m['mode']}: per-layer breakdown, {title}", fontsize=8)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"layers_{m['mode']}.png", dpi=100)
+        plt.close(fig)
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="time steps of each mode side by side (JSON + PNG charts)")
+    b.add_argument("--model", default="vgg16")
+    b.add_argument("--input-size", type=int, default=224)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--modes", default="tee_only,legrace,gpu_only", help=f"comma-separated, from {', '.join(MODES)}")
+    group = b.add_mutually_exclusive_group()
+    group.add_argument("--train", dest="train", action="store_true", default=True, help="forward + backward (default)")
+    group.add_argument("--infer", dest="train", action="store_false", help="forward only")
+    b.add_argument("--rank", type=int, default=8)
+    b.add_argument("--power-iters", type=int, default=2)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--accelerator", default="cpu")
+    b.add_argument("--out", default="runs/bench")
+    b.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
+              warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
+              out=Path(args.out))
+    print(f"wrote {args.out}/bench.json and charts")
+    return 0
