@@ -92,56 +92,62 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
     return {"trusted_macs": trusted, "accelerator_macs": accel}
 
 
-def bench_mode(mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank, warmup: int,
-               repeats: int, accelerator: str, iters: int) -> dict:
-    engine = LegRace(mode=mode, rank=rank, noise_multiplier=1.0, clip=1.0, accelerator=accelerator,
-                     power_iters=iters) if mode in ("legrace", "dp_only") else LegRace(mode=mode, rank=rank, accelerator=accelerator)
-    net = engine.convert(copy.deepcopy(model))
-    data_device = engine.device if mode == "gpu_only" else torch.device("cpu")
-    xd, yd = x.to(data_device), y.to(data_device)
-    timer = _TimedTransport(engine.boundary.transport) if engine.boundary else None
-    if timer:
-        engine.boundary.transport = timer
-    config = getattr(engine, "_config", None)
+class _ModeRun:
+    """One mode's model, engine and step, with its timings so far."""
 
-    def step():
-        if train:
-            net.train()
-            net.zero_grad(set_to_none=True)
-            F.cross_entropy(net(xd), yd).backward()
+    def __init__(self, mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank,
+                 accelerator: str, iters: int) -> None:
+        releasing = mode in ("legrace", "dp_only")
+        self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
+        self.engine = LegRace(mode=mode, rank=rank, accelerator=accelerator, power_iters=iters,
+                              **({"noise_multiplier": 1.0, "clip": 1.0} if releasing else {}))
+        self.net = self.engine.convert(copy.deepcopy(model))
+        self.device = self.engine.device if mode == "gpu_only" else torch.device("cpu")
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.timer = _TimedTransport(self.engine.boundary.transport) if self.engine.boundary else None
+        if self.timer:
+            self.engine.boundary.transport = self.timer
+        self.config = getattr(self.engine, "_config", None)
+        self.steps, self.trusted, self.accel, self.layers = [], [], [], []
+
+    def step(self) -> None:
+        if self.train:
+            self.net.train()
+            self.net.zero_grad(set_to_none=True)
+            F.cross_entropy(self.net(self.x), self.y).backward()
         else:
             with torch.no_grad():
-                net.eval()(xd)
-        if data_device.type == "cuda":
+                self.net.eval()(self.x)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        step()
-    steps, trusted, accel, layers = [], [], [], []
-    for _ in range(repeats):
-        if config is not None:
-            config.timings = LayerTimings()
-        before = timer.seconds if timer else 0.0
+    def timed_step(self) -> None:
+        if self.config is not None:
+            self.config.timings = LayerTimings()
+        before = self.timer.seconds if self.timer else 0.0
         t0 = time.perf_counter()
-        step()
+        self.step()
         total = time.perf_counter() - t0
-        waited = sum(v for (p, k), v in config.timings.seconds.items() if k.startswith("wait")) if config else 0.0
-        steps.append(total)
-        accel.append(timer.seconds - before if timer else (total if mode == "gpu_only" else 0.0))
-        trusted.append(0.0 if mode == "gpu_only" else total - waited)
-        if config is not None:
-            layers.append(config.timings.seconds)
-    if config is not None:
-        config.timings = None
-    result = {"mode": mode, "step_seconds": statistics.median(steps), "trusted_seconds": statistics.median(trusted),
-              "accelerator_seconds": statistics.median(accel), "repeats": repeats}
-    result.update(_macs(net, x[:1].to(data_device), mode, rank, iters, train))
-    for key in ("trusted_macs", "accelerator_macs"):
-        result[key] *= len(x)
-    result["trusted_saved_bytes"] = 0 if mode == "gpu_only" or not train else _trusted_saved_bytes(net, step)
-    if layers:
-        result["layers"] = _layer_breakdown(layers)
-    return result
+        waited = 0.0
+        if self.config is not None:
+            waited = sum(v for (_, kind), v in self.config.timings.seconds.items() if kind.startswith("wait"))
+            self.layers.append(self.config.timings.seconds)
+            self.config.timings = None
+        self.steps.append(total)
+        self.accel.append(self.timer.seconds - before if self.timer else (total if self.mode == "gpu_only" else 0.0))
+        self.trusted.append(0.0 if self.mode == "gpu_only" else total - waited)
+
+    def result(self) -> dict:
+        r = {"mode": self.mode, "step_seconds": statistics.median(self.steps),
+             "trusted_seconds": statistics.median(self.trusted), "accelerator_seconds": statistics.median(self.accel),
+             "repeats": len(self.steps)}
+        r.update({k: v * len(self.x) for k, v in
+                  _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train).items()})
+        r["trusted_saved_bytes"] = 0 if self.mode == "gpu_only" or not self.train else \
+            _trusted_saved_bytes(self.net, self.step)
+        if self.layers:
+            r["layers"] = _layer_breakdown(self.layers)
+        return r
 
 
 def _layer_breakdown(runs: list[dict]) -> list[dict]:
@@ -162,12 +168,16 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
-    results = []
-    for mode in modes:
-        r = bench_mode(mode, model, x, y, train=train, rank=rank, warmup=warmup, repeats=repeats,
-                       accelerator=accelerator, iters=iters)
-        results.append(r)
-        log(f"{mode:13s} step {r['step_seconds']:.3f}s  trusted {r['trusted_seconds']:.3f}s  "
+    runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters) for m in modes]
+    for run in runs:
+        for _ in range(warmup):
+            run.step()
+    for _ in range(repeats):  # round robin, so a change of machine load hits every mode alike
+        for run in runs:
+            run.timed_step()
+    results = [run.result() for run in runs]
+    for r in results:
+        log(f"{r['mode']:13s} step {r['step_seconds']:.3f}s  trusted {r['trusted_seconds']:.3f}s  "
             f"accelerator {r['accelerator_seconds']:.3f}s  trusted MACs {r['trusted_macs'] / 1e9:.2f}G  "
             f"trusted memory {r['trusted_saved_bytes'] / 2**20:.1f} MiB")
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,

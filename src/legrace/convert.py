@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from legrace.compact import compact_equivalent
+
 
 class UnsupportedModelError(ValueError):
     """The model uses a layer or operation legrace cannot place; the message names it."""
@@ -85,10 +87,12 @@ def batch_coupled(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[bool]:
 
 
 def convert(
-    module: nn.Module, make_split: Callable[[nn.Conv2d, int, int, bool], nn.Module] | None = None
+    module: nn.Module, make_split: Callable[[nn.Conv2d, int, int, bool], nn.Module] | None = None,
+    compact: bool = True,
 ) -> fx.GraphModule:
     """Trace, check and rewrite `module`; `make_split(conv, point, n_points, coupled)` replaces
-    each conv (coupled: a BatchNorm comes before it, see batch_coupled).
+    each conv (coupled: a BatchNorm comes before it, see batch_coupled). With `compact`, ReLU and
+    2x2 max-pool modules become their memory-light, exactly equivalent forms (legrace.compact).
 
     Each call of a conv gets its own decomposition point; a conv module called twice is refused,
     since its two calls would need two different trusted-side stand-ins under one name.
@@ -105,10 +109,21 @@ def convert(
         for point, node in enumerate(nodes):
             split = make_split(gm.get_submodule(node.target), point, len(nodes), coupled[point])
             _set_submodule(gm, node.target, split)
+    if compact:
+        _compact_layers(gm)
     _keep_unused(module, gm)
     gm.train(module.training)
     gm.recompile()
     return gm
+
+
+def _compact_layers(gm: fx.GraphModule) -> None:
+    # Each call gets its own stand-in (stateless), so a ReLU module used twice stays correct.
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            new = compact_equivalent(gm.get_submodule(node.target))
+            if new is not None:
+                _set_submodule(gm, node.target, new)
 
 
 def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from torch import nn
+
+from legrace.compact import CompactMaxPool2d, PackedReLU, pack_bits, unpack_bits
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 5, 7), (4, 3, 8, 8)])
+def test_bits_round_trip(shape):
+    mask = torch.rand(shape) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(packed, mask.shape).bool(), mask)
+    codes = torch.randint(0, 4, shape)
+    packed = pack_bits(codes, width=2)
+    assert packed.numel() == -(-codes.numel() // 4)
+    assert torch.equal(unpack_bits(packed, codes.shape, width=2).long(), codes)
+
+
+def _same(compact, ref, x):
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = compact(a), ref(b)
+    g = torch.randn_like(yb)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+
+
+def test_packed_relu_is_relu():
+    x = torch.randn(3, 4, 5, 6)
+    x[0, 0, 0, :3] = 0.0  # ties at zero
+    _same(PackedReLU(), nn.ReLU(), x)
+
+
+def test_compact_maxpool_is_maxpool():
+    x = torch.randn(2, 3, 8, 10, dtype=torch.float64)
+    x[0, 0, :2, :2] = 1.0  # ties in a window
+    _same(CompactMaxPool2d(), nn.MaxPool2d(2, 2), x)
+    _same(CompactMaxPool2d(), nn.MaxPool2d(2, 2), torch.randn(1, 2, 7, 9))  # odd sizes drop the edge
+
+
+def test_saved_memory_is_small():
+    sizes = []
+    for layer in (nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)), nn.Sequential(PackedReLU(), CompactMaxPool2d())):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        x = torch.randn(4, 16, 32, 32, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        sizes.append(total)
+    assert sizes[1] * 16 < sizes[0]
