@@ -22,7 +22,7 @@ from torch import nn
 
 from legrace.engine import MODES, LegRace
 from legrace.models import build_model
-from legrace.split_conv import LayerTimings, SplitConv2d
+from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
 
 
 class _TimedTransport:
@@ -82,7 +82,9 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
             trusted, accel = (trusted + macs, accel) if mode == "tee_only" else (trusted, accel + macs)
             continue
         R = 0 if mode == "dp_only" else min(16 if rank == "auto" else int(rank if not isinstance(rank, list) else rank[i]), N, h * w)
-        lowrank = B * R * M * ys[2] * ys[3] * k + B * M * N * R * k  # conv(V, W') and W'
+        lowrank = full * R // N + B * M * N * R * k  # conv(V, W') and W'
+        if direct_is_cheaper(N, R, h * w):
+            lowrank = full  # conv(A·V, W), see split_conv.lowrank_conv
         decomposition = B * (2 * iters + 1) * N * h * w * R
         trusted += lowrank * (1 + (1 if train else 0)) + decomposition
         if mode == "lowrank_only":

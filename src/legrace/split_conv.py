@@ -46,10 +46,18 @@ class SplitConfig:
         return self.mode in ("legrace", "dp_only")
 
 
+def direct_is_cheaper(N: int, R: int, hw: int) -> bool:
+    """conv(V, W') costs about R·M·hw·k² + M·N·R·k² (forming W'); conv(A·V, W) N·M·hw·k².
+    On small feature maps (hw <= R) forming W' costs more than the conv it saves."""
+    return R * (hw + N) >= N * hw
+
+
 def lowrank_conv(A: Tensor, V: Tensor, weight: Tensor, hw: tuple[int, int], stride, padding, dilation) -> Tensor:
-    """conv(A·V, W) computed as conv(V, W') with only R input channels per sample."""
+    """conv(A·V, W), computed as conv(V, W') with only R input channels per sample where cheaper."""
     B, N, R = A.shape
     M, _, kh, kw = weight.shape
+    if direct_is_cheaper(N, R, hw[0] * hw[1]):
+        return F.conv2d((A @ V).reshape(B, N, *hw), weight, None, stride, padding, dilation)
     w_prime = torch.einsum("bnr,mnkl->bmrkl", A, weight).reshape(B * M, R, kh, kw)
     y = F.conv2d(V.reshape(1, B * R, *hw), w_prime, None, stride, padding, dilation, groups=B)
     return y.reshape(B, M, *y.shape[2:])
@@ -59,6 +67,8 @@ def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, strid
     """The trusted part of dL/dW: sum_b sum_p A[b, j, p] · (V_bp (*) dL/dY_bi)."""
     B, N, R = A.shape
     M, _, kh, kw = w_shape
+    if direct_is_cheaper(N, R, hw[0] * hw[1]):
+        return conv2d_weight((A @ V).reshape(B, N, *hw), w_shape, grad_y, stride, padding, dilation)
     g_prime = conv2d_weight(
         V.reshape(1, B * R, *hw), (B * M, R, kh, kw), grad_y.reshape(1, B * M, *grad_y.shape[2:]),
         stride, padding, dilation, groups=B,

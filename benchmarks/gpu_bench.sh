@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 4, sized for one call on a lent H100 (about 5 minutes):
+# training steps of VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in tee_only (CPU, the same
+# trusted runtime and threads), legrace (trusted side on the CPU, accelerator on the GPU) and
+# gpu_only, plus VGG-19 inference. JSON and PNG charts go under $OUT (default runs/gpu-bench).
+#   OUT=/tmp/out bash benchmarks/gpu_bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-bench}
+PY=${PYTHON:-python3}
+if ! $PY -c "import legrace" 2>/dev/null; then
+  $PY -m pip install --quiet --no-deps -e . && $PY -m pip install --quiet opacus scikit-learn tqdm matplotlib
+fi
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'; print(torch.__version__, torch.cuda.get_device_name(0), torch.get_num_threads(), 'CPU threads')"
+for m in vgg16 vgg19 resnet18 resnet34; do
+  $PY -m legrace.cli bench --model "$m" --input-size 224 --batch-size 32 --modes tee_only,legrace,gpu_only \
+      --accelerator cuda --warmup 1 --repeats 3 --out "$OUT/$m-train"
+done
+$PY -m legrace.cli bench --model vgg19 --input-size 224 --batch-size 32 --modes tee_only,legrace,gpu_only \
+    --accelerator cuda --infer --warmup 1 --repeats 3 --out "$OUT/vgg19-infer"
+$PY - "$OUT" <<'PY'
+import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*/bench.json")):
+    r = json.loads(f.read_text())
+    modes = {m["mode"]: m for m in r["modes"]}
+    print(f.parent.name, {m: round(v["step_seconds"], 3) for m, v in modes.items()},
+          {k: round(v, 2) for k, v in r["ratios"].items()})
+PY
