@@ -52,3 +52,16 @@ def split_vs_plain(model: nn.Module, x: Tensor, y: Tensor, *, rank=8, train: boo
         F.cross_entropy(out, y).backward()
         outs.append(out.detach().double())
     return Exactness(float((outs[0] - outs[1]).norm() / outs[1].norm()), grad_errors(split, ref))
+
+
+def float32_floor(model: nn.Module, x: Tensor, y: Tensor, train: bool) -> Exactness:
+    """How far the plain float32 model itself is from float64: no float32 implementation does better."""
+    outs, nets = [], []
+    for dtype in (torch.float32, torch.float64):
+        net = copy.deepcopy(model).to(dtype).train(train)
+        torch.manual_seed(1234)
+        out = net(x.to(dtype))
+        F.cross_entropy(out, y).backward()
+        outs.append(out.detach().double())
+        nets.append(net)
+    return Exactness(float((outs[0] - outs[1]).norm() / outs[1].norm()), grad_errors(nets[0], nets[1]))
