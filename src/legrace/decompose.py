@@ -120,6 +120,9 @@ def decompose(
     R = min(max_rank if auto else int(rank), N, h * w)
     if R <= 0:
         return Decomposition(X.new_zeros(B, N, 0), X.new_zeros(B, 0, h * w), x)
+    if R == N and not auto:  # full rank: the identity split is exact, free, and adds no rounding
+        eye = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
+        return Decomposition(eye, X, torch.zeros_like(x))
     if method == "exact":
         A, V = _exact(X, R)
     elif method == "deflation":
