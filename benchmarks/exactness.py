@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from legrace.models import TORCHVISION_MODELS, build_model
-from legrace.verify import float32_floor, split_vs_plain
+from legrace.verify import float32_vs_float64, split_vs_plain
 
 
 def main() -> None:
@@ -40,17 +40,19 @@ def main() -> None:
                     t0 = time.time()
                     r64 = split_vs_plain(model.double(), x.double(), y, rank=rank, train=train)
                     r32 = split_vs_plain(model.float(), x, y, rank=rank, train=train)
-                    floor = float32_floor(model, x, y, train)
+                    s32, p32 = float32_vs_float64(model, x, y, rank=rank, train=train)
                     row = dict(arch=name, variant=variant, size=size, train=train, rank=rank,
                                f64_logits=r64.logits, f64_grads=r64.worst_grad,
                                f32_logits=r32.logits, f32_grads=r32.worst_grad,
-                               plain_f32_vs_f64_logits=floor.logits, plain_f32_vs_f64_grads=floor.worst_grad,
+                               split_f32_vs_f64_logits=s32.logits, split_f32_vs_f64_grads=s32.worst_grad,
+                               plain_f32_vs_f64_logits=p32.logits, plain_f32_vs_f64_grads=p32.worst_grad,
                                seconds=time.time() - t0)
                     rows.append(row)
                     print(f"{name:9s} {variant:11s} {size:3d} {'train' if train else 'eval ':5s} "
                           f"f64 logits {row['f64_logits']:.1e} grads {row['f64_grads']:.1e} | "
-                          f"f32 logits {row['f32_logits']:.1e} grads {row['f32_grads']:.1e} | plain f32 vs f64 "
-                          f"{floor.logits:.1e} {floor.worst_grad:.1e}  ({row['seconds']:.0f}s)",
+                          f"f32 logits {row['f32_logits']:.1e} grads {row['f32_grads']:.1e} | vs f64: split f32 "
+                          f"{s32.logits:.1e} {s32.worst_grad:.1e}, plain f32 {p32.logits:.1e} {p32.worst_grad:.1e}"
+                          f"  ({row['seconds']:.0f}s)",
                           flush=True)
     if a.out:
         with open(a.out, "w") as f:
