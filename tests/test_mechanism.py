@@ -25,7 +25,7 @@ def test_noise_has_std_z_times_c_and_is_fresh():
     zero = torch.zeros(4, 8, 32, 32)
     a, b = m.release(zero).tensor, m.release(zero).tensor
     assert a.std().item() == pytest.approx(1.5, rel=0.02)
-    assert abs(a.mean().item()) < 0.02
+    assert abs(a.mean().item()) < 0.05  # 6 standard errors
     assert not torch.equal(a, b)  # never reused
     assert m.releases == 2
 
