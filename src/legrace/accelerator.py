@@ -7,7 +7,9 @@ never a data set, a label, X_main, A or V. It answers the requests of `legrace.b
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,40 @@ class _Conv:
     weight: Tensor | None = None
 
 
+def local_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device of this machine; ValueError if it is not one."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"accelerator must be 'cpu', a torch device such as 'cuda', 'process[:DEVICE]' or 'tcp://HOST:PORT' "
+            f"(got {device!r})"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("accelerator 'cuda' was asked for but this machine has no usable CUDA GPU")
+    return device
+
+
+@contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """cuDNN convolutions without TF32 on a CUDA accelerator: its answers then match the trusted
+    side's float32 to about 1e-6, which verify=True checks (TF32 rounds inputs to 10 bits)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 class Accelerator:
     """Serves conv forward, dL/dX and the residual's weight-gradient part on `device`."""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
+        self.device = local_device(device)
         self._convs: dict[int, _Conv] = {}
         self._stored: dict[int, Tensor] = {}
         self._ids = itertools.count()
@@ -53,27 +84,29 @@ class Accelerator:
             self._convs[message.layer] = _Conv(message.stride, message.padding, message.dilation)
             return Ack()
         if isinstance(message, SetWeight):
-            self._conv(message.layer).weight = message.weight.to(self.device)
+            self._conv(message.layer, weighted=False).weight = message.weight.to(self.device)
             return Ack()
         if isinstance(message, ConvForward):
-            return self._forward(message)
+            with full_float32(self.device):
+                return self._forward(message)
         if isinstance(message, ConvBackward):
-            return self._backward(message)
+            with full_float32(self.device):
+                return self._backward(message)
         if isinstance(message, Free):
             for i in message.stored:
                 self._stored.pop(i, None)
             return Ack()
         raise AcceleratorError(f"unknown request {type(message).__name__}")
 
-    def _conv(self, layer: int) -> _Conv:
+    def _conv(self, layer: int, weighted: bool = True) -> _Conv:
         if layer not in self._convs:
             raise AcceleratorError(f"layer {layer} was never registered")
+        if weighted and self._convs[layer].weight is None:
+            raise AcceleratorError(f"layer {layer} has no weight yet")
         return self._convs[layer]
 
     def _forward(self, m: ConvForward) -> ConvForwardReply:
         conv = self._conv(m.layer)
-        if conv.weight is None:
-            raise AcceleratorError(f"layer {m.layer} has no weight yet")
         x = m.residual.tensor.to(self.device)
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
         stored = None

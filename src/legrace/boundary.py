@@ -12,18 +12,27 @@ Trusted -> untrusted (what the adversary may see):
                  leakage is measured with gradient-inversion attacks (DESIGN section 3).
   Free           ids of stored residuals that no backward pass will use.
 
-Untrusted -> trusted (checked for shape, dtype and finiteness before use):
+Untrusted -> trusted (checked for shape, dtype and finiteness before use; with verify=True also
+by a Freivalds check, `legrace.freivalds`):
+  Ack                nothing to return.
   ConvForwardReply   Y_res = conv(X_res~, W)
   ConvBackwardReply  dL/dX = conv_transpose(dL/dY, W) and dW_res = X_res~ (*) dL/dY
+  Refused            the accelerator could not serve a request; the reason, as text.
+
+Between processes the messages travel in the wire format defined at the end of this file
+(`encode`, `decode`): a JSON header and raw tensor bytes, validated field by field. Never pickle.
 
 Never crosses: raw inputs, labels, X_main, A, V, X_res before noise, BatchNorm statistics,
-losses, the noise generator's state. `legrace.audit` can log every crossing to prove it.
+losses, the noise generator's state. `AuditLog` can log every crossing to prove it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +45,8 @@ Shape = tuple[int, ...]
 
 
 class BoundaryError(RuntimeError):
-    """The accelerator's answer cannot be used (wrong shape/dtype, NaN/inf, unknown reply)."""
+    """A message cannot be used: wrong shape/dtype, NaN/inf, garbage bytes, a lost or refused
+    connection, or an answer that fails the integrity check."""
 
 
 @dataclass(frozen=True)
@@ -107,13 +117,19 @@ class ConvBackwardReply:
     grad_w: Optional[Tensor]
 
 
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
 TO_ACCELERATOR = (RegisterConv, SetWeight, ConvForward, ConvBackward, Free)
-TO_TRUSTED = (Ack, ConvForwardReply, ConvBackwardReply)
-Message = Union[RegisterConv, SetWeight, ConvForward, ConvBackward, Free, Ack, ConvForwardReply, ConvBackwardReply]
+TO_TRUSTED = (Ack, ConvForwardReply, ConvBackwardReply, Refused)
+Message = Union[RegisterConv, SetWeight, ConvForward, ConvBackward, Free, Ack, ConvForwardReply, ConvBackwardReply,
+                Refused]
 
 
 class Transport(Protocol):
-    """Carries one request to the accelerator and brings back its reply."""
+    """Carries one request to the accelerator and brings back its reply (`close` is optional)."""
 
     def request(self, message: Message) -> Message: ...
 
@@ -129,7 +145,11 @@ class InProcessTransport:
 
 
 class AuditLog:
-    """One JSON line per crossing: direction, message kind, layer, field, shape, dtype, l2 norm."""
+    """One JSON line per crossing: direction, message kind, layer, field, shape, dtype, l2 norm.
+
+    Lines are flushed as they are written, so the log of a run that crashed is complete up to
+    the crash.
+    """
 
     def __init__(self, path: Union[str, Path, IO[str]]) -> None:
         self._file = open(path, "w") if isinstance(path, (str, Path)) else path
@@ -145,6 +165,7 @@ class AuditLog:
             self._file.write(json.dumps(line) + "\n")
         if not tensors:
             self._file.write(json.dumps(base) + "\n")
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -162,12 +183,17 @@ def _tensor_fields(message: Message) -> list[tuple[str, Tensor]]:
 
 
 class Stored:
-    """A residual kept on the accelerator for backward; freed there when no longer reachable."""
+    """A residual kept on the accelerator for backward; freed there when no longer reachable.
 
-    __slots__ = ("id", "_boundary", "__weakref__")
+    With verification on, the trusted side keeps its own copy of the released residual (`residual`)
+    to check the accelerator's weight gradient.
+    """
 
-    def __init__(self, id: int, boundary: "Boundary") -> None:
+    __slots__ = ("id", "residual", "_boundary", "__weakref__")
+
+    def __init__(self, id: int, boundary: "Boundary", residual: Optional[Tensor] = None) -> None:
         self.id = id
+        self.residual = residual
         self._boundary = boundary
 
     def take(self) -> int:
@@ -183,23 +209,31 @@ class Stored:
 
 
 class Boundary:
-    """The trusted side's only door to the accelerator: sends allowed messages, checks replies."""
+    """The trusted side's only door to the accelerator: sends allowed messages, checks replies.
 
-    def __init__(self, transport: Transport, audit: Optional[AuditLog] = None) -> None:
+    `verifier` (a `legrace.freivalds.FreivaldsVerifier`) also checks that each answer is the
+    computation that was asked for; the boundary then remembers each layer's conv settings and
+    the weight it last sent.
+    """
+
+    def __init__(self, transport: Transport, audit: Optional[AuditLog] = None, verifier=None) -> None:
         self.transport = transport
         self.audit = audit
+        self.verifier = verifier
         self.crossings = 0
         self.bytes_out = 0
         self.bytes_in = 0
         self.seconds_waiting = 0.0
         self._pending_free: list[int] = []
+        self._convs: dict[int, tuple[Shape, Shape, Shape]] = {}
+        self._weights: dict[int, Tensor] = {}
 
     def _send(self, message: Message) -> Message:
         if not isinstance(message, TO_ACCELERATOR):
             raise TypeError(f"{type(message).__name__} may not cross to the accelerator")
         if self._pending_free and not isinstance(message, Free):
             ids, self._pending_free = tuple(self._pending_free), []
-            self._send(Free(ids))
+            self._expect(self._send(Free(ids)), Ack, "Free")
         if self.audit:
             self.audit.record("to_accelerator", message)
         t0 = time.perf_counter()
@@ -215,41 +249,67 @@ class Boundary:
         return reply
 
     def register_conv(self, layer: int, stride: Shape, padding: Shape, dilation: Shape) -> None:
-        self._expect(self._send(RegisterConv(layer, stride, padding, dilation)), Ack, "RegisterConv")
+        self._expect(self._send(RegisterConv(layer, stride, padding, dilation)), Ack, f"RegisterConv of layer {layer}")
+        self._convs[layer] = (tuple(stride), tuple(padding), tuple(dilation))
 
     def set_weight(self, layer: int, weight: Tensor) -> None:
-        self._expect(self._send(SetWeight(layer, weight.detach())), Ack, "SetWeight")
+        weight = weight.detach()
+        self._expect(self._send(SetWeight(layer, weight)), Ack, f"SetWeight of layer {layer}")
+        if self.verifier is not None:
+            # The Parameter itself, not a copy: it only changes in place after backward (an
+            # optimizer step), and the next forward sends it again.
+            self._weights[layer] = weight
 
     def conv_forward(
         self, layer: int, residual: NoisedResidual, keep: bool, out_shape: Shape
     ) -> tuple[Tensor, Optional[Stored]]:
         if not isinstance(residual, NoisedResidual):
             raise TypeError("only a NoisedResidual made by the Gaussian mechanism may cross")
-        reply = self._expect(self._send(ConvForward(layer, residual, keep)), ConvForwardReply, "ConvForward")
+        request = f"ConvForward of layer {layer}"
+        reply = self._expect(self._send(ConvForward(layer, residual, keep)), ConvForwardReply, request)
         y = _checked(reply.y_res, out_shape, residual.tensor.dtype, f"Y_res of layer {layer}")
         if keep and reply.stored is None:
             raise BoundaryError(f"the accelerator did not keep the residual of layer {layer} for backward")
-        return y, Stored(reply.stored, self) if keep else None
+        if self.verifier is not None:
+            self.verifier.conv_forward(layer, residual.tensor, self._weights[layer], y, *self._convs[layer])
+        if not keep:
+            return y, None
+        return y, Stored(reply.stored, self, residual.tensor if self.verifier is not None else None)
 
     def conv_backward(
         self, layer: int, stored: Optional[Stored], grad_y: Tensor, x_shape: Shape, w_shape: Shape,
         need_grad_x: bool, need_grad_w: bool,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        residual = stored.residual if stored is not None else None
         sid = stored.take() if stored is not None else None
         msg = ConvBackward(layer, sid, grad_y.contiguous(), tuple(x_shape), need_grad_x, need_grad_w and sid is not None)
-        reply = self._expect(self._send(msg), ConvBackwardReply, "ConvBackward")
+        reply = self._expect(self._send(msg), ConvBackwardReply, f"ConvBackward of layer {layer}")
         gx = _checked(reply.grad_x, x_shape, grad_y.dtype, f"dL/dX of layer {layer}") if need_grad_x else None
         gw = _checked(reply.grad_w, w_shape, grad_y.dtype, f"dW_res of layer {layer}") if msg.need_grad_w else None
+        if self.verifier is not None:
+            conv = self._convs[layer]
+            if gx is not None:
+                self.verifier.grad_input(layer, msg.grad_y, self._weights[layer], gx, *conv)
+            if gw is not None:
+                self.verifier.grad_weight(layer, residual, msg.grad_y, gw, *conv)
         return gx, gw
 
     def flush(self) -> None:
         """Free residuals whose backward pass will never come (e.g. after an evaluation)."""
         if self._pending_free:
             ids, self._pending_free = tuple(self._pending_free), []
-            self._send(Free(ids))
+            self._expect(self._send(Free(ids)), Ack, "Free")
+
+    def close(self) -> None:
+        """Hang up on the accelerator (for a worker process: it exits)."""
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            close()
 
     @staticmethod
     def _expect(reply: Message, kind: type, request: str):
+        if isinstance(reply, Refused):
+            raise BoundaryError(f"the accelerator refused {request}: {printable(reply.reason)}")
         if not isinstance(reply, kind):
             raise BoundaryError(f"the accelerator answered {request} with {type(reply).__name__}, not {kind.__name__}")
         return reply
@@ -262,6 +322,187 @@ def _checked(t: object, shape: Shape, dtype: torch.dtype, what: str) -> Tensor:
         raise BoundaryError(f"the accelerator sent {what} with shape {tuple(t.shape)}, expected {tuple(shape)}")
     if t.dtype != dtype:
         raise BoundaryError(f"the accelerator sent {what} as {t.dtype}, expected {dtype}")
-    if not torch.isfinite(t).all():
+    # One reduction instead of isfinite().all() (three passes): any NaN or inf makes the sum
+    # non-finite; a finite tensor whose sum overflows float range is garbage as well.
+    if not math.isfinite(float(t.sum())):
         raise BoundaryError(f"the accelerator sent {what} with NaN or inf values")
     return t
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Text from the other side, safe to show: printable characters only, bounded length."""
+    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
+# ---- the wire format --------------------------------------------------------------------------
+#
+# Between processes a message is one frame body:
+#
+#     u32 header length (little-endian) | JSON header | tensor bytes, each at a multiple of ALIGN
+#
+# with the header {"kind": "ConvForward", "fields": {...}, "tensors": [[field, dtype, shape], ...]}.
+# "fields" holds the message's non-tensor fields; "tensors" lists its tensors in the order their
+# raw bytes follow (C order, little-endian). WIRE_FIELDS fixes each kind's fields and types, and
+# `decode` accepts exactly that: a kind allowed in its direction, every field and no other, values
+# of the right type and range, allowlisted dtypes, and byte lengths that add up. There is no
+# pickle and no eval: a hostile peer can at worst send something `decode` refuses.
+
+ALIGN = 64
+MAX_HEADER_BYTES = 1 << 16
+MAX_INTS = 1 << 16  # a Free of many ids is the longest list
+MAX_DIMS = 8
+MAX_TEXT = 1000
+MAX_ID = 1 << 62
+WIRE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+
+# Field types: "id" int in [0, 2^62), "id?" the same or None, "ints" list of ids, "bool", "text",
+# "tensor", "tensor?" (may be absent), "residual" (a NoisedResidual: tensor + clip + sigma).
+WIRE_FIELDS: dict[type, dict[str, str]] = {
+    RegisterConv: {"layer": "id", "stride": "ints", "padding": "ints", "dilation": "ints"},
+    SetWeight: {"layer": "id", "weight": "tensor"},
+    ConvForward: {"layer": "id", "residual": "residual", "keep": "bool"},
+    ConvBackward: {"layer": "id", "stored": "id?", "grad_y": "tensor", "x_shape": "ints", "need_grad_x": "bool",
+                   "need_grad_w": "bool"},
+    Free: {"stored": "ints"},
+    Ack: {},
+    ConvForwardReply: {"y_res": "tensor", "stored": "id?"},
+    ConvBackwardReply: {"grad_x": "tensor?", "grad_w": "tensor?"},
+    Refused: {"reason": "text"},
+}
+_TENSOR_TYPES = ("tensor", "tensor?", "residual")
+_U32 = struct.Struct("<I")
+
+
+def encode(message: Message) -> list[Union[bytes, memoryview]]:
+    """The frame body of `message` as a list of byte chunks (tensor chunks are views, not copies)."""
+    if sys.byteorder != "little":
+        raise BoundaryError("the wire format is little-endian; this host is not")
+    schema = WIRE_FIELDS.get(type(message))
+    if schema is None:
+        raise TypeError(f"{type(message).__name__} has no wire format")
+    fields, tensors = {}, []
+    for name, kind in schema.items():
+        value = getattr(message, name)
+        if kind == "residual":
+            fields[name] = {"clip": value.clip, "sigma": value.sigma}
+            value = value.tensor
+        if kind in _TENSOR_TYPES:
+            if value is not None:
+                tensors.append((name, value.detach().to("cpu").contiguous()))
+        else:
+            fields[name] = list(value) if kind == "ints" else value
+        _check_field(kind, fields.get(name), f"{type(message).__name__}.{name}")
+    specs = []
+    for name, t in tensors:
+        if t.dtype not in _DTYPE_NAMES:
+            raise BoundaryError(f"{type(message).__name__}.{name} has dtype {t.dtype}, which may not cross")
+        specs.append([name, _DTYPE_NAMES[t.dtype], list(t.shape)])
+    header = json.dumps({"kind": type(message).__name__, "fields": fields, "tensors": specs}).encode()
+    chunks: list[Union[bytes, memoryview]] = [_U32.pack(len(header)) + header]
+    size = len(chunks[0])
+    for _, t in tensors:
+        pad = -size % ALIGN
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        chunks += [bytes(pad), data]
+        size += pad + data.nbytes
+    return chunks
+
+
+def decode(body: Union[Tensor, bytes, bytearray, memoryview], allowed: tuple[type, ...]) -> Message:
+    """The message in a frame body; BoundaryError unless it is a well-formed message of an `allowed` kind.
+
+    `body` is best a 1-d uint8 tensor (the transports read into one): tensors are then views of it.
+    """
+    if isinstance(body, Tensor):
+        if body.dtype != torch.uint8 or body.dim() != 1:
+            raise TypeError("decode reads a 1-d uint8 tensor or bytes")
+        buf = body
+    else:
+        buf = torch.frombuffer(bytearray(body), dtype=torch.uint8) if len(body) else torch.empty(0, dtype=torch.uint8)
+    n = buf.numel()
+    if n < _U32.size:
+        raise BoundaryError(f"a message of {n} bytes is too short to hold a header")
+    (header_len,) = _U32.unpack(buf[:_U32.size].numpy().tobytes())
+    if header_len > MAX_HEADER_BYTES or _U32.size + header_len > n:
+        raise BoundaryError(f"a message header of {header_len} bytes does not fit (message of {n} bytes)")
+    try:
+        header = json.loads(buf[_U32.size:_U32.size + header_len].numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise BoundaryError(f"unreadable message header ({type(err).__name__})") from None
+    if not isinstance(header, dict) or set(header) != {"kind", "fields", "tensors"}:
+        raise BoundaryError("a message header must have exactly the keys kind, fields and tensors")
+    side = "the trusted side" if allowed == TO_TRUSTED else "the accelerator"
+    kinds = {cls.__name__: cls for cls in allowed}
+    cls = kinds.get(header["kind"]) if isinstance(header["kind"], str) else None
+    if cls is None:
+        raise BoundaryError(f"{printable(repr(header['kind']), 60)} is not a message {side} accepts")
+    schema, fields, specs = WIRE_FIELDS[cls], header["fields"], header["tensors"]
+    plain = {name for name, kind in schema.items() if kind not in ("tensor", "tensor?")}
+    if not isinstance(fields, dict) or set(fields) != plain:
+        raise BoundaryError(f"{cls.__name__} must have exactly the fields {sorted(plain)}")
+    values = {}
+    for name in plain:
+        values[name] = _check_field(schema[name], fields[name], f"{cls.__name__}.{name}")
+    if not isinstance(specs, list):
+        raise BoundaryError(f"{cls.__name__}: the tensor list is not a list")
+    offset = _U32.size + header_len
+    tensors: dict[str, Tensor] = {}
+    for spec in specs:
+        name, dtype, shape = _check_tensor_spec(spec, schema, tensors, cls.__name__)
+        offset += -offset % ALIGN
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset + nbytes > n:
+            raise BoundaryError(f"{cls.__name__}.{name}: {nbytes} bytes announced, only {max(n - offset, 0)} sent")
+        tensors[name] = buf[offset:offset + nbytes].view(dtype).reshape(shape)
+        offset += nbytes
+    if offset != n:
+        raise BoundaryError(f"{cls.__name__}: {n - offset} bytes more than its fields announce")
+    for name, kind in schema.items():
+        if kind in ("tensor", "residual") and name not in tensors:
+            raise BoundaryError(f"{cls.__name__}.{name}: the tensor is missing")
+        if kind == "residual":
+            values[name] = NoisedResidual(tensors[name], **values[name])
+        elif kind in ("tensor", "tensor?"):
+            values[name] = tensors.get(name)
+    return cls(**values)
+
+
+def _check_field(kind: str, value: object, where: str):
+    """`value` as the message field of wire type `kind`; BoundaryError if it is not one."""
+    def is_id(v):
+        return type(v) is int and 0 <= v < MAX_ID
+
+    def is_number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
+    if kind == "id" and is_id(value) or kind == "id?" and (value is None or is_id(value)):
+        return value
+    if kind == "bool" and type(value) is bool:
+        return value
+    if kind == "ints" and isinstance(value, list) and len(value) <= MAX_INTS and all(is_id(v) for v in value):
+        return tuple(value)
+    if kind == "text" and isinstance(value, str) and len(value) <= MAX_TEXT:
+        return value
+    if kind in ("tensor", "tensor?"):
+        return value
+    if kind == "residual" and isinstance(value, dict) and set(value) == {"clip", "sigma"}:
+        clip, sigma = value["clip"], value["sigma"]
+        if (clip is None or is_number(clip) and clip > 0) and is_number(sigma) and sigma >= 0:
+            return {"clip": None if clip is None else float(clip), "sigma": float(sigma)}
+    raise BoundaryError(f"{where}: {printable(repr(value), 80)} is not a valid {kind}")
+
+
+def _check_tensor_spec(spec: object, schema: dict[str, str], seen: dict, kind: str) -> tuple[str, torch.dtype, Shape]:
+    if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)):
+        raise BoundaryError(f"{kind}: a tensor entry must be [field, dtype, shape]")
+    name, dtype, shape = spec
+    if schema.get(name) not in _TENSOR_TYPES or name in seen:
+        raise BoundaryError(f"{kind}: unexpected or repeated tensor {printable(repr(name), 60)}")
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise BoundaryError(f"{kind}.{name}: dtype {printable(repr(dtype), 40)} may not cross "
+                            f"(allowed: {', '.join(WIRE_DTYPES)})")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and 0 <= d < MAX_ID for d in shape)):
+        raise BoundaryError(f"{kind}.{name}: {printable(repr(shape), 80)} is not a valid shape")
+    return name, WIRE_DTYPES[dtype], tuple(shape)

@@ -16,13 +16,15 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from legrace.accelerator import Accelerator
+from legrace.accelerator import Accelerator, local_device
 from legrace.accountant import PrivacyLedger, calibrate_noise_multiplier, epsilon
 from legrace.boundary import AuditLog, Boundary, InProcessTransport
 from legrace.convert import convert
 from legrace.decompose import METHODS, Rank, validate_rank
+from legrace.freivalds import FreivaldsVerifier
 from legrace.mechanism import GaussianMechanism
 from legrace.split_conv import SPLIT_MODES, SplitConfig, SplitConv2d
+from legrace.transport import is_worker, open_transport, parse_tcp
 
 MODES = ("legrace", "dp_only", "lowrank_only", "tee_only", "gpu_only")
 
@@ -70,7 +72,12 @@ class LegRace:
     clip: C, the per-sample l2 bound of a residual; "auto" for the data-independent default; None
     for no clipping (only with noise_multiplier=0: exactness tests, epsilon infinite).
     noise_multiplier: z (noise std = z*C), or None to calibrate z from target_epsilon/target_delta.
-    accelerator: "cpu" or a torch device such as "cuda" for the in-process accelerator.
+    accelerator: "cpu" or a torch device such as "cuda" for the in-process accelerator;
+    "process" (or "process:cuda") for a private worker process on this host (unix socket);
+    "tcp://HOST:PORT" for a `legrace worker` elsewhere, which needs `secret` (default
+    $LEGRACE_SECRET). `accelerator_timeout`: seconds to wait for one of its answers.
+    verify: check every answer of the accelerator with a Freivalds test (legrace.freivalds).
+    noise_ahead: draw the noise of this many upcoming releases in a background thread (0: inline).
     """
 
     def __init__(
@@ -83,11 +90,15 @@ class LegRace:
         target_epsilon: Optional[float] = None,
         target_delta: float = 1e-5,
         accelerator: str = "cpu",
+        secret: Optional[str] = None,
+        accelerator_timeout: float = 120.0,
+        verify: bool = False,
         decomposition: str = "light",
         power_iters: int = 2,
         max_rank: int = 16,
         accountant: str = "rdp",
         noise_seed: Optional[int] = None,
+        noise_ahead: int = 2,
         audit: Union[str, Path, None] = None,
         ledger_path: Union[str, Path, None] = None,
     ) -> None:
@@ -115,7 +126,10 @@ class LegRace:
         self.decomposition, self.power_iters, self.max_rank = decomposition, power_iters, max_rank
         self.accountant = accountant
         self.noise_seed = noise_seed
-        self.device = _accelerator_device(accelerator)
+        self.noise_ahead = noise_ahead
+        self.accelerator, self.secret, self.accelerator_timeout = accelerator, secret, accelerator_timeout
+        self.verify = verify
+        self.device = _accelerator_device(accelerator, mode)
         self.ledger = PrivacyLedger(ledger_path)
         self.audit = AuditLog(audit) if audit is not None else None
         self.boundary: Optional[Boundary] = None
@@ -163,7 +177,8 @@ class LegRace:
             return gm
         config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank)
         if config.releases:
-            self.boundary = Boundary(InProcessTransport(Accelerator(self.device)), audit=self.audit)
+            self.boundary = Boundary(self._transport(), audit=self.audit,
+                                     verifier=FreivaldsVerifier() if self.verify else None)
             config.boundary = self.boundary
 
         coupled = []
@@ -187,6 +202,8 @@ class LegRace:
         if clip == "auto":
             clip = AUTO_NOISE_STD / z if z > 0 else None
         self.mechanism = GaussianMechanism(clip, z, seed=self.noise_seed)
+        if self.noise_ahead and self.noise_seed is None:  # a fixed seed needs the inline, ordered stream
+            self.mechanism.start_pool(self.noise_ahead)
         if getattr(self, "_config", None) is not None:
             self._config.mechanism = self.mechanism
 
@@ -247,6 +264,21 @@ class LegRace:
             return 0.0
         return epsilon(self.noise_multiplier, [(2.0, 1)], delta, self.accountant)
 
+    def _transport(self):
+        if is_worker(self.accelerator):
+            return open_transport(self.accelerator, self.secret, self.accelerator_timeout)
+        return InProcessTransport(Accelerator(self.device))
+
+    def close(self) -> None:
+        """Hang up on the accelerator (a private worker process exits), stop the noise thread and
+        close the audit log."""
+        if self.boundary is not None:
+            self.boundary.close()
+        if self.mechanism is not None:
+            self.mechanism.close()
+        if self.audit is not None:
+            self.audit.close()
+
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume without spending privacy twice."""
         return {"mode": self.mode, "noise_multiplier": self.noise_multiplier, "clip": self.clip,
@@ -263,16 +295,16 @@ def _longest_batch(batches) -> int:
     return max(lengths, default=1)
 
 
-def _accelerator_device(accelerator: str) -> torch.device:
-    try:
-        device = torch.device(accelerator)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"accelerator must be 'cpu' or a torch device such as 'cuda' (got {accelerator!r})"
-        ) from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("accelerator 'cuda' was asked for but this machine has no usable CUDA GPU")
-    return device
+def _accelerator_device(accelerator: str, mode: str = "legrace") -> torch.device:
+    """The device of an in-process accelerator; the trusted side's CPU when it is a worker."""
+    if not is_worker(accelerator):
+        return local_device(accelerator)
+    if mode == "gpu_only":
+        raise ValueError("gpu_only trains the plain model on a device of this machine: give accelerator='cpu' "
+                         f"or 'cuda', not {accelerator!r}")
+    if accelerator.startswith("tcp://"):
+        parse_tcp(accelerator)
+    return torch.device("cpu")
 
 
 __all__ = ["AUTO_NOISE_STD", "LegRace", "MODES", "PrivateDataLoader", "SPLIT_MODES"]

@@ -43,25 +43,34 @@ class TrainConfig:
     max_samples: Optional[int] = None
     image_size: Optional[int] = None
     download: bool = False
-    accelerator: str = "cpu"
+    accelerator: str = "cpu"  # cpu | cuda | process[:DEVICE] | tcp://HOST:PORT
+    accelerator_timeout: float = 120.0
+    verify: bool = False
+    audit: Optional[str] = None
     decomposition: str = "light"
     accountant: str = "rdp"
     out: str = "runs/legrace"
     progress: bool = True
 
 
+# On --resume these come from the command, not the checkpoint: where and how to run, not what to train.
+RUN_SETTINGS = ("epochs", "out", "progress", "accelerator", "accelerator_timeout", "verify", "audit")
+
+
 class TrainError(RuntimeError):
     """A run that cannot start or resume; the message says why."""
 
 
-def _engine(cfg: TrainConfig, noise_multiplier: Optional[float], clip, ledger_path: Optional[Path]) -> LegRace:
+def _engine(cfg: TrainConfig, noise_multiplier: Optional[float], clip, ledger_path: Optional[Path],
+            secret: Optional[str] = None, audit=None) -> LegRace:
     releasing = cfg.mode in ("legrace", "dp_only")
     return LegRace(
         mode=cfg.mode, rank=cfg.rank, clip=clip,
         noise_multiplier=noise_multiplier if releasing else None,
         target_epsilon=cfg.target_epsilon if releasing and noise_multiplier is None else None,
-        target_delta=cfg.delta, accelerator=cfg.accelerator, decomposition=cfg.decomposition,
-        accountant=cfg.accountant, noise_seed=cfg.noise_seed, ledger_path=ledger_path,
+        target_delta=cfg.delta, accelerator=cfg.accelerator, secret=secret,
+        accelerator_timeout=cfg.accelerator_timeout, verify=cfg.verify, decomposition=cfg.decomposition,
+        accountant=cfg.accountant, noise_seed=cfg.noise_seed, audit=audit, ledger_path=ledger_path,
     )
 
 
@@ -91,8 +100,12 @@ def _save(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
-    """Train as `cfg` says; returns the summary also written to OUT/summary.json."""
+def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Optional[str] = None) -> dict:
+    """Train as `cfg` says; returns the summary also written to OUT/summary.json.
+
+    `secret`: the worker's shared secret for accelerator tcp://... (default $LEGRACE_SECRET); it
+    is never written to the checkpoint or the summary.
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, ledger_path = out / "checkpoint.pt", out / "privacy_ledger.json"
@@ -102,9 +115,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         saved = TrainConfig(**state["config"])
-        saved.epochs, saved.out, saved.progress = cfg.epochs, cfg.out, cfg.progress
+        for name in RUN_SETTINGS:
+            setattr(saved, name, getattr(cfg, name))
         cfg = saved
-        log(f"resuming {cfg.mode} run from epoch {state['epoch']} of {ckpt_path}; settings come from the checkpoint")
+        log(f"resuming {cfg.mode} run from epoch {state['epoch']} of {ckpt_path}; training settings come from the "
+            f"checkpoint, {', '.join(RUN_SETTINGS)} from this command")
     elif ckpt_path.exists() or ledger_path.exists():
         raise TrainError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
 
@@ -114,13 +129,14 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    audit = open(cfg.audit, "a" if state is not None else "w") if cfg.audit else None
     if state is not None:
-        engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path)
+        engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path, secret, audit)
         engine.load_state_dict(state["engine"])
         if cfg.noise_seed is not None:  # never replay the same noise stream after a resume
             cfg.noise_seed += 1_000_003 * engine.ledger.max_uses
     else:
-        engine = _engine(cfg, cfg.noise_multiplier, cfg.clip, ledger_path)
+        engine = _engine(cfg, cfg.noise_multiplier, cfg.clip, ledger_path, secret, audit)
     model, optimizer, train_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=_loader(data.train, cfg, True), epochs=cfg.epochs
     )
@@ -138,39 +154,42 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         log(f"nothing to do: the checkpoint already has {start_epoch} epochs (pass a larger --epochs)")
 
     metrics_file = open(out / "metrics.jsonl", "a" if state is not None else "w")
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        seen = correct = 0
-        loss_sum = 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for x, y in bar:
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            optimizer.step()
-            step_times.append(time.perf_counter() - t0)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        scheduler.step()
-        val_loss, val_acc = _evaluate(model, val_loader) if val_loader is not None else (math.nan, math.nan)
-        row = {"epoch": epoch + 1, "steps": len(step_times), "train_loss": loss_sum / max(seen, 1),
-               "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
-               "epsilon": engine.get_epsilon(cfg.delta), "seconds_per_step": statistics.median(step_times)}
-        history.append(row)
-        metrics_file.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
-        metrics_file.flush()
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train_acc {row['train_acc']:.3f}  val_acc {val_acc:.3f}  "
-            f"epsilon {row['epsilon']:.3g}")
-        _save(ckpt_path, {"config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "engine": engine.state_dict(), "history": history, "step_times": step_times,
-                          "rng": torch.get_rng_state(), "num_classes": data.num_classes,
-                          "in_channels": data.in_channels, "image_size": data.image_size})
-    metrics_file.close()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            seen = correct = 0
+            loss_sum = 0.0
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+            for x, y in bar:
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+                optimizer.step()
+                step_times.append(time.perf_counter() - t0)
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            scheduler.step()
+            val_loss, val_acc = _evaluate(model, val_loader) if val_loader is not None else (math.nan, math.nan)
+            row = {"epoch": epoch + 1, "steps": len(step_times), "train_loss": loss_sum / max(seen, 1),
+                   "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
+                   "epsilon": engine.get_epsilon(cfg.delta), "seconds_per_step": statistics.median(step_times)}
+            history.append(row)
+            metrics_file.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
+            metrics_file.flush()
+            log(f"epoch {epoch + 1}/{cfg.epochs}: train_acc {row['train_acc']:.3f}  val_acc {val_acc:.3f}  "
+                f"epsilon {row['epsilon']:.3g}")
+            _save(ckpt_path, {"config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "engine": engine.state_dict(), "history": history, "step_times": step_times,
+                              "rng": torch.get_rng_state(), "num_classes": data.num_classes,
+                              "in_channels": data.in_channels, "image_size": data.image_size})
+    finally:
+        metrics_file.close()
+        engine.close()  # hang up on the accelerator even when it failed
 
     last = history[-1] if history else {}
     summary = {
@@ -209,14 +228,17 @@ def jsonable(o):
     return o
 
 
-def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print) -> dict:
-    """Split inference of a trained checkpoint on `data_spec`; accuracy and this pass's epsilon."""
+def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print,
+                   accelerator: str = "cpu", secret: Optional[str] = None) -> dict:
+    """Split inference of a trained checkpoint on `data_spec`; accuracy and this pass's epsilon.
+    `accelerator` (not the checkpoint's, whose worker may be gone) serves the released residuals."""
     path = Path(checkpoint)
     if not path.exists():
         raise TrainError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         cfg = TrainConfig(**state["config"])
+        cfg.accelerator = accelerator
     except Exception as err:
         raise TrainError(f"{path} is not a legrace checkpoint ({type(err).__name__}: {err})") from err
     if split not in ("all", "val"):
@@ -231,12 +253,15 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
         )
     model = build_model(cfg.model, num_classes=state["num_classes"], in_channels=state["in_channels"],
                         image_size=state["image_size"])
-    engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], None)
+    engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], None, secret)
     model = engine.convert(model)
     model.load_state_dict(state["model"])
     ds = data.val if split == "val" else data.train
     loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), "evaluation")
-    loss, acc = _evaluate(model, loader)
+    try:
+        loss, acc = _evaluate(model, loader)
+    finally:
+        engine.close()
     result = {"checkpoint": str(path), "data": data_spec, "split": split, "samples": len(ds), "mode": cfg.mode,
               "accuracy": acc, "loss": loss, "epsilon_of_this_pass": engine.get_epsilon(cfg.delta),
               "delta": cfg.delta}
