@@ -13,7 +13,7 @@ from legrace.engine import MODES
 from legrace.models import model_names
 
 # Modules that add a subcommand: each defines add_parser(subparsers), setting func=handler(args) -> int.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["legrace.bench", "legrace.worker", "legrace.attacks", "legrace.study", "legrace.analyze"]
 
 
 def _rank(text: str):
@@ -49,6 +49,13 @@ def _positive(kind):
     return parse
 
 
+def _accelerator_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accelerator", default="cpu",
+                   help="cpu or cuda (in this process), process[:DEVICE] (a private worker process), "
+                        "or tcp://HOST:PORT (a `legrace worker`)")
+    p.add_argument("--secret", default=None, help="the worker's shared secret (default $LEGRACE_SECRET)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="legrace", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-samples", type=_positive(int), default=None, help="use only this many samples")
     t.add_argument("--image-size", type=_positive(int), default=None, help="resize images (imagefolder default 32)")
     t.add_argument("--download", action="store_true", help="allow downloading cifar10 (needs network)")
-    t.add_argument("--accelerator", default="cpu", help="cpu or a torch device such as cuda")
+    _accelerator_arguments(t)
+    t.add_argument("--accelerator-timeout", type=_positive(float), default=120.0,
+                   help="seconds to wait for one answer of a worker before giving up (default 120)")
+    t.add_argument("--verify", action="store_true",
+                   help="check every answer of the accelerator with a Freivalds test (a few %% more trusted work)")
+    t.add_argument("--audit", default=None, metavar="FILE",
+                   help="write a JSON line per message that crosses the trust boundary")
     t.add_argument("--decomposition", choices=("light", "deflation", "exact"), default="light")
     t.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
     t.add_argument("--out", default="runs/legrace", help="output directory (default runs/legrace)")
@@ -88,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="digits | npz:PATH | cifar10:DIR (its test split) | imagefolder:DIR")
     e.add_argument("--split", choices=("all", "val"), default="all",
                    help="all samples of --data, or the validation split the run held out")
+    _accelerator_arguments(e)
     e.set_defaults(func=_evaluate)
 
     # Further commands live in their own modules: each has add_parser(subparsers) that sets func.
@@ -99,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported late so `legrace --help` is quick.
+    from legrace.boundary import BoundaryError
     from legrace.convert import UnsupportedModelError
     from legrace.data import DataError
     from legrace.models import ModelError
@@ -106,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args) or 0
-    except (DataError, ModelError, UnsupportedModelError, TrainError, ValueError) as err:
+    except (BoundaryError, DataError, ModelError, UnsupportedModelError, TrainError, ValueError) as err:
         print(f"legrace: error: {err}", file=sys.stderr)
         return 2
 
@@ -123,10 +138,11 @@ def _train(args: argparse.Namespace) -> int:
         noise_multiplier=args.noise_multiplier, delta=args.delta, val_fraction=args.val_fraction,
         seed=args.seed, noise_seed=args.noise_seed, max_samples=args.max_samples,
         image_size=args.image_size, download=args.download, accelerator=args.accelerator,
+        accelerator_timeout=args.accelerator_timeout, verify=args.verify, audit=args.audit,
         decomposition=args.decomposition, accountant=args.accountant, out=args.out,
         progress=not args.no_progress,
     )
-    summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr))
+    summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr), secret=args.secret)
     print(describe(summary, cfg.out))
     return 0
 
@@ -134,7 +150,8 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from legrace.train import jsonable, run_evaluation
 
-    print(json.dumps(jsonable(run_evaluation(args.checkpoint, args.data, args.split)), indent=2))
+    result = run_evaluation(args.checkpoint, args.data, args.split, accelerator=args.accelerator, secret=args.secret)
+    print(json.dumps(jsonable(result), indent=2))
     return 0
 
 

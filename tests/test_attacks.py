@@ -1,0 +1,214 @@
+"""Attacks on what the accelerator sees: the tap, inversion, gradient inversion, membership."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from legrace import LegRace
+from legrace.attacks import gradient_attack, inversion_attack, membership_attack
+from legrace.boundary import ConvBackward, ConvForward, InProcessTransport, SetWeight
+from legrace.cli import main
+from legrace.inversion import quality
+from legrace.models import SmallCNN
+from legrace.tap import ActivationTap, BoundaryTap
+from legrace.target import AttackError, load_target
+from legrace.train import TrainConfig, run_training
+from legrace.views import RealRun, parse_clip_rule, parse_view
+
+CIFAR_NPZ = Path(os.environ.get("LEGRACE_CIFAR10_NPZ")
+                 or Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train.npz")
+
+
+def digits_target(max_samples=900, **kw):
+    """A fresh cnn on digits: the first max_samples are the 'run', the other ~900 the adversary's."""
+    return load_target(None, TrainConfig(model="cnn", data="digits", max_samples=max_samples, epochs=3, **kw))
+
+
+# ---- the tap ---------------------------------------------------------------------------------
+
+
+def test_tap_records_exactly_what_crossed():
+    torch.manual_seed(0)
+    module = SmallCNN(1, 3)
+    engine = LegRace(rank=2, clip=0.5, noise_multiplier=1.0)
+    model = engine.convert(module)
+    crossed = []  # an independent recorder below the tap, next to the accelerator
+
+    class Below(InProcessTransport):
+        def request(self, message):
+            if isinstance(message, ConvForward):
+                crossed.append(("inputs", message.layer, message.residual.tensor.clone()))
+            elif isinstance(message, ConvBackward):
+                crossed.append(("grad_y", message.layer, message.grad_y.clone()))
+            elif isinstance(message, SetWeight):
+                crossed.append(("weights", message.layer, message.weight.clone()))
+            return super().request(message)
+
+    original = engine.boundary.transport
+    engine.boundary.transport = Below(original.accelerator)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    with BoundaryTap(engine.boundary) as tap:
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert engine.boundary.transport is not tap  # removed on exit
+    for kind in ("inputs", "grad_y", "weights"):
+        expected = [(layer, t) for k, layer, t in crossed if k == kind]
+        got = [(layer, t) for layer, ts in sorted(getattr(tap.view, kind).items()) for t in ts]
+        assert sorted(layer for layer, _ in got) == sorted(layer for layer, _ in expected)
+        for layer in {layer for layer, _ in expected}:
+            mine = [t for lay, t in got if lay == layer]
+            theirs = [t for lay, t in expected if lay == layer]
+            assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    # weights are copies made when they crossed: the optimizer's later in-place steps left them alone
+    w0 = tap.view.weights[0]
+    assert len(w0) == 2 and not torch.equal(w0[0], w0[1]) and not torch.equal(w0[1], module.features[0].weight)
+    # residuals crossed noised: never the clean activation of layer 0 (the input)
+    assert not torch.allclose(tap.view.inputs[0][0], x, atol=0.1)
+
+
+def test_activation_tap_holds_the_raw_input_and_grad_y():
+    model = SmallCNN(1, 3)
+    x = torch.randn(4, 1, 8, 8)
+    with ActivationTap(model) as tap:
+        F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    assert torch.equal(tap.view.inputs[0][0], x)
+    assert sorted(tap.view.inputs) == [0, 1, 2] and sorted(tap.view.grad_y) == [0, 1, 2]
+    assert tap.view.grad_y[2][0].shape == (4, 64, 2, 2)
+
+
+def test_real_run_takes_views_from_the_boundary():
+    target = digits_target()
+    data = target.subset(target.members[:20])
+    low = RealRun(target, parse_view("lowrank_only"), epochs=3, batch_size=10).forward(data)
+    assert low.inputs == {}  # nothing crosses
+    run = RealRun(target, parse_view("dp_only@8"), epochs=3, batch_size=10, layers=[0])
+    view = run.forward(data)
+    assert list(view.inputs) == [0] and view.stacked("inputs", 0).shape == (20, 1, 8, 8)
+    assert run.engine.sigma == pytest.approx(0.05)  # auto clip: noise std 0.05 whatever epsilon
+    with pytest.raises(AttackError, match="does not exist"):
+        RealRun(target, parse_view("legrace@8"), epochs=3, batch_size=10, layers=[5])
+
+
+def test_view_and_clip_rule_parsing():
+    assert parse_view("legrace@8").epsilon == 8 and parse_view("gpu_only").epsilon is None
+    assert parse_view("legrace@inf").label == "legrace@inf"
+    for bad, msg in [("legrace", "give the epsilon"), ("fast@3", "unknown view"), ("gpu_only@8", "takes no"),
+                     ("legrace@-1", "> 0"), ("legrace@x", "number")]:
+        with pytest.raises(AttackError, match=msg):
+            parse_view(bad)
+    assert parse_clip_rule("std:0.25") == "std:0.25"
+    with pytest.raises(AttackError):
+        parse_clip_rule("std:big")
+
+
+# ---- inversion ---------------------------------------------------------------------------------
+
+
+def test_decoder_inverts_the_raw_view_but_not_the_noised_one():
+    torch.manual_seed(0)
+    target = digits_target()
+    result = inversion_attack(target, [parse_view("gpu_only"), parse_view("legrace@1"), parse_view("lowrank_only")],
+                              [0], n_aux=400, n_victims=48, decoder_epochs=12, log=lambda m: None)
+    ssim = {r["view"]: r["ssim"] for r in result["rows"]}
+    assert ssim["gpu_only"] > 0.8
+    assert ssim["gpu_only"] > ssim["legrace@1"] + 0.3
+    # the noised view carries nothing a decoder can use beyond the prior (the mean image)
+    assert ssim["legrace@1"] < ssim["lowrank_only"] + 0.1
+
+
+def test_quality_measures_are_sane():
+    x = torch.rand(4, 3, 16, 16)
+    same, noisy = quality(x, x), quality((x + 0.3 * torch.randn_like(x)).clamp(0, 1), x)
+    assert same["ssim"] == pytest.approx(1.0, abs=1e-4) and same["psnr"] > 60
+    assert noisy["ssim"] < 0.7 and noisy["psnr"] < 15
+
+
+# ---- gradients ---------------------------------------------------------------------------------
+
+
+def test_gradient_matching_recovers_images_from_legrace_weights_and_grad_y():
+    # digits at B=1: the first conv's weight update has 144 equations for 64 pixels, so the paper's
+    # mode (weights and dL/dY visible) gives the image away; dp_only's gradient is its own noised view.
+    target = digits_target()
+    result = gradient_attack(target, [parse_view("legrace@8"), parse_view("dp_only@8")], 0, n_aux=64, n_victims=4,
+                             batch_size=1, iters=300, decoder_epochs=1, log=lambda m: None)
+    ssim = {(r["view"], r["attack"]): r["ssim"] for r in result["rows"]}
+    assert ssim[("legrace@8", "gradient matching")] > 0.8
+    assert ssim[("dp_only@8", "gradient matching")] < 0.3
+
+
+def test_weight_updates_seen_by_the_accelerator_are_the_sgd_steps():
+    target = digits_target()
+    run = RealRun(target, parse_view("legrace@8"), epochs=3, batch_size=5, layers=[0])
+    data = target.subset(target.members[:10])
+    run.forward(data)
+    view, weights = run.steps(data, lr=0.1)
+    assert len(weights[0]) == 2 and len(view.grad_y[0]) == 2
+    before, after = weights[0][0]
+    assert not torch.equal(before, after)
+    with pytest.raises(AttackError, match="nothing crosses"):
+        RealRun(target, parse_view("lowrank_only"), epochs=3, batch_size=5).steps(data, lr=0.1)
+
+
+# ---- membership --------------------------------------------------------------------------------
+
+
+def test_membership_on_an_overfit_model_is_well_above_chance(tmp_path):
+    torch.manual_seed(0)
+    run_training(TrainConfig(model="cnn", data="digits", max_samples=200, epochs=40, lr=0.05, mode="gpu_only",
+                             weight_decay=0.0, out=str(tmp_path / "run"), progress=False), log=lambda m: None)
+    target = load_target(str(tmp_path / "run" / "checkpoint.pt"))
+    result = membership_attack(target, n=150, shadow=False, log=lambda m: None)
+    loss = result["rows"][0]
+    assert loss["attack"] == "loss threshold" and loss["auc"] > 0.65
+    assert 0 <= loss["tpr_at_1%_fpr"] <= 1
+    assert result["generalisation"]["member_acc"] > result["generalisation"]["nonmember_acc"]
+
+
+def test_membership_needs_a_trained_model():
+    with pytest.raises(AttackError, match="trained model"):
+        membership_attack(digits_target(), n=10, log=lambda m: None)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,message", [
+    (["attack", "inversion", "--views", "legrace", "--max-samples", "900"], "give the epsilon"),
+    (["attack", "inversion", "--layers", "7", "--max-samples", "900"], "do not exist"),
+    (["attack", "inversion", "--aux", "5000", "--max-samples", "900"], "only"),
+    (["attack", "membership"], "trained model"),
+    (["attack", "gradients", "--checkpoint", "/no/such.pt"], "no checkpoint"),
+])
+def test_attack_cli_bad_input_is_one_clear_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_attack_cli_writes_tables_and_figures(tmp_path, capsys):
+    out = tmp_path / "inv"
+    assert main(["attack", "inversion", "--max-samples", "900", "--views", "gpu_only,legrace@8", "--layers", "1",
+                 "--aux", "100", "--victims", "16", "--decoder-epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "legrace@8" in printed and "budget:" in printed
+    for name in ("inversion.json", "inversion.csv", "inversion_layer1.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_NPZ.exists(), reason="CIFAR-10 npz not available")
+def test_cifar_raw_view_leaks_and_legrace_view_does_not():
+    target = load_target(None, TrainConfig(model="cnn", data=f"npz:{CIFAR_NPZ}", max_samples=2000, epochs=5))
+    result = inversion_attack(target, [parse_view("gpu_only"), parse_view("legrace@8"), parse_view("lowrank_only")],
+                              [0, 1], n_aux=1500, n_victims=64, decoder_epochs=5, log=lambda m: None)
+    ssim = {(r["layer"], r["view"]): r["ssim"] for r in result["rows"]}
+    assert ssim[(0, "gpu_only")] >= 0.5
+    for layer in (0, 1):
+        assert ssim[(layer, "legrace@8")] <= ssim[(layer, "lowrank_only")] + 0.05
