@@ -77,7 +77,9 @@ class LegRace:
     "tcp://HOST:PORT" for a `legrace worker` elsewhere, which needs `secret` (default
     $LEGRACE_SECRET). `accelerator_timeout`: seconds to wait for one of its answers.
     verify: check every answer of the accelerator with a Freivalds test (legrace.freivalds).
-    noise_ahead: draw the noise of this many upcoming releases in a background thread (0: inline).
+    noise_ahead: draw the noise of this many upcoming releases in a background thread, while the
+    trusted side waits for the accelerator (0: inline). Default: 2, except with the in-process
+    CPU accelerator, where nobody waits and the thread would only compete for the same cores.
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class LegRace:
         max_rank: int = 16,
         accountant: str = "rdp",
         noise_seed: Optional[int] = None,
-        noise_ahead: int = 2,
+        noise_ahead: Optional[int] = None,
         audit: Union[str, Path, None] = None,
         ledger_path: Union[str, Path, None] = None,
     ) -> None:
@@ -126,7 +128,7 @@ class LegRace:
         self.decomposition, self.power_iters, self.max_rank = decomposition, power_iters, max_rank
         self.accountant = accountant
         self.noise_seed = noise_seed
-        self.noise_ahead = noise_ahead
+        self.noise_ahead = noise_ahead if noise_ahead is not None else (0 if accelerator == "cpu" else 2)
         self.accelerator, self.secret, self.accelerator_timeout = accelerator, secret, accelerator_timeout
         self.verify = verify
         self.device = _accelerator_device(accelerator, mode)

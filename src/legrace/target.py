@@ -11,7 +11,6 @@ attack sees the very split the run trained on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -20,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 
 from legrace.data import NORM_MEAN, NORM_STD, DataSplit, load_data
 from legrace.models import build_model
-from legrace.train import TrainConfig
+from legrace.train import TrainConfig, TrainError, load_checkpoint
 
 
 class AttackError(ValueError):
@@ -66,14 +65,10 @@ def load_target(checkpoint: Optional[str] = None, config: Optional[TrainConfig] 
     model built from `config` (the weights of a run's first step)."""
     state = None
     if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise AttackError(f"no checkpoint at {path}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            config = TrainConfig(**state["config"])
-        except Exception as err:
-            raise AttackError(f"{path} is not a legrace checkpoint ({type(err).__name__}: {err})") from err
+            state, config = load_checkpoint(checkpoint)
+        except TrainError as err:
+            raise AttackError(str(err)) from err
     if config is None:
         raise AttackError("give a checkpoint or the model and data to attack")
     data = load_data(config.data, val_fraction=config.val_fraction, seed=config.seed,

@@ -228,19 +228,25 @@ def jsonable(o):
     return o
 
 
+def load_checkpoint(path: Union[str, Path]) -> tuple[dict, TrainConfig]:
+    """A `legrace train` checkpoint and the config it was trained with; TrainError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return state, TrainConfig(**state["config"])
+    except Exception as err:  # torch.load and old configs fail in many ways; one message for all
+        raise TrainError(f"{path} is not a legrace checkpoint ({type(err).__name__}: {err})") from err
+
+
 def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print,
                    accelerator: str = "cpu", secret: Optional[str] = None) -> dict:
     """Split inference of a trained checkpoint on `data_spec`; accuracy and this pass's epsilon.
     `accelerator` (not the checkpoint's, whose worker may be gone) serves the released residuals."""
     path = Path(checkpoint)
-    if not path.exists():
-        raise TrainError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = TrainConfig(**state["config"])
-        cfg.accelerator = accelerator
-    except Exception as err:
-        raise TrainError(f"{path} is not a legrace checkpoint ({type(err).__name__}: {err})") from err
+    state, cfg = load_checkpoint(path)
+    cfg.accelerator = accelerator
     if split not in ("all", "val"):
         raise TrainError(f"--split must be 'all' or 'val', not {split!r}")
     data = load_data(data_spec, val_fraction=cfg.val_fraction if split == "val" else 0.0, seed=cfg.seed,
