@@ -1,4 +1,4 @@
-"""`legrace` command line: train and evaluate with the trusted/untrusted split."""
+"""`legrace` command line: private training with a trusted side and an untrusted accelerator, and the tools that measure it."""
 
 from __future__ import annotations
 
