@@ -75,12 +75,19 @@ def _orthonormal(A: Tensor) -> Tensor:
     trusted weight gradient stays at the level of a plain conv.
     """
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    Q = A
     for _ in range(2):
-        G = A.transpose(1, 2) @ A
+        G = Q.transpose(1, 2) @ Q
         jitter = G.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(G.dtype).tiny)[:, None, None]
         L, _ = torch.linalg.cholesky_ex(G + eye * (jitter * 10 * torch.finfo(G.dtype).eps))
-        A = A @ torch.linalg.inv_ex(L)[0].transpose(1, 2)
-    return A
+        Q = Q @ torch.linalg.inv_ex(L)[0].transpose(1, 2)
+    # A rank-deficient A (dead channels after a ReLU) defeats Cholesky QR; those samples, and
+    # only those, take a Householder QR.
+    off = (Q.transpose(1, 2) @ Q - eye).abs().amax((1, 2))
+    bad = ~(off < 1e3 * torch.finfo(A.dtype).eps)
+    if bad.any():
+        Q[bad] = torch.linalg.qr(A[bad])[0]
+    return Q
 
 
 def _deflation(X: Tensor, R: int, iters: int) -> tuple[Tensor, Tensor]:
@@ -124,6 +131,9 @@ def decompose(
     if R == N and not auto:  # full rank: the identity split is exact, free, and adds no rounding
         eye = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
         return Decomposition(eye, X, torch.zeros_like(x))
+    if R == h * w and not auto:  # full rank the other way: A = X, V = I
+        eye = torch.eye(R, dtype=x.dtype, device=x.device).expand(B, R, R)
+        return Decomposition(X, eye, torch.zeros_like(x))
     if method == "exact":
         A, V = _exact(X, R)
     elif method == "deflation":
