@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from legrace.accountant import epsilon
 from legrace.cli import main
@@ -114,5 +113,19 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", "digits"]) == 2
 
 
-def test_torch_threads_untouched():
-    assert torch.get_num_threads() >= 1
+def test_resume_with_a_fixed_noise_seed_draws_new_noise(tmp_path, monkeypatch):
+    import legrace.engine
+
+    seeds = []
+    real = legrace.engine.GaussianMechanism
+
+    def recording(clip, z, seed=None):
+        seeds.append(seed)
+        return real(clip, z, seed=seed)
+
+    monkeypatch.setattr(legrace.engine, "GaussianMechanism", recording)
+    out = str(tmp_path / "run")
+    common = ["train", "--noise-multiplier", "20", "--noise-seed", "7", "--out", out, "--no-progress"]
+    assert main(common + ["--epochs", "1"]) == 0
+    assert main(common + ["--epochs", "2", "--resume"]) == 0
+    assert seeds[0] == 7 and seeds[1] != 7  # the resumed run never replays the first run's noise

@@ -109,7 +109,7 @@ class _ModeRun:
         self.timer = _TimedTransport(self.engine.boundary.transport) if self.engine.boundary else None
         if self.timer:
             self.engine.boundary.transport = self.timer
-        self.config = getattr(self.engine, "_config", None)
+        self.config = self.engine._config
         self.steps, self.trusted, self.accel, self.layers = [], [], [], []
 
     def step(self) -> None:

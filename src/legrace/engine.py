@@ -137,6 +137,7 @@ class LegRace:
         self.boundary: Optional[Boundary] = None
         self.mechanism: Optional[GaussianMechanism] = None
         self._n_points: Optional[int] = None
+        self._config: Optional[SplitConfig] = None
         self._coupled_points = 0
         self.batch_size = 1
 
@@ -206,7 +207,7 @@ class LegRace:
         self.mechanism = GaussianMechanism(clip, z, seed=self.noise_seed)
         if self.noise_ahead and self.noise_seed is None:  # a fixed seed needs the inline, ordered stream
             self.mechanism.start_pool(self.noise_ahead)
-        if getattr(self, "_config", None) is not None:
+        if self._config is not None:
             self._config.mechanism = self.mechanism
 
     # ---- what was spent -----------------------------------------------------------------------

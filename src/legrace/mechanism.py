@@ -38,7 +38,6 @@ class GaussianMechanism:
         self._generator.manual_seed(secrets.randbits(63) if seed is None else int(seed))
         self._seed = None if seed is None else int(seed)
         self._pool: Optional[NoisePool] = None
-        self.releases = 0
 
     @property
     def sigma(self) -> float:
@@ -62,7 +61,6 @@ class GaussianMechanism:
             out = out.addcmul_(x_res, scale) if scale is not None else out.add_(x_res)
         else:
             out = x_res * scale if scale is not None else x_res
-        self.releases += 1
         return NoisedResidual(out, self.clip, self.sigma)
 
     def _noise(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:

@@ -113,8 +113,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     if resume:
         if not ckpt_path.exists():
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = TrainConfig(**state["config"])
+        state, saved = load_checkpoint(ckpt_path)
         for name in RUN_SETTINGS:
             setattr(saved, name, getattr(cfg, name))
         cfg = saved
@@ -134,7 +133,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path, secret, audit)
         engine.load_state_dict(state["engine"])
         if cfg.noise_seed is not None:  # never replay the same noise stream after a resume
-            cfg.noise_seed += 1_000_003 * engine.ledger.max_uses
+            engine.noise_seed = cfg.noise_seed + 1_000_003 * engine.ledger.max_uses
     else:
         engine = _engine(cfg, cfg.noise_multiplier, cfg.clip, ledger_path, secret, audit)
     model, optimizer, train_loader = engine.make_private(
