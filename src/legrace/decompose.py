@@ -50,7 +50,7 @@ def entropy_rank(X: Tensor, max_rank: int) -> Tensor:
 
 def _own_channels(X: Tensor, R: int) -> Tensor:
     """Warm start from the sample itself: its R highest-energy channels (B x R x hw)."""
-    idx = X.square().sum(-1).topk(R, dim=-1).indices
+    idx = torch.linalg.vector_norm(X, dim=-1).topk(R, dim=-1).indices
     return torch.gather(X, 1, idx.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
 
 
