@@ -102,3 +102,16 @@ def test_rank_policies():
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown decomposition method"):
         decompose(torch.zeros(1, 2, 2, 2), 1, method="svd")
+
+
+@pytest.mark.parametrize("rank", [3, 12, "auto"])
+def test_bfloat16_basis_is_still_an_exact_split(rank):
+    # V kept in bfloat16 for backward: X_res is computed from the rounded V, so the split is
+    # exact and the rounding only moves into the residual (where it is tiny).
+    x = lowrank_batch()
+    d = decompose(x, rank, basis_dtype=torch.bfloat16)
+    full = decompose(x, rank)
+    assert d.V.dtype == torch.bfloat16 and d.A.dtype == torch.float64
+    assert torch.allclose((d.A @ d.V.double()).reshape_as(x) + d.X_res, x, rtol=0, atol=1e-12)
+    grew = d.X_res.flatten(1).norm(dim=1) - full.X_res.flatten(1).norm(dim=1)
+    assert (grew.abs() <= 1e-2 * x.flatten(1).norm(dim=1)).all()

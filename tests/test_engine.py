@@ -153,6 +153,8 @@ def test_bad_arguments_have_clear_messages():
         LegRace(noise_multiplier=1.0, accelerator="quantum")
     with pytest.raises(ValueError, match="decomposition"):
         LegRace(noise_multiplier=1.0, decomposition="qr")
+    with pytest.raises(ValueError, match="basis_dtype must be one of"):
+        LegRace(noise_multiplier=1.0, basis_dtype="float16")
 
 
 def spy_on_releases(engine):

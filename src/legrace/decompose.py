@@ -11,7 +11,7 @@ X_main + X_res == X whatever the method; a better A, V only makes X_res smaller.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -112,13 +112,17 @@ def _exact(X: Tensor, R: int) -> tuple[Tensor, Tensor]:
 
 
 def decompose(
-    x: Tensor, rank: int | str, *, method: str = "light", iters: int = 2, max_rank: int = 16
+    x: Tensor, rank: int | str, *, method: str = "light", iters: int = 2, max_rank: int = 16,
+    basis_dtype: Optional[torch.dtype] = None,
 ) -> Decomposition:
     """Split a batch of conv inputs x (B x N x h x w) into A, V and X_res.
 
     rank: an int R (capped at min(N, hw)), or "auto" for the per-sample entropy rule
     R_i = ceil(2^mu_i) <= max_rank. For "auto" the decomposition is computed at the
     data-independent cap and each sample keeps only its own first R_i components.
+    basis_dtype: store V in this (smaller) dtype. The split stays exact: X_res is computed
+    from the rounded V, so A·V + X_res == X and the rounding only moves into the residual.
+    V is what the trusted side keeps for backward, so this halves that memory with bfloat16.
     """
     if method not in METHODS:
         raise ValueError(f"unknown decomposition method {method!r}; choose one of {METHODS}")
@@ -130,7 +134,10 @@ def decompose(
         return Decomposition(X.new_zeros(B, N, 0), X.new_zeros(B, 0, h * w), x)
     if R == N and not auto:  # full rank: the identity split is exact, free, and adds no rounding
         eye = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
-        return Decomposition(eye, X, torch.zeros_like(x))
+        if basis_dtype is None or basis_dtype == x.dtype:
+            return Decomposition(eye, X, torch.zeros_like(x))
+        V = X.to(basis_dtype)
+        return Decomposition(eye, V, (X - V.to(x.dtype)).reshape_as(x))
     if R == h * w and not auto:  # full rank the other way: A = X, V = I
         eye = torch.eye(R, dtype=x.dtype, device=x.device).expand(B, R, R)
         return Decomposition(X, eye, torch.zeros_like(x))
@@ -143,7 +150,9 @@ def decompose(
     if auto:
         keep = torch.arange(R, device=x.device) < entropy_rank(X, max_rank).unsqueeze(1)
         A = A * keep.unsqueeze(1).to(A.dtype)
-    X_res = torch.baddbmm(X, A, V, alpha=-1).reshape_as(x)
+    if basis_dtype is not None and basis_dtype != V.dtype:
+        V = V.to(basis_dtype)
+    X_res = torch.baddbmm(X, A, V.to(X.dtype), alpha=-1).reshape_as(x)
     return Decomposition(A, V, X_res)
 
 

@@ -62,6 +62,18 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+BASIS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32,  # not float16: V could overflow it
+                "float64": torch.float64}
+
+
+def _basis_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    if name not in BASIS_DTYPES:
+        raise ValueError(f"basis_dtype must be one of {', '.join(BASIS_DTYPES)} or None, got {name!r}")
+    return BASIS_DTYPES[name]
+
+
 class LegRace:
     """Trains a user's model with the trusted/untrusted split and accounts what it releases.
 
@@ -77,6 +89,8 @@ class LegRace:
     "tcp://HOST:PORT" for a `legrace worker` elsewhere, which needs `secret` (default
     $LEGRACE_SECRET). `accelerator_timeout`: seconds to wait for one of its answers.
     verify: check every answer of the accelerator with a Freivalds test (legrace.freivalds).
+    basis_dtype: the dtype the trusted side keeps V in for backward ("bfloat16" halves that
+    memory at no cost in exactness: the rounding moves into the residual; None: the activations').
     noise_ahead: draw the noise of this many upcoming releases in a background thread, while the
     trusted side waits for the accelerator (0: inline). Default: 2, except with the in-process
     CPU accelerator, where nobody waits and the thread would only compete for the same cores.
@@ -101,6 +115,7 @@ class LegRace:
         accountant: str = "rdp",
         noise_seed: Optional[int] = None,
         noise_ahead: Optional[int] = None,
+        basis_dtype: Optional[str] = "bfloat16",
         audit: Union[str, Path, None] = None,
         ledger_path: Union[str, Path, None] = None,
     ) -> None:
@@ -126,6 +141,7 @@ class LegRace:
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
         self.decomposition, self.power_iters, self.max_rank = decomposition, power_iters, max_rank
+        self.basis_dtype = _basis_dtype(basis_dtype)
         self.accountant = accountant
         self.noise_seed = noise_seed
         self.noise_ahead = noise_ahead if noise_ahead is not None else (0 if accelerator == "cpu" else 2)
@@ -178,7 +194,8 @@ class LegRace:
             gm = convert(module)
             self._n_points = 0
             return gm
-        config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank)
+        config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank,
+                             basis_dtype=self.basis_dtype)
         if config.releases:
             self.boundary = Boundary(self._transport(), audit=self.audit,
                                      verifier=FreivaldsVerifier() if self.verify else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import secrets
 import threading
+import time
 import warnings
 from typing import Optional
 
@@ -104,6 +105,7 @@ class NoisePool:
         self._plan: list[tuple] = []
         self._lock = threading.Condition()
         self._stop = False
+        self.busy_seconds = 0.0  # time spent drawing noise, for `legrace bench`
         self._thread = threading.Thread(target=self._fill, name="legrace-noise", daemon=True)
         self._thread.start()
 
@@ -141,9 +143,11 @@ class NoisePool:
                 if self._stop:
                     return
                 key = self._missing()
+            t0 = time.perf_counter()
             buffer = torch.empty(key[0], dtype=key[1]).normal_(0.0, self.sigma, generator=self._generator)
             with self._lock:
                 self._ready.setdefault(key, []).append(buffer)
+                self.busy_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         with self._lock:

@@ -36,6 +36,7 @@ class SplitConfig:
     method: str = "light"
     iters: int = 2
     max_rank: int = 16
+    basis_dtype: Optional[torch.dtype] = None  # how V is kept for backward (see decompose)
     n_points: int = 0
     mechanism: Optional[GaussianMechanism] = None
     boundary: Optional[Boundary] = None
@@ -58,6 +59,7 @@ def lowrank_conv(A: Tensor, V: Tensor, weight: Tensor, hw: tuple[int, int], stri
     cheaper. The bias rides in the conv's own epilogue instead of an extra pass over Y."""
     B, N, R = A.shape
     M, _, kh, kw = weight.shape
+    V = V.to(A.dtype)  # V may be stored in a smaller dtype (SplitConfig.basis_dtype)
     if direct_is_cheaper(N, R, hw[0] * hw[1]):
         return F.conv2d((A @ V).reshape(B, N, *hw), weight, bias, stride, padding, dilation)
     w_prime = torch.einsum("bnr,mnkl->bmrkl", A, weight).reshape(B * M, R, kh, kw)
@@ -70,6 +72,7 @@ def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, strid
     """The trusted part of dL/dW: sum_b sum_p A[b, j, p] · (V_bp (*) dL/dY_bi)."""
     B, N, R = A.shape
     M, _, kh, kw = w_shape
+    V = V.to(A.dtype)
     if direct_is_cheaper(N, R, hw[0] * hw[1]):
         return conv2d_weight((A @ V).reshape(B, N, *hw), w_shape, grad_y, stride, padding, dilation)
     g_prime = conv2d_weight(
@@ -110,7 +113,8 @@ class _SplitConvFunction(torch.autograd.Function):
         t0 = time.perf_counter()
         cfg = layer.config
         rank = 0 if cfg.mode == "dp_only" else rank_for_point(cfg.rank, layer.point, cfg.n_points)
-        dec = decompose(x, rank, method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank)
+        dec = decompose(x, rank, method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank,
+                        basis_dtype=cfg.basis_dtype)
         hw = tuple(x.shape[2:])
         out_shape = (x.shape[0], weight.shape[0], *layer.output_hw(hw))
         y_main = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,12 @@ def grad_errors(split: nn.Module, ref: nn.Module) -> dict:
 
 
 def split_vs_plain(model: nn.Module, x: Tensor, y: Tensor, *, rank=8, train: bool = True,
-                   mode: str = "legrace", decomposition: str = "light", seed: int = 1234) -> Exactness:
+                   mode: str = "legrace", decomposition: str = "light", seed: int = 1234,
+                   basis_dtype: Optional[str] = "bfloat16") -> Exactness:
     """Run one forward/backward of `model` (left untouched) and of its split copy; compare."""
     ref, mine = copy.deepcopy(model), copy.deepcopy(model)
-    engine = LegRace(mode=mode, rank=rank, clip=None, noise_multiplier=0, decomposition=decomposition)
+    engine = LegRace(mode=mode, rank=rank, clip=None, noise_multiplier=0, decomposition=decomposition,
+                     basis_dtype=basis_dtype)
     split = engine.convert(mine)
     split.train(train)
     ref.train(train)
