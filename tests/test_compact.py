@@ -68,3 +68,21 @@ def test_compact_maxpool_breaks_ties_like_maxpool(dtype):
     _same(CompactMaxPool2d(), nn.MaxPool2d(2, 2), x)
     _same(CompactMaxPool2d(), nn.MaxPool2d(2, 2), torch.relu(x))  # all-zero windows after a ReLU
     _same(CompactMaxPool2d(), nn.MaxPool2d(2, 2), torch.randint(-1, 2, (2, 3, 9, 11)).to(dtype))
+
+
+@pytest.mark.parametrize("args", [dict(kernel_size=3, stride=2, padding=1),  # ResNet's stem
+                                  dict(kernel_size=3, stride=1),
+                                  dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+                                  dict(kernel_size=2, stride=2, ceil_mode=True)])
+def test_compact_maxpool_any_window_is_maxpool(args):
+    torch.manual_seed(0)
+    for x in (torch.randn(2, 3, 11, 12, dtype=torch.float64), torch.randint(-1, 2, (2, 3, 9, 10)).float()):
+        _same(CompactMaxPool2d(**args), nn.MaxPool2d(**args), x)
+
+
+def test_compact_maxpool_keeps_one_byte_per_output_not_its_input():
+    saved = []
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = CompactMaxPool2d(3, 2, 1)(x)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, y.numel())]

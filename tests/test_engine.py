@@ -197,8 +197,13 @@ def test_every_crossing_is_audited_and_residuals_are_noised(tmp_path):
     engine.audit.close()
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     kinds = {(line["direction"], line["kind"]) for line in lines}
-    assert kinds <= {("to_accelerator", k) for k in ("RegisterConv", "SetWeight", "ConvForward", "ConvBackward", "Free")} | {
+    assert kinds <= {("to_accelerator", k) for k in ("RegisterConv", "SetWeight", "ConvForward", "ConvBackward",
+                                                     "ResendOutput", "Free")} | {
         ("to_trusted", k) for k in ("Ack", "ConvForwardReply", "ConvBackwardReply")}
+    # The conv outputs that BatchNorm needs in backward are rebuilt, with Y_res asked for again;
+    # that request carries no tensor at all.
+    resends = [line for line in lines if line["kind"] == "ResendOutput"]
+    assert resends and all("field" not in line for line in resends)
     released = [line for line in lines if line["kind"] == "ConvForward"]
     assert len(released) == 3 * len(loader)
     assert all(line["clip"] == 0.1 and line["sigma"] == pytest.approx(0.2) for line in released)

@@ -7,7 +7,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from legrace import LegRace
 from legrace.accelerator import Accelerator
-from legrace.boundary import BoundaryError, ConvBackwardReply, ConvForwardReply
+from legrace.boundary import BoundaryError, ConvBackwardReply, ConvForward, ConvForwardReply, ResendOutput
 from legrace.freivalds import FreivaldsVerifier
 from legrace.models import SmallCNN
 
@@ -93,7 +93,9 @@ class Tampering(Accelerator):
 
     def handle(self, message):
         reply = super().handle(message)
-        if self.what == "forward" and isinstance(reply, ConvForwardReply):
+        if self.what == "resend" and isinstance(message, ResendOutput):  # honest forward, lying resend
+            return ConvForwardReply(reply.y_res * 1.001, reply.stored)
+        if self.what == "forward" and isinstance(message, ConvForward):
             return ConvForwardReply(reply.y_res * 1.001, reply.stored)
         if isinstance(reply, ConvBackwardReply):
             gx, gw = reply.grad_x, reply.grad_w
@@ -114,7 +116,7 @@ def step(verify, what, monkeypatch):
 
 
 @pytest.mark.parametrize("what,message", [("forward", "Y_res of layer 0"), ("grad_x", "dL/dX of layer 2"),
-                                          ("grad_w", "dW_res of layer 2")])
+                                          ("grad_w", "dW_res of layer 2"), ("resend", "Y_res of layer 2")])
 def test_verify_catches_a_tampering_accelerator_that_otherwise_goes_unnoticed(what, message, monkeypatch):
     step(False, what, monkeypatch)  # shapes, dtypes and values are plausible: nothing else notices
     with pytest.raises(BoundaryError, match=f"integrity check failed: the accelerator's {message}"):
@@ -126,4 +128,5 @@ def test_verify_passes_an_honest_training_step():
     model = engine.convert(SmallCNN(1, 3))
     for _ in range(2):
         F.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.randint(0, 3, (4,))).backward()
-    assert engine.boundary.verifier.checks == 2 * (3 + 3 + 2)  # forward, dW_res, dL/dX (not of layer 0)
+    # forward, dW_res, dL/dX (not of layer 0), and the Y_res resent for the 3 BatchNorms' backward
+    assert engine.boundary.verifier.checks == 2 * (3 + 3 + 2 + 3)

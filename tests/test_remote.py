@@ -351,7 +351,7 @@ def test_audit_of_a_run_over_a_worker_shows_only_noised_residuals_crossed(worker
     data = load_data("digits", val_fraction=0.1, seed=0, max_samples=320)
     smallest_input = min(float(x.norm()) for split in (data.train, data.val) for x, _ in split)
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
-    allowed = {"to_accelerator": {"RegisterConv", "SetWeight", "ConvForward", "ConvBackward", "Free"},
+    allowed = {"to_accelerator": {"RegisterConv", "SetWeight", "ConvForward", "ConvBackward", "ResendOutput", "Free"},
                "to_trusted": {"Ack", "ConvForwardReply", "ConvBackwardReply"}}
     assert all(line["kind"] in allowed[line["direction"]] for line in lines)
     sent = [line for line in lines if line["direction"] == "to_accelerator" and "field" in line]

@@ -25,6 +25,7 @@ from legrace.boundary import (
     Free,
     Message,
     RegisterConv,
+    ResendOutput,
     SetWeight,
 )
 
@@ -92,6 +93,9 @@ class Accelerator:
         if isinstance(message, ConvBackward):
             with full_float32(self.device):
                 return self._backward(message)
+        if isinstance(message, ResendOutput):
+            with full_float32(self.device):
+                return self._resend(message)
         if isinstance(message, Free):
             for i in message.stored:
                 self._stored.pop(i, None)
@@ -114,6 +118,14 @@ class Accelerator:
             stored = next(self._ids)
             self._stored[stored] = x
         return ConvForwardReply(y.to("cpu"), stored)
+
+    def _resend(self, m: ResendOutput) -> ConvForwardReply:
+        conv = self._conv(m.layer)
+        x = self._stored.get(m.stored)
+        if x is None:
+            raise AcceleratorError(f"no stored residual {m.stored} for layer {m.layer}")
+        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+        return ConvForwardReply(y.to("cpu"), None)
 
     def _backward(self, m: ConvBackward) -> ConvBackwardReply:
         conv = self._conv(m.layer)

@@ -46,8 +46,11 @@ class _TimedTransport:
         return reply
 
 
-def _trusted_saved_bytes(model: nn.Module, step) -> int:
-    """Bytes of activations the trusted side keeps for backward (distinct storages, no weights)."""
+def _trusted_saved_bytes(model: nn.Module, step, outputs=None) -> int:
+    """Bytes of activations the trusted side keeps for backward (distinct storages, no weights).
+
+    `outputs`: the model's legrace.recompute.ConvOutputs, whose hooks shadow ours while the model
+    runs; it then reports what it keeps for real (rebuilt conv outputs are not kept)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -58,8 +61,14 @@ def _trusted_saved_bytes(model: nn.Module, step) -> int:
                 seen[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
+    if outputs is not None:
+        outputs.observer = pack
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step()
+    finally:
+        if outputs is not None:
+            outputs.observer = None
     return sum(seen.values())
 
 
@@ -156,7 +165,7 @@ class _ModeRun:
         r.update({k: v * len(self.x) for k, v in
                   _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train).items()})
         r["trusted_saved_bytes"] = 0 if self.mode == "gpu_only" or not self.train else \
-            _trusted_saved_bytes(self.net, self.step)
+            _trusted_saved_bytes(self.net, self.step, self.config.outputs if self.config else None)
         if self.layers:
             r["layers"] = _layer_breakdown(self.layers)
         return r

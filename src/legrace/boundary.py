@@ -10,12 +10,15 @@ Trusted -> untrusted (what the adversary may see):
                  ever crosses; only `legrace.mechanism` makes one. Accounted (DESIGN section 3).
   ConvBackward   dL/dY of a conv, as in the paper's mode: outside the formal guarantee, its
                  leakage is measured with gradient-inversion attacks (DESIGN section 3).
+  ResendOutput   the id of a stored residual whose Y_res the trusted side wants again in
+                 backward (it keeps no conv outputs; see legrace.recompute). Carries no data:
+                 the reply is the same post-processing of an already released residual.
   Free           ids of stored residuals that no backward pass will use.
 
 Untrusted -> trusted (checked for shape, dtype and finiteness before use; with verify=True also
 by a Freivalds check, `legrace.freivalds`):
   Ack                nothing to return.
-  ConvForwardReply   Y_res = conv(X_res~, W)
+  ConvForwardReply   Y_res = conv(X_res~, W) (also the answer to ResendOutput)
   ConvBackwardReply  dL/dX = conv_transpose(dL/dY, W) and dW_res = X_res~ (*) dL/dY
   Refused            the accelerator could not serve a request; the reason, as text.
 
@@ -93,6 +96,12 @@ class ConvBackward:
 
 
 @dataclass(frozen=True)
+class ResendOutput:
+    layer: int
+    stored: int  # id of the kept X_res~: the accelerator answers conv(X_res~, W) again
+
+
+@dataclass(frozen=True)
 class Free:
     stored: tuple[int, ...]
 
@@ -122,10 +131,10 @@ class Refused:
     reason: str
 
 
-TO_ACCELERATOR = (RegisterConv, SetWeight, ConvForward, ConvBackward, Free)
+TO_ACCELERATOR = (RegisterConv, SetWeight, ConvForward, ConvBackward, ResendOutput, Free)
 TO_TRUSTED = (Ack, ConvForwardReply, ConvBackwardReply, Refused)
-Message = Union[RegisterConv, SetWeight, ConvForward, ConvBackward, Free, Ack, ConvForwardReply, ConvBackwardReply,
-                Refused]
+Message = Union[RegisterConv, SetWeight, ConvForward, ConvBackward, ResendOutput, Free, Ack, ConvForwardReply,
+                ConvBackwardReply, Refused]
 
 
 class Transport(Protocol):
@@ -195,6 +204,10 @@ class Stored:
         self.id = id
         self.residual = residual
         self._boundary = boundary
+
+    @property
+    def taken(self) -> bool:
+        return self._boundary is None
 
     def take(self) -> int:
         """Hand the id to a backward pass, which frees it on the accelerator."""
@@ -275,6 +288,17 @@ class Boundary:
         if not keep:
             return y, None
         return y, Stored(reply.stored, self, residual.tensor if self.verifier is not None else None)
+
+    def resend_output(self, layer: int, stored: Stored, out_shape: Shape, dtype: torch.dtype) -> Tensor:
+        """Y_res of a residual the accelerator still holds, again (for recomputing Y in backward)."""
+        if stored.taken:
+            raise BoundaryError(f"the residual of layer {layer} was already used by its backward pass")
+        request = f"ResendOutput of layer {layer}"
+        reply = self._expect(self._send(ResendOutput(layer, stored.id)), ConvForwardReply, request)
+        y = _checked(reply.y_res, out_shape, dtype, f"the resent Y_res of layer {layer}")
+        if self.verifier is not None:
+            self.verifier.conv_forward(layer, stored.residual, self._weights[layer], y, *self._convs[layer])
+        return y
 
     def conv_backward(
         self, layer: int, stored: Optional[Stored], grad_y: Tensor, x_shape: Shape, w_shape: Shape,
@@ -365,6 +389,7 @@ WIRE_FIELDS: dict[type, dict[str, str]] = {
     ConvForward: {"layer": "id", "residual": "residual", "keep": "bool"},
     ConvBackward: {"layer": "id", "stored": "id?", "grad_y": "tensor", "x_shape": "ints", "need_grad_x": "bool",
                    "need_grad_w": "bool"},
+    ResendOutput: {"layer": "id", "stored": "id"},
     Free: {"stored": "ints"},
     Ack: {},
     ConvForwardReply: {"y_res": "tensor", "stored": "id?"},

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -99,20 +100,71 @@ class _CompactMaxPool2x2(torch.autograd.Function):
         return F.max_unpool2d(grad, idx, 2, 2, output_size=(h, w))
 
 
+class _CompactMaxPool(torch.autograd.Function):
+    """Any max-pool window of up to 256 positions: the winner's position in its window, one byte
+    per output, instead of an int64 index and the whole input (which max-pool's backward keeps)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> Tensor:
+        y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        w = x.shape[-1]
+        rows = idx.div(w, rounding_mode="floor")
+        top, left = _window_origins(y.shape[-2:], stride, padding, idx.device)
+        code = (rows - top).div(dilation[0], rounding_mode="floor") * kernel[1] \
+            + (idx - rows * w - left).div(dilation[1], rounding_mode="floor")
+        ctx.save_for_backward(code.to(torch.uint8))
+        ctx.args, ctx.x_shape = (kernel, stride, padding, dilation, ceil_mode), x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (code,) = ctx.saved_tensors
+        kernel, stride, padding, dilation, ceil_mode = ctx.args
+        top, left = _window_origins(grad.shape[-2:], stride, padding, grad.device)
+        code = code.long()
+        rows = top + code.div(kernel[1], rounding_mode="floor") * dilation[0]
+        cols = left + code.remainder(kernel[1]) * dilation[1]
+        idx = rows * ctx.x_shape[-1] + cols
+        shape_only = grad.new_empty(ctx.x_shape)  # the kernel reads only its shape
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), shape_only, kernel, stride, padding, dilation, ceil_mode, idx)
+        return grad_x, None, None, None, None, None
+
+
+def _window_origins(out_hw, stride, padding, device) -> tuple[Tensor, Tensor]:
+    """Input row of each output row's window top, input column of each output column's left edge."""
+    top = torch.arange(out_hw[0], device=device).view(-1, 1) * stride[0] - padding[0]
+    left = torch.arange(out_hw[1], device=device).view(1, -1) * stride[1] - padding[1]
+    return top, left
+
+
 class CompactMaxPool2d(nn.Module):
-    """nn.MaxPool2d(2, 2) that keeps two bits per output for backward."""
+    """nn.MaxPool2d that keeps the winner's position in its window for backward: two bits per
+    output for the common 2x2 stride-2 pool, one byte for any other window."""
+
+    def __init__(self, kernel_size=2, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> None:
+        super().__init__()
+        self.kernel_size, self.padding, self.dilation = _pair(kernel_size), _pair(padding), _pair(dilation)
+        self.stride = _pair(stride if stride is not None else kernel_size)
+        self.ceil_mode = ceil_mode
+        self._two_by_two = (self.kernel_size == self.stride == (2, 2) and self.padding == (0, 0)
+                            and self.dilation == (1, 1) and not ceil_mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _CompactMaxPool2x2.apply(x)
+        if self._two_by_two:
+            return _CompactMaxPool2x2.apply(x)
+        return _CompactMaxPool.apply(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
 def compact_equivalent(module: nn.Module) -> nn.Module | None:
     """The compact stand-in for a module, or None when there is none."""
     if isinstance(module, nn.ReLU):
         return PackedReLU()
-    if isinstance(module, nn.MaxPool2d):
-        k, s, p, d = (module.kernel_size, module.stride, module.padding, module.dilation)
-        if k in (2, (2, 2)) and s in (2, (2, 2)) and p in (0, (0, 0)) and d in (1, (1, 1)) and not module.ceil_mode \
-                and not module.return_indices:
-            return CompactMaxPool2d()
+    if isinstance(module, nn.MaxPool2d) and not module.return_indices:
+        pool = CompactMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+        if pool.kernel_size[0] * pool.kernel_size[1] <= 256:
+            return pool
     return None

@@ -20,6 +20,7 @@ from legrace.accelerator import Accelerator, local_device
 from legrace.accountant import PrivacyLedger, calibrate_noise_multiplier, epsilon
 from legrace.boundary import AuditLog, Boundary, InProcessTransport
 from legrace.convert import convert
+from legrace.recompute import ConvOutputs
 from legrace.decompose import METHODS, Rank, validate_rank
 from legrace.freivalds import FreivaldsVerifier
 from legrace.mechanism import GaussianMechanism
@@ -91,6 +92,8 @@ class LegRace:
     verify: check every answer of the accelerator with a Freivalds test (legrace.freivalds).
     basis_dtype: the dtype the trusted side keeps V in for backward ("bfloat16" halves that
     memory at no cost in exactness: the rounding moves into the residual; None: the activations').
+    rebuild_outputs: keep no conv output for backward (what a BatchNorm after a conv would keep):
+    rebuild it from A, V and the accelerator's stored residual when backward needs it.
     noise_ahead: draw the noise of this many upcoming releases in a background thread, while the
     trusted side waits for the accelerator (0: inline). Default: 2, except with the in-process
     CPU accelerator, where nobody waits and the thread would only compete for the same cores.
@@ -116,6 +119,7 @@ class LegRace:
         noise_seed: Optional[int] = None,
         noise_ahead: Optional[int] = None,
         basis_dtype: Optional[str] = "bfloat16",
+        rebuild_outputs: bool = True,
         audit: Union[str, Path, None] = None,
         ledger_path: Union[str, Path, None] = None,
     ) -> None:
@@ -142,6 +146,7 @@ class LegRace:
         self.target_delta = target_delta
         self.decomposition, self.power_iters, self.max_rank = decomposition, power_iters, max_rank
         self.basis_dtype = _basis_dtype(basis_dtype)
+        self.rebuild_outputs = rebuild_outputs
         self.accountant = accountant
         self.noise_seed = noise_seed
         self.noise_ahead = noise_ahead if noise_ahead is not None else (0 if accelerator == "cpu" else 2)
@@ -209,6 +214,9 @@ class LegRace:
             return SplitConv2d(conv, point, config)
 
         gm = convert(module, make_split)
+        if self.rebuild_outputs:
+            config.outputs = ConvOutputs()
+            config.outputs.install(gm)
         self._coupled_points = sum(coupled)
         self._config = config
         self._n_points = config.n_points

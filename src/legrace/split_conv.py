@@ -23,6 +23,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from legrace.boundary import Boundary
 from legrace.decompose import Rank, decompose, rank_for_point
 from legrace.mechanism import GaussianMechanism
+from legrace.recompute import ConvOutputs
 
 SPLIT_MODES = ("legrace", "dp_only", "lowrank_only")
 
@@ -41,6 +42,7 @@ class SplitConfig:
     mechanism: Optional[GaussianMechanism] = None
     boundary: Optional[Boundary] = None
     timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
+    outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
 
     @property
     def releases(self) -> bool:
@@ -107,6 +109,35 @@ def _timed_call(cfg: SplitConfig, point: int, phase: str, fn, *args):
         cfg.timings.add(point, f"wait_{phase}", cfg.boundary.seconds_waiting - before)
 
 
+def _combine(y_main: Optional[Tensor], y_res: Optional[Tensor], bias: Optional[Tensor], out_shape, like: Tensor):
+    """Y = Y_main (bias included) + Y_res, in one fixed order, so a rebuilt Y has the same bits."""
+    if y_main is not None:
+        return y_main.add_(y_res) if y_res is not None else y_main
+    y = y_res.clone() if y_res is not None else like.new_zeros(out_shape)
+    return y.add_(bias.reshape(1, -1, 1, 1)) if bias is not None else y
+
+
+def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias: Optional[Tensor], hw,
+               stored, out_shape):
+    """Y again, from the kept A and V and the accelerator's stored residual (legrace.recompute)."""
+    cfg, version = layer.config, weight._version
+
+    def rebuild() -> Tensor:
+        if weight._version != version:
+            raise RuntimeError(f"the weight of conv layer {layer.point} changed between forward and backward, "
+                               "so its output cannot be rebuilt; step the optimizer after backward")
+        y_main = None
+        if A.shape[-1] > 0:
+            y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
+        y_res = None
+        if cfg.releases:
+            y_res = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
+                                out_shape, A.dtype)
+        return _combine(y_main, y_res, bias, out_shape, A)
+
+    return rebuild
+
+
 class _SplitConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SplitConv2d") -> Tensor:
@@ -120,16 +151,14 @@ class _SplitConvFunction(torch.autograd.Function):
         y_main = None
         if dec.rank > 0:
             y_main = lowrank_conv(dec.A, dec.V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
-        stored = None
+        stored = y_res = None
         if cfg.releases:
             released = cfg.mechanism.release(dec.X_res)
             y_res, stored = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
                                         layer.point, released, ctx.needs_input_grad[1], out_shape)
-            y = y_main.add_(y_res) if y_main is not None else y_res.clone()
-        else:  # lowrank_only: the residual is dropped
-            y = y_main if y_main is not None else x.new_zeros(out_shape)
-        if y_main is None and bias is not None:
-            y.add_(bias.reshape(1, -1, 1, 1))
+        y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
+        if cfg.outputs is not None and (stored is not None or not cfg.releases):
+            cfg.outputs.offer(y, _rebuilder(layer, dec.A, dec.V, weight, bias, hw, stored, out_shape))
         ctx.save_for_backward(dec.A, dec.V, weight)
         ctx.layer, ctx.stored, ctx.x_shape = layer, stored, tuple(x.shape)
         if cfg.timings is not None:
