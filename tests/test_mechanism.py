@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from legrace.boundary import NoisedResidual
-from legrace.mechanism import GaussianMechanism
+from legrace.mechanism import GaussianMechanism, GaussianStreams
 
 
 def test_clip_bounds_each_sample_and_keeps_small_ones():
@@ -78,3 +78,19 @@ def test_noise_pool_prepares_the_next_releases_and_never_reuses():
     assert flat.std().item() == pytest.approx(2.0, rel=0.05)
     assert len({t.flatten()[:4].tolist().__repr__() for t in seen}) == len(seen)  # all fresh
     m.close()
+
+
+def test_large_buffers_are_drawn_by_independent_streams_with_the_right_law():
+    # Split across generators, a large buffer is still N(0, sigma^2), its parts are independent
+    # (no stream repeats another's values), and a fixed seed reproduces it.
+    streams = GaussianStreams(2, seed=11)
+    n = 2 * GaussianStreams.MIN_SPLIT
+    a = streams.normal(torch.Size([n]), torch.float32, 2.0)
+    half = n // 2
+    assert a.std().item() == pytest.approx(2.0, rel=0.01) and abs(a.mean().item()) < 0.02
+    assert a[:half].std().item() == pytest.approx(a[half:].std().item(), rel=0.02)
+    assert abs(torch.corrcoef(torch.stack([a[:half], a[half:]]))[0, 1].item()) < 0.01
+    assert not torch.equal(a[:1000], a[half:half + 1000])
+    assert torch.equal(a, GaussianStreams(2, seed=11).normal(torch.Size([n]), torch.float32, 2.0))
+    assert not torch.equal(a, streams.normal(torch.Size([n]), torch.float32, 2.0))  # fresh each call
+    streams.close()

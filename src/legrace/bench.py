@@ -72,8 +72,10 @@ def _trusted_saved_bytes(model: nn.Module, step, outputs=None) -> int:
     return sum(seen.values())
 
 
-def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train: bool) -> dict:
-    """Trusted and accelerator multiply-accumulates of one step, counted from the layer shapes."""
+def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train: bool,
+          rebuilt: frozenset = frozenset()) -> dict:
+    """Trusted and accelerator multiply-accumulates of one step, counted from the layer shapes.
+    `rebuilt`: decomposition points whose output backward rebuilt (one more low-rank conv each)."""
     shapes = []
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((m, i[0].shape, o.shape)))
              for m in model.modules() if isinstance(m, (nn.Conv2d, SplitConv2d, nn.Linear))]
@@ -83,12 +85,14 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
         h.remove()
     trusted = accel = 0
     bwd = 2 if train else 0
-    for i, (m, xs, ys) in enumerate(shapes):
+    point = -1
+    for m, xs, ys in shapes:
         if isinstance(m, nn.Linear):
             macs = xs[0] * m.in_features * m.out_features
             trusted += macs * (1 + bwd) if mode != "gpu_only" else 0
             accel += macs * (1 + bwd) if mode == "gpu_only" else 0
             continue
+        point += 1
         B, N, h, w = xs
         M, k = ys[1], m.weight.shape[2] * m.weight.shape[3]
         full = B * N * M * ys[2] * ys[3] * k
@@ -96,12 +100,12 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
             macs = full * (1 + bwd)
             trusted, accel = (trusted + macs, accel) if mode == "tee_only" else (trusted, accel + macs)
             continue
-        R = 0 if mode == "dp_only" else min(16 if rank == "auto" else int(rank if not isinstance(rank, list) else rank[i]), N, h * w)
+        R = 0 if mode == "dp_only" else min(16 if rank == "auto" else int(rank if not isinstance(rank, list) else rank[point]), N, h * w)
         lowrank = full * R // N + B * M * N * R * k  # conv(V, W') and W'
         if direct_is_cheaper(N, R, h * w):
             lowrank = full  # conv(A·V, W), see split_conv.lowrank_conv
         decomposition = B * (2 * iters + 1) * N * h * w * R
-        trusted += lowrank * (1 + (1 if train else 0)) + decomposition
+        trusted += lowrank * (1 + (1 if train else 0) + (1 if point in rebuilt else 0)) + decomposition
         if mode == "lowrank_only":
             trusted += full if train else 0  # dL/dX stays on the trusted side
         else:
@@ -162,8 +166,9 @@ class _ModeRun:
         r = {"mode": self.mode, "step_seconds": statistics.median(self.steps),
              "trusted_seconds": statistics.median(self.trusted), "accelerator_seconds": statistics.median(self.accel),
              "noise_thread_seconds": statistics.median(self.noise), "repeats": len(self.steps)}
+        rebuilt = frozenset(p for p, kind in (self.layers[-1] if self.layers else {}) if kind == "rebuilds")
         r.update({k: v * len(self.x) for k, v in
-                  _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train).items()})
+                  _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train, rebuilt).items()})
         r["trusted_saved_bytes"] = 0 if self.mode == "gpu_only" or not self.train else \
             _trusted_saved_bytes(self.net, self.step, self.config.outputs if self.config else None)
         if self.layers:

@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -35,8 +36,7 @@ class GaussianMechanism:
         self.noise_multiplier = float(noise_multiplier)
         if seed is not None:
             warnings.warn("a fixed noise seed makes the noise predictable: use it for experiments only", stacklevel=2)
-        self._generator = torch.Generator(device="cpu")
-        self._generator.manual_seed(secrets.randbits(63) if seed is None else int(seed))
+        self._streams = GaussianStreams(torch.get_num_threads(), None if seed is None else int(seed))
         self._seed = None if seed is None else int(seed)
         self._pool: Optional[NoisePool] = None
 
@@ -70,7 +70,7 @@ class GaussianMechanism:
             ready = self._pool.take(shape, dtype)
             if ready is not None:
                 return ready
-        return torch.empty(shape, dtype=dtype).normal_(0.0, self.sigma, generator=self._generator)
+        return self._streams.normal(shape, dtype, self.sigma)
 
     def start_pool(self, ahead: int = 2) -> None:
         """Generate noise ahead of time in a background thread, off the critical path.
@@ -85,6 +85,48 @@ class GaussianMechanism:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        self._streams.close()
+
+
+class GaussianStreams:
+    """N(0, sigma^2) buffers drawn by several independent generators at once.
+
+    torch draws Gaussians with one thread per generator (its Mersenne Twister is sequential), so
+    on a CPU with n threads a large buffer is split into n parts, each filled by its own
+    generator, all seeded from the CSPRNG: about n times the rate. Small buffers use the first
+    generator only. With a fixed seed the stream is reproducible for the same thread count.
+    """
+
+    MIN_SPLIT = 1 << 18  # below this many values threads cost more than they save
+
+    def __init__(self, n: int, seed: Optional[int]) -> None:
+        self._generators = []
+        for i in range(max(1, n)):
+            g = torch.Generator(device="cpu")
+            g.manual_seed(secrets.randbits(63) if seed is None else (seed + 1_000_003 * i) % (1 << 63))
+            self._generators.append(g)
+        self._threads: Optional[ThreadPoolExecutor] = None
+
+    def normal(self, shape: torch.Size, dtype: torch.dtype, sigma: float) -> Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        flat = out.view(-1)
+        if len(self._generators) == 1 or flat.numel() < self.MIN_SPLIT:
+            flat.normal_(0.0, sigma, generator=self._generators[0])
+            return out
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(len(self._generators) - 1, thread_name_prefix="legrace-noise")
+        parts = flat.tensor_split(len(self._generators))
+        futures = [self._threads.submit(part.normal_, 0.0, sigma, generator=g)
+                   for part, g in zip(parts[1:], self._generators[1:])]
+        parts[0].normal_(0.0, sigma, generator=self._generators[0])
+        for f in futures:
+            f.result()
+        return out
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+            self._threads = None
 
 
 class NoisePool:

@@ -85,7 +85,8 @@ def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, strid
 
 
 class LayerTimings:
-    """Seconds per decomposition point: trusted work and waiting for the accelerator."""
+    """Seconds per decomposition point: trusted work and waiting for the accelerator (and how
+    many times its output was rebuilt in backward, under "rebuilds")."""
 
     def __init__(self) -> None:
         self.seconds: dict[tuple[int, str], float] = {}
@@ -123,17 +124,23 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
     cfg, version = layer.config, weight._version
 
     def rebuild() -> Tensor:
+        t0 = time.perf_counter()
         if weight._version != version:
             raise RuntimeError(f"the weight of conv layer {layer.point} changed between forward and backward, "
                                "so its output cannot be rebuilt; step the optimizer after backward")
         y_main = None
         if A.shape[-1] > 0:
             y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
+        if cfg.timings is not None:
+            cfg.timings.add(layer.point, "rebuilds", 1)
         y_res = None
         if cfg.releases:
             y_res = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
                                 out_shape, A.dtype)
-        return _combine(y_main, y_res, bias, out_shape, A)
+        y = _combine(y_main, y_res, bias, out_shape, A)
+        if cfg.timings is not None:
+            cfg.timings.add(layer.point, "total_bwd", time.perf_counter() - t0)
+        return y
 
     return rebuild
 
