@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-bench}
 PY=${PYTHON:-python3}
+# Keep freed heap memory in the process (as an enclave's fixed heap does), for every mode alike.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}
 if ! $PY -c "import legrace" 2>/dev/null; then
   $PY -m pip install --quiet --no-deps -e . && $PY -m pip install --quiet opacus scikit-learn tqdm matplotlib
 fi
@@ -18,11 +20,4 @@ for m in vgg16 vgg19 resnet18 resnet34; do
 done
 $PY -m legrace.cli bench --model vgg19 --input-size 224 --batch-size 32 --modes tee_only,legrace,gpu_only \
     --accelerator cuda --infer --warmup 1 --repeats 3 --out "$OUT/vgg19-infer"
-$PY - "$OUT" <<'PY'
-import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*/bench.json")):
-    r = json.loads(f.read_text())
-    modes = {m["mode"]: m for m in r["modes"]}
-    print(f.parent.name, {m: round(v["step_seconds"], 3) for m, v in modes.items()},
-          {k: round(v, 2) for k, v in r["ratios"].items()})
-PY
+$PY benchmarks/summarize_bench.py "$OUT"

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +88,24 @@ def test_compact_maxpool_keeps_one_byte_per_output_not_its_input():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = CompactMaxPool2d(3, 2, 1)(x)
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, y.numel())]
+
+
+def test_relu_then_maxpool_runs_as_maxpool_then_relu_with_the_same_gradients():
+    from legrace.convert import convert
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    gm = convert(copy.deepcopy(model))
+    order = [type(m).__name__ for n, m in gm.named_modules() if n.count(".") == 1 or (n and "." not in n)]
+    assert order.count("Sequential") == 1  # the pool, now pool -> ReLU; the second ReLU is kept as is
+    for x in (torch.randn(2, 3, 16, 16), torch.randint(-1, 2, (2, 3, 16, 16)).float()):  # ties too
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = gm(a), model(b)
+        ya.sum().backward()
+        yb.sum().backward()
+        assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(gm.parameters(), model.parameters()))
+        gm.zero_grad()
+        model.zero_grad()
+    assert gm.state_dict().keys() == model.state_dict().keys()

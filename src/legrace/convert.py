@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from legrace.compact import compact_equivalent
+from legrace.compact import PackedReLU, compact_equivalent
 
 
 class UnsupportedModelError(ValueError):
@@ -118,12 +118,39 @@ def convert(
 
 
 def _compact_layers(gm: fx.GraphModule) -> None:
+    _pool_before_relu(gm)
     # Each call gets its own stand-in (stateless), so a ReLU module used twice stays correct.
     for node in gm.graph.nodes:
         if node.op == "call_module":
             new = compact_equivalent(gm.get_submodule(node.target))
             if new is not None:
                 _set_submodule(gm, node.target, new)
+
+
+def _pool_before_relu(gm: fx.GraphModule) -> None:
+    """ReLU -> MaxPool becomes MaxPool -> ReLU: the same values and gradients (max commutes with
+    the monotone ReLU, and ties resolve to the same window position), with the ReLU's passes and
+    mask on a quarter of the elements for a 2x2 pool. Only where nothing else sees the ReLU's
+    input or output, and the pool module is called once."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.ReLU or len(node.users) != 1:
+            continue
+        pool, (source,) = next(iter(node.users)), node.args
+        if not (pool.op == "call_module" and type(gm.get_submodule(pool.target)) is nn.MaxPool2d
+                and calls[pool.target] == 1 and pool.args == (node,) and not pool.kwargs
+                and isinstance(source, fx.Node) and len(source.users) == 1):
+            continue
+        module = gm.get_submodule(pool.target)
+        if module.return_indices:
+            continue
+        pool.replace_input_with(node, source)
+        gm.graph.erase_node(node)
+        _set_submodule(gm, pool.target, nn.Sequential(compact_equivalent(module) or module, PackedReLU()))
+    gm.graph.lint()
 
 
 def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The CPU benchmark of issue 4 (no GPU needed, about 10 minutes on 2 cores): training steps of
+# VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in tee_only and legrace (trusted side and an
+# in-process accelerator on the same CPU), plus VGG-19 inference. JSON, PNG charts and a summary
+# table go under $OUT (default runs/cpu-bench).
+#   OUT=/tmp/out BATCH=32 bash benchmarks/cpu_bench.sh
+# glibc's malloc unmaps large freed blocks, so every new activation is page-faulted again; an
+# enclave's heap is fixed, so the benchmark keeps freed memory (the same for both modes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/cpu-bench}
+BATCH=${BATCH:-32}
+PY=${PYTHON:-.venv/bin/python}
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}
+for m in vgg16 vgg19 resnet18 resnet34; do
+  $PY -m legrace.cli bench --model "$m" --input-size 224 --batch-size "$BATCH" --modes tee_only,legrace \
+      --warmup 1 --repeats 3 --out "$OUT/$m-train"
+done
+$PY -m legrace.cli bench --model vgg19 --input-size 224 --batch-size "$BATCH" --modes tee_only,legrace \
+    --infer --warmup 1 --repeats 3 --out "$OUT/vgg19-infer"
+$PY benchmarks/summarize_bench.py "$OUT"

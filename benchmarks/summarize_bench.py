@@ -1,0 +1,39 @@
+"""One markdown table of every bench.json under a folder (the closing-note table of issue 4)."""
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(folder: str) -> None:
+    rows = []
+    for f in sorted(Path(folder).glob("*/bench.json")):
+        r = json.loads(f.read_text())
+        modes = {m["mode"]: m for m in r["modes"]}
+        tee, leg, gpu = modes.get("tee_only"), modes.get("legrace"), modes.get("gpu_only")
+        ratio = r["ratios"]
+        rows.append([
+            f"{r['model']} {'train' if r['train'] else 'infer'}", str(r["batch_size"]),
+            f"{tee['step_seconds']:.3f}" if tee else "",
+            f"{leg['step_seconds']:.3f}" if leg else "", f"{leg['trusted_seconds']:.3f}" if leg else "",
+            f"{gpu['step_seconds']:.4f}" if gpu else "",
+            f"{ratio.get('tee_only_step / legrace_trusted', float('nan')):.2f}",
+            f"{ratio.get('tee_only_step / legrace_step', float('nan')):.2f}",
+            f"{ratio.get('legrace_step / gpu_only_step', float('nan')):.2f}",
+            f"{ratio.get('tee_only_macs / legrace_trusted_macs', float('nan')):.1f}",
+            f"{ratio.get('tee_only_memory / legrace_trusted_memory', float('nan')):.1f}",
+        ])
+        machine = f"{r.get('cpu', '?')}, torch {r['torch']}, accelerator {r['accelerator']}"
+    head = ["model", "batch", "tee_only step s", "legrace step s", "legrace trusted s", "gpu_only step s",
+            "tee / legrace trusted", "tee / legrace step", "legrace / gpu_only step", "tee / legrace trusted MACs",
+            "tee / legrace trusted memory"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if rows:
+        print(f"\nmachine: {machine}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/cpu-bench")
