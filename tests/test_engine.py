@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -207,3 +208,20 @@ def test_every_crossing_is_audited_and_residuals_are_noised(tmp_path):
     released = [line for line in lines if line["kind"] == "ConvForward"]
     assert len(released) == 3 * len(loader)
     assert all(line["clip"] == 0.1 and line["sigma"] == pytest.approx(0.2) for line in released)
+
+
+def test_bfloat16_wire_rounds_only_after_the_noise():
+    torch.manual_seed(0)
+    module, x, y = SmallCNN(1, 3), torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    crossed = []
+    for wire in ("bfloat16", None):
+        engine = LegRace(rank=2, noise_multiplier=1.0, clip=0.5, wire_dtype=wire, noise_seed=3)
+        model = engine.convert(copy.deepcopy(module))
+        seen = spy_on_releases(engine)
+        F.cross_entropy(model(x), y).backward()  # the whole step works, rebuilt outputs included
+        crossed.append(seen)
+    assert all(t.dtype == torch.bfloat16 for _, t in crossed[0]) and len(crossed[0]) == 3
+    # the same noised residual as in float32, then rounded: rounding is post-processing
+    assert torch.equal(crossed[0][0][1], crossed[1][0][1].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="wire_dtype must be"):
+        LegRace(noise_multiplier=1.0, wire_dtype="int8")

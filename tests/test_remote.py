@@ -391,3 +391,22 @@ def test_every_crossing_goes_through_the_audit_when_the_worker_refuses(worker, t
     engine.close()
     last = json.loads(audit.read_text().splitlines()[-1])
     assert last == {"direction": "to_trusted", "kind": "Refused", "layer": None}
+
+
+def test_bfloat16_wire_over_a_worker_halves_the_bytes_and_stays_close(worker):
+    # Residuals cross (and Y_res comes back) in bfloat16: half the bytes; with noise off, what
+    # the rounding costs shows directly, and it stays at bfloat16's own precision.
+    torch.manual_seed(0)
+    module, x, y = TwoConvs(), torch.randn(5, 3, 12, 12), torch.randint(0, 4, (5,))
+    ref_engine = LegRace(rank=2, clip=None, noise_multiplier=0, accelerator=worker.address, secret=SECRET)
+    ref_out, ref_grads, _ = forward_backward(ref_engine, module, x, y)
+    engine = LegRace(rank=2, clip=None, noise_multiplier=0, accelerator=worker.address, secret=SECRET,
+                     wire_dtype="bfloat16")
+    out, grads, _ = forward_backward(engine, module, x, y)
+    assert_close(out, ref_out, tol=2e-2)
+    for g, ref in zip(grads, ref_grads):
+        assert_close(g, ref, tol=2e-2)
+    sent = lambda e: e.boundary.bytes_out + e.boundary.bytes_in  # noqa: E731
+    assert sent(engine) < 0.85 * sent(ref_engine)
+    for e in (engine, ref_engine):
+        e.close()

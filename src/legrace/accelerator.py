@@ -111,21 +111,25 @@ class Accelerator:
 
     def _forward(self, m: ConvForward) -> ConvForwardReply:
         conv = self._conv(m.layer)
-        x = m.residual.tensor.to(self.device)
-        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+        x = m.residual.tensor.to(self.device)  # kept as sent (e.g. bfloat16: half the memory)
         stored = None
         if m.keep:
             stored = next(self._ids)
             self._stored[stored] = x
-        return ConvForwardReply(y.to("cpu"), stored)
+        return ConvForwardReply(self._conv_of(conv, x), stored)
+
+    @staticmethod
+    def _conv_of(conv: _Conv, x: Tensor) -> Tensor:
+        """conv(x, W) computed in W's dtype, answered in the dtype x was sent in."""
+        y = F.conv2d(x.to(conv.weight.dtype), conv.weight, None, conv.stride, conv.padding, conv.dilation)
+        return y.to(device="cpu", dtype=x.dtype)
 
     def _resend(self, m: ResendOutput) -> ConvForwardReply:
         conv = self._conv(m.layer)
         x = self._stored.get(m.stored)
         if x is None:
             raise AcceleratorError(f"no stored residual {m.stored} for layer {m.layer}")
-        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)
-        return ConvForwardReply(y.to("cpu"), None)
+        return ConvForwardReply(self._conv_of(conv, x), None)
 
     def _backward(self, m: ConvBackward) -> ConvBackwardReply:
         conv = self._conv(m.layer)
@@ -137,5 +141,6 @@ class Accelerator:
         if m.need_grad_x:
             gx = conv2d_input(m.x_shape, conv.weight, gy, conv.stride, conv.padding, conv.dilation).to("cpu")
         if m.need_grad_w:
-            gw = conv2d_weight(x, conv.weight.shape, gy, conv.stride, conv.padding, conv.dilation).to("cpu")
+            gw = conv2d_weight(x.to(gy.dtype), conv.weight.shape, gy, conv.stride, conv.padding,
+                               conv.dilation).to("cpu")
         return ConvBackwardReply(gx, gw)

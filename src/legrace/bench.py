@@ -117,12 +117,13 @@ class _ModeRun:
     """One mode's model, engine and step, with its timings so far."""
 
     def __init__(self, mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank,
-                 accelerator: str, iters: int, noise_ahead: Optional[int] = None) -> None:
+                 accelerator: str, iters: int, noise_ahead: Optional[int] = None,
+                 wire_dtype: Optional[str] = None) -> None:
         releasing = mode in ("legrace", "dp_only")
         self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
         self.engine = LegRace(mode=mode, rank=rank, accelerator=accelerator, power_iters=iters,
-                              **({"noise_multiplier": 1.0, "clip": 1.0, "noise_ahead": noise_ahead}
-                                 if releasing else {}))
+                              **({"noise_multiplier": 1.0, "clip": 1.0, "noise_ahead": noise_ahead,
+                                  "wire_dtype": wire_dtype} if releasing else {}))
         self.net = self.engine.convert(copy.deepcopy(model))
         self.pool = self.engine.mechanism._pool if self.engine.mechanism is not None else None
         self.device = self.engine.device if mode == "gpu_only" else torch.device("cpu")
@@ -189,14 +190,14 @@ def _layer_breakdown(runs: list[dict]) -> list[dict]:
 
 def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str], *, train: bool = True,
               rank=8, warmup: int = 1, repeats: int = 3, accelerator: str = "cpu", iters: int = 2,
-              num_classes: int = 10, noise_ahead: Optional[int] = None, out: Optional[Path] = None,
-              log=print) -> dict:
+              num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
+              out: Optional[Path] = None, log=print) -> dict:
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
     runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
-                     noise_ahead=noise_ahead) for m in modes]
+                     noise_ahead=noise_ahead, wire_dtype=wire_dtype) for m in modes]
     for run in runs:
         for _ in range(warmup):
             run.step()
@@ -214,7 +215,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
         log("note: glibc malloc returns large blocks to the OS, so every new activation is page-faulted "
             f"again; for timings closer to an enclave's fixed heap, run with GLIBC_TUNABLES={MALLOC_TUNABLES}")
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
-              "rank": rank, "power_iters": iters, "accelerator": accelerator, "threads": torch.get_num_threads(),
+              "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
+              "threads": torch.get_num_threads(),
               "torch": torch.__version__, "glibc_tunables": tunables, "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results)}
     for k, v in report["ratios"].items():
@@ -305,6 +307,7 @@ def add_parser(sub) -> None:
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--accelerator", default="cpu")
+    b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32")
     b.add_argument("--noise-ahead", type=int, default=None,
                    help="noise buffers drawn ahead in a thread (default: the engine's, 0 for a CPU accelerator)")
     b.add_argument("--out", default="runs/bench")
@@ -318,6 +321,6 @@ def _cli(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
-              noise_ahead=args.noise_ahead, out=Path(args.out))
+              noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, out=Path(args.out))
     print(f"wrote {args.out}/bench.json and charts")
     return 0

@@ -198,11 +198,13 @@ class Stored:
     to check the accelerator's weight gradient.
     """
 
-    __slots__ = ("id", "residual", "_boundary", "__weakref__")
+    __slots__ = ("id", "residual", "dtype", "_boundary", "__weakref__")
 
-    def __init__(self, id: int, boundary: "Boundary", residual: Optional[Tensor] = None) -> None:
+    def __init__(self, id: int, boundary: "Boundary", residual: Optional[Tensor] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         self.id = id
         self.residual = residual
+        self.dtype = dtype  # the dtype the residual crossed in: a resent Y_res comes back in it
         self._boundary = boundary
 
     @property
@@ -287,15 +289,16 @@ class Boundary:
             self.verifier.conv_forward(layer, residual.tensor, self._weights[layer], y, *self._convs[layer])
         if not keep:
             return y, None
-        return y, Stored(reply.stored, self, residual.tensor if self.verifier is not None else None)
+        return y, Stored(reply.stored, self, residual.tensor if self.verifier is not None else None,
+                         residual.tensor.dtype)
 
-    def resend_output(self, layer: int, stored: Stored, out_shape: Shape, dtype: torch.dtype) -> Tensor:
+    def resend_output(self, layer: int, stored: Stored, out_shape: Shape) -> Tensor:
         """Y_res of a residual the accelerator still holds, again (for recomputing Y in backward)."""
         if stored.taken:
             raise BoundaryError(f"the residual of layer {layer} was already used by its backward pass")
         request = f"ResendOutput of layer {layer}"
         reply = self._expect(self._send(ResendOutput(layer, stored.id)), ConvForwardReply, request)
-        y = _checked(reply.y_res, out_shape, dtype, f"the resent Y_res of layer {layer}")
+        y = _checked(reply.y_res, out_shape, stored.dtype, f"the resent Y_res of layer {layer}")
         if self.verifier is not None:
             self.verifier.conv_forward(layer, stored.residual, self._weights[layer], y, *self._convs[layer])
         return y

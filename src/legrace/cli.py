@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--audit", default=None, metavar="FILE",
                    help="write a JSON line per message that crosses the trust boundary")
     t.add_argument("--decomposition", choices=("light", "deflation", "exact"), default="light")
+    t.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the noised residuals on the wire (bfloat16: half the bytes, no privacy cost)")
     t.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
     t.add_argument("--out", default="runs/legrace", help="output directory (default runs/legrace)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -139,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed, noise_seed=args.noise_seed, max_samples=args.max_samples,
         image_size=args.image_size, download=args.download, accelerator=args.accelerator,
         accelerator_timeout=args.accelerator_timeout, verify=args.verify, audit=args.audit,
-        decomposition=args.decomposition, accountant=args.accountant, out=args.out,
+        decomposition=args.decomposition, wire_dtype=args.wire_dtype, accountant=args.accountant, out=args.out,
         progress=not args.no_progress,
     )
     summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr), secret=args.secret)

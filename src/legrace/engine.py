@@ -75,6 +75,14 @@ def _basis_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return BASIS_DTYPES[name]
 
 
+def _wire_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name in (None, "float32"):
+        return None
+    if name != "bfloat16":
+        raise ValueError(f"wire_dtype must be 'bfloat16', 'float32' or None, got {name!r}")
+    return torch.bfloat16
+
+
 class LegRace:
     """Trains a user's model with the trusted/untrusted split and accounts what it releases.
 
@@ -94,6 +102,9 @@ class LegRace:
     memory at no cost in exactness: the rounding moves into the residual; None: the activations').
     rebuild_outputs: keep no conv output for backward (what a BatchNorm after a conv would keep):
     rebuild it from A, V and the accelerator's stored residual when backward needs it.
+    wire_dtype: "bfloat16" sends the noised residuals (and gets Y_res back) in half the bytes.
+    Rounding after the noise is post-processing, so it costs no privacy; its accuracy cost is
+    measured in README. dL/dY and the gradients stay in the model's dtype.
     noise_ahead: draw the noise of this many upcoming releases in a background thread, while the
     trusted side waits for the accelerator (0: inline). Default: 2, except with the in-process
     CPU accelerator, where nobody waits and the thread would only compete for the same cores.
@@ -120,6 +131,7 @@ class LegRace:
         noise_ahead: Optional[int] = None,
         basis_dtype: Optional[str] = "bfloat16",
         rebuild_outputs: bool = True,
+        wire_dtype: Optional[str] = None,
         audit: Union[str, Path, None] = None,
         ledger_path: Union[str, Path, None] = None,
     ) -> None:
@@ -147,6 +159,7 @@ class LegRace:
         self.decomposition, self.power_iters, self.max_rank = decomposition, power_iters, max_rank
         self.basis_dtype = _basis_dtype(basis_dtype)
         self.rebuild_outputs = rebuild_outputs
+        self.wire_dtype = _wire_dtype(wire_dtype)
         self.accountant = accountant
         self.noise_seed = noise_seed
         self.noise_ahead = noise_ahead if noise_ahead is not None else (0 if accelerator == "cpu" else 2)
@@ -200,7 +213,7 @@ class LegRace:
             self._n_points = 0
             return gm
         config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank,
-                             basis_dtype=self.basis_dtype)
+                             basis_dtype=self.basis_dtype, wire_dtype=self.wire_dtype)
         if config.releases:
             self.boundary = Boundary(self._transport(), audit=self.audit,
                                      verifier=FreivaldsVerifier() if self.verify else None)

@@ -50,8 +50,12 @@ class GaussianMechanism:
         """l2 sensitivity 2C of one release (None without clipping: unbounded)."""
         return 2.0 * self.clip if self.clip is not None else None
 
-    def release(self, x_res: Tensor) -> NoisedResidual:
-        """Clip each sample of x_res (B x ...) to l2 norm C and add fresh Gaussian noise."""
+    def release(self, x_res: Tensor, wire_dtype: Optional[torch.dtype] = None) -> NoisedResidual:
+        """Clip each sample of x_res (B x ...) to l2 norm C and add fresh Gaussian noise.
+
+        wire_dtype: round the noised residual to this dtype for the crossing (e.g. bfloat16,
+        half the bytes). Rounding after the noise is post-processing: it costs no privacy.
+        """
         scale = None
         if self.clip is not None:
             norms = x_res.reshape(x_res.shape[0], -1).norm(dim=1)
@@ -62,6 +66,8 @@ class GaussianMechanism:
             out = out.addcmul_(x_res, scale) if scale is not None else out.add_(x_res)
         else:
             out = x_res * scale if scale is not None else x_res
+        if wire_dtype is not None and wire_dtype != out.dtype:
+            out = out.to(wire_dtype)
         return NoisedResidual(out, self.clip, self.sigma)
 
     def _noise(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:

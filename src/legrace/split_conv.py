@@ -38,6 +38,7 @@ class SplitConfig:
     iters: int = 2
     max_rank: int = 16
     basis_dtype: Optional[torch.dtype] = None  # how V is kept for backward (see decompose)
+    wire_dtype: Optional[torch.dtype] = None  # noised residuals cross in this dtype (post-processing)
     n_points: int = 0
     mechanism: Optional[GaussianMechanism] = None
     boundary: Optional[Boundary] = None
@@ -114,7 +115,10 @@ def _combine(y_main: Optional[Tensor], y_res: Optional[Tensor], bias: Optional[T
     """Y = Y_main (bias included) + Y_res, in one fixed order, so a rebuilt Y has the same bits."""
     if y_main is not None:
         return y_main.add_(y_res) if y_res is not None else y_main
-    y = y_res.clone() if y_res is not None else like.new_zeros(out_shape)
+    if y_res is not None:
+        y = y_res.clone() if y_res.dtype == like.dtype else y_res.to(like.dtype)
+    else:
+        y = like.new_zeros(out_shape)
     return y.add_(bias.reshape(1, -1, 1, 1)) if bias is not None else y
 
 
@@ -136,7 +140,7 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
         y_res = None
         if cfg.releases:
             y_res = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
-                                out_shape, A.dtype)
+                                out_shape)
         y = _combine(y_main, y_res, bias, out_shape, A)
         if cfg.timings is not None:
             cfg.timings.add(layer.point, "total_bwd", time.perf_counter() - t0)
@@ -160,7 +164,7 @@ class _SplitConvFunction(torch.autograd.Function):
             y_main = lowrank_conv(dec.A, dec.V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
         stored = y_res = None
         if cfg.releases:
-            released = cfg.mechanism.release(dec.X_res)
+            released = cfg.mechanism.release(dec.X_res, cfg.wire_dtype)
             y_res, stored = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
                                         layer.point, released, ctx.needs_input_grad[1], out_shape)
         y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
