@@ -19,3 +19,20 @@ def test_bench_smoke(tmp_path):
     assert len(modes["legrace"]["layers"]) == 3
     assert "tee_only_step / legrace_trusted" in report["ratios"]
     assert (out / "step_times.png").stat().st_size > 1000 and (out / "layers_legrace.png").exists()
+
+
+def test_summary_table_of_bench_runs(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    out = tmp_path / "runs" / "cnn-train"
+    assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
+                 "--warmup", "0", "--modes", "tee_only,legrace", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["modes"][1]["noise_thread_seconds"] == 0.0 and "cpu" in report and "glibc_tunables" in report
+    capsys.readouterr()
+    script = Path(__file__).parents[1] / "benchmarks" / "summarize_bench.py"
+    runpy.run_path(str(script), run_name="not_main")["main"](str(tmp_path / "runs"))
+    table = capsys.readouterr().out
+    ratio = report["ratios"]["tee_only_step / legrace_trusted"]
+    assert f"| cnn train | 2 | {report['modes'][0]['step_seconds']:.3f} |" in table and f"{ratio:.2f}" in table
