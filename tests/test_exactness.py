@@ -110,10 +110,15 @@ SLOW_ARCHS = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vg
               "resnet18", "resnet34", "resnet50"]
 
 
+# In float32 the split's sums round differently from the plain model's (by ~1e-7 of a value), and
+# a ReLU input that sits within that of 0 then flips; each flip moves every earlier gradient by up
+# to ~1% (measured: one flip in the vgg19 CIFAR variant, 1 to 5 in resnet34 at 32). Which cases
+# hit one depends on rounding details: 9 of the 22 float32 cases with V kept in bfloat16, 7 with
+# V in float32, not the same ones. Float64 passes at 1e-6 in all of them. So float32 is
+# compared, but a miss is expected in some cases, not a wrong split.
 KNOWN_F32_GAP = pytest.mark.xfail(strict=False, reason=(
-    "open: in a few float32 cases (vgg16 at 32 train, vgg19_bn/resnet34/resnet50 at 224) the first "
-    "conv's weight gradient is 2e-3 to 5e-3 from float64 where the plain float32 model is closer; "
-    "float64 is exact to 1e-11 there, so it is a rounding effect, not yet explained"))
+    "float32 rounding flips a ReLU input that sits within ~1e-7 of 0 in some cases, moving earlier "
+    "gradients by up to ~1%; float64 passes in every case (see the comment above)"))
 
 
 @pytest.mark.slow

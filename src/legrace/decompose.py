@@ -133,11 +133,10 @@ def decompose(
     if R <= 0:
         return Decomposition(X.new_zeros(B, N, 0), X.new_zeros(B, 0, h * w), x)
     if R == N and not auto:  # full rank: the identity split is exact, free, and adds no rounding
+        # (V = X is kept as is, not in basis_dtype: the layer's conv then equals the plain one bit
+        # for bit; that is the input image of a first conv, small)
         eye = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
-        if basis_dtype is None or basis_dtype == x.dtype:
-            return Decomposition(eye, X, torch.zeros_like(x))
-        V = X.to(basis_dtype)
-        return Decomposition(eye, V, (X - V.to(x.dtype)).reshape_as(x))
+        return Decomposition(eye, X, torch.zeros_like(x))
     if R == h * w and not auto:  # full rank the other way: A = X, V = I
         eye = torch.eye(R, dtype=x.dtype, device=x.device).expand(B, R, R)
         return Decomposition(X, eye, torch.zeros_like(x))
