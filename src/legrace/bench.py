@@ -125,7 +125,7 @@ class _ModeRun:
                               **({"noise_multiplier": 1.0, "clip": 1.0, "noise_ahead": noise_ahead,
                                   "wire_dtype": wire_dtype} if releasing else {}))
         self.net = self.engine.convert(copy.deepcopy(model))
-        self.pool = self.engine.mechanism._pool if self.engine.mechanism is not None else None
+        self.mechanism = self.engine.mechanism
         self.device = self.engine.device if mode == "gpu_only" else torch.device("cpu")
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.timer = _TimedTransport(self.engine.boundary.transport) if self.engine.boundary else None
@@ -149,7 +149,7 @@ class _ModeRun:
         if self.config is not None:
             self.config.timings = LayerTimings()
         before = self.timer.seconds if self.timer else 0.0
-        noise_before = self.pool.busy_seconds if self.pool else 0.0
+        noise_before = self.mechanism.noise_thread_seconds if self.mechanism else 0.0
         t0 = time.perf_counter()
         self.step()
         total = time.perf_counter() - t0
@@ -159,7 +159,7 @@ class _ModeRun:
             self.layers.append(self.config.timings.seconds)
             self.config.timings = None
         self.steps.append(total)
-        self.noise.append(self.pool.busy_seconds - noise_before if self.pool else 0.0)
+        self.noise.append(self.mechanism.noise_thread_seconds - noise_before if self.mechanism else 0.0)
         self.accel.append(self.timer.seconds - before if self.timer else (total if self.mode == "gpu_only" else 0.0))
         self.trusted.append(0.0 if self.mode == "gpu_only" else total - waited)
 

@@ -99,7 +99,8 @@ class LegRace:
     $LEGRACE_SECRET). `accelerator_timeout`: seconds to wait for one of its answers.
     verify: check every answer of the accelerator with a Freivalds test (legrace.freivalds).
     basis_dtype: the dtype the trusted side keeps V in for backward ("bfloat16" halves that
-    memory at no cost in exactness: the rounding moves into the residual; None: the activations').
+    memory and the split stays exact, since the rounding moves into the residual; in float32 the
+    sums then round a little differently from the plain model's; None: the activations' dtype).
     rebuild_outputs: keep no conv output for backward (what a BatchNorm after a conv would keep):
     rebuild it from A, V and the accelerator's stored residual when backward needs it.
     wire_dtype: "bfloat16" sends the noised residuals (and gets Y_res back) in half the bytes.

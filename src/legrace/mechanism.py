@@ -78,6 +78,11 @@ class GaussianMechanism:
                 return ready
         return self._streams.normal(shape, dtype, self.sigma)
 
+    @property
+    def noise_thread_seconds(self) -> float:
+        """Time the background thread has spent drawing noise so far (0 without one)."""
+        return self._pool.busy_seconds if self._pool is not None else 0.0
+
     def start_pool(self, ahead: int = 2) -> None:
         """Generate noise ahead of time in a background thread, off the critical path.
 
