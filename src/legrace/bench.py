@@ -31,19 +31,62 @@ from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 
 
+class _TimedAccelerator:
+    """Wraps an in-process accelerator to book its own time (compute and device copies), on
+    whichever thread runs it (with overlap, its own)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.device, self.seconds = inner, inner.device, 0.0
+
+    def handle(self, message):
+        t0 = time.perf_counter()
+        reply = self.inner.handle(message)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - t0
+        return reply
+
+
 class _TimedTransport:
-    """Wraps a transport to book the accelerator's own time (compute and device copies)."""
+    """Wraps a worker's transport to book each request's round trip (for a request started
+    ahead, from sending it until its reply was read: an upper bound on the worker's time)."""
 
     def __init__(self, inner) -> None:
         self.inner, self.seconds = inner, 0.0
 
     def request(self, message):
         t0 = time.perf_counter()
-        reply = self.inner.request(message)
-        if getattr(self.inner, "accelerator", None) is not None and self.inner.accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - t0
-        return reply
+        try:
+            return self.inner.request(message)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def start(self, message):
+        t0, handle, timer = time.perf_counter(), self.inner.start(message), self
+
+        class Timed:
+            def wait(self):
+                try:
+                    return handle.wait()
+                finally:
+                    timer.seconds += time.perf_counter() - t0
+
+        return Timed()
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
+def _accelerator_timer(boundary):
+    """Something whose `seconds` is the accelerator's time so far (in-process: its own work)."""
+    transport = boundary.transport
+    if getattr(transport, "accelerator", None) is not None:
+        transport.accelerator = _TimedAccelerator(transport.accelerator)
+        return transport.accelerator
+    boundary.transport = _TimedTransport(transport)
+    return boundary.transport
 
 
 def _trusted_saved_bytes(model: nn.Module, step, outputs=None) -> int:
@@ -118,19 +161,17 @@ class _ModeRun:
 
     def __init__(self, mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank,
                  accelerator: str, iters: int, noise_ahead: Optional[int] = None,
-                 wire_dtype: Optional[str] = None) -> None:
+                 wire_dtype: Optional[str] = None, overlap: Optional[bool] = None) -> None:
         releasing = mode in ("legrace", "dp_only")
         self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
         self.engine = LegRace(mode=mode, rank=rank, accelerator=accelerator, power_iters=iters,
                               **({"noise_multiplier": 1.0, "clip": 1.0, "noise_ahead": noise_ahead,
-                                  "wire_dtype": wire_dtype} if releasing else {}))
+                                  "wire_dtype": wire_dtype, "overlap": overlap} if releasing else {}))
         self.net = self.engine.convert(copy.deepcopy(model))
         self.mechanism = self.engine.mechanism
         self.device = self.engine.device if mode == "gpu_only" else torch.device("cpu")
         self.x, self.y = x.to(self.device), y.to(self.device)
-        self.timer = _TimedTransport(self.engine.boundary.transport) if self.engine.boundary else None
-        if self.timer:
-            self.engine.boundary.transport = self.timer
+        self.timer = _accelerator_timer(self.engine.boundary) if self.engine.boundary else None
         self.config = self.engine._config
         self.steps, self.trusted, self.accel, self.noise, self.layers = [], [], [], [], []
 
@@ -191,13 +232,14 @@ def _layer_breakdown(runs: list[dict]) -> list[dict]:
 def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str], *, train: bool = True,
               rank=8, warmup: int = 1, repeats: int = 3, accelerator: str = "cpu", iters: int = 2,
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
+              overlap: Optional[bool] = None,
               out: Optional[Path] = None, log=print) -> dict:
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
     runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
-                     noise_ahead=noise_ahead, wire_dtype=wire_dtype) for m in modes]
+                     noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap) for m in modes]
     for run in runs:
         for _ in range(warmup):
             run.step()
@@ -216,6 +258,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
             f"again; for timings closer to an enclave's fixed heap, run with GLIBC_TUNABLES={MALLOC_TUNABLES}")
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
+              "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
               "threads": torch.get_num_threads(),
               "torch": torch.__version__, "glibc_tunables": tunables, "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results)}
@@ -310,6 +353,9 @@ def add_parser(sub) -> None:
     b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32")
     b.add_argument("--noise-ahead", type=int, default=None,
                    help="noise buffers drawn ahead in a thread (default: the engine's, 0 for a CPU accelerator)")
+    b.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the trusted side and the accelerator concurrently (default: on, except for "
+                        "the in-process CPU accelerator, which shares the trusted side's cores)")
     b.add_argument("--out", default="runs/bench")
     b.set_defaults(func=_cli)
 
@@ -321,6 +367,6 @@ def _cli(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
-              noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, out=Path(args.out))
+              noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, out=Path(args.out))
     print(f"wrote {args.out}/bench.json and charts")
     return 0

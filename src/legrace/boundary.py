@@ -37,9 +37,11 @@ import math
 import struct
 import sys
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional, Protocol, Union
+from typing import IO, Any, Callable, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -138,19 +140,56 @@ Message = Union[RegisterConv, SetWeight, ConvForward, ConvBackward, ResendOutput
 
 
 class Transport(Protocol):
-    """Carries one request to the accelerator and brings back its reply (`close` is optional)."""
+    """Carries one request to the accelerator and brings back its reply (`close` is optional).
+
+    A transport may also offer `start(message)`, which sends a request and returns at once with a
+    handle whose `wait()` brings the reply: the trusted side then works while the accelerator
+    does (`Boundary(overlap=True)`). Transports without it are used one request at a time.
+    """
 
     def request(self, message: Message) -> Message: ...
 
 
 class InProcessTransport:
-    """Both roles in one process (development, tests): the accelerator is a plain object."""
+    """Both roles in one process (development, tests): the accelerator is a plain object.
+    `start` runs it on a thread of its own, so that a GPU works while the trusted side does."""
 
     def __init__(self, accelerator) -> None:
         self.accelerator = accelerator
+        self._thread: Optional[ThreadPoolExecutor] = None
 
     def request(self, message: Message) -> Message:
         return self.accelerator.handle(message)
+
+    def start(self, message: Message):
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="legrace-accelerator")
+            weakref.finalize(self, self._thread.shutdown, wait=False)
+        future = self._thread.submit(self.accelerator.handle, message)
+        return _FutureHandle(future)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+
+class _FutureHandle:
+    def __init__(self, future) -> None:
+        self.future = future
+
+    def wait(self) -> Message:
+        return self.future.result()
+
+
+class _Ready:
+    """The handle of a request that was answered when it was sent (a transport without `start`)."""
+
+    def __init__(self, reply: Message) -> None:
+        self.reply = reply
+
+    def wait(self) -> Message:
+        return self.reply
 
 
 class AuditLog:
@@ -223,45 +262,102 @@ class Stored:
             self._boundary._pending_free.append(self.id)
 
 
+class Pending:
+    """A request on its way to the accelerator: `result()` waits for its checked answer (once)."""
+
+    def __init__(self, finish: Callable[[], Any]) -> None:
+        self._finish, self._done, self._value = finish, False, None
+
+    def result(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._finish(), True
+        return self._value
+
+
+class _Flight:
+    """One request the transport carries: its reply is fetched once, however many ask for it."""
+
+    def __init__(self, boundary: "Boundary", message: Message, handle) -> None:
+        self.boundary, self.message, self.handle = boundary, message, handle
+        self._reply: Optional[Message] = None
+        self._error: Optional[BaseException] = None
+
+    def reply(self) -> Message:
+        if self._error is not None:
+            raise self._error
+        if self._reply is None:
+            b = self.boundary
+            t0 = time.perf_counter()
+            try:
+                reply = self.handle.wait()
+                if not isinstance(reply, TO_TRUSTED):
+                    raise BoundaryError(f"the accelerator answered {type(self.message).__name__} with "
+                                        f"{type(reply).__name__}")
+            except BaseException as err:
+                self._error = err
+                raise
+            finally:
+                b.seconds_waiting += time.perf_counter() - t0
+                if b._inflight is self:
+                    b._inflight = None
+            if b.audit:
+                b.audit.record("to_trusted", reply)
+            b.crossings += 1
+            b.bytes_in += sum(t.numel() * t.element_size() for _, t in _tensor_fields(reply))
+            self._reply = reply
+        return self._reply
+
+
 class Boundary:
     """The trusted side's only door to the accelerator: sends allowed messages, checks replies.
 
     `verifier` (a `legrace.freivalds.FreivaldsVerifier`) also checks that each answer is the
     computation that was asked for; the boundary then remembers each layer's conv settings and
     the weight it last sent.
+
+    `overlap`: conv requests made with wait=False return at once (when the transport can `start`
+    a request), so the trusted side computes its own part while the accelerator computes its
+    part. One request is in flight at a time: any other request first collects its answer.
+    `seconds_waiting` counts only the time the trusted side is blocked on the accelerator.
     """
 
-    def __init__(self, transport: Transport, audit: Optional[AuditLog] = None, verifier=None) -> None:
+    def __init__(self, transport: Transport, audit: Optional[AuditLog] = None, verifier=None,
+                 overlap: bool = False) -> None:
         self.transport = transport
         self.audit = audit
         self.verifier = verifier
+        self.overlap = overlap
         self.crossings = 0
         self.bytes_out = 0
         self.bytes_in = 0
         self.seconds_waiting = 0.0
         self._pending_free: list[int] = []
+        self._inflight: Optional[_Flight] = None
         self._convs: dict[int, tuple[Shape, Shape, Shape]] = {}
         self._weights: dict[int, Tensor] = {}
 
     def _send(self, message: Message) -> Message:
+        return self._start(message, wait=True).reply()
+
+    def _start(self, message: Message, wait: bool) -> _Flight:
         if not isinstance(message, TO_ACCELERATOR):
             raise TypeError(f"{type(message).__name__} may not cross to the accelerator")
+        if self._inflight is not None:
+            self._inflight.reply()
         if self._pending_free and not isinstance(message, Free):
             ids, self._pending_free = tuple(self._pending_free), []
             self._expect(self._send(Free(ids)), Ack, "Free")
         if self.audit:
             self.audit.record("to_accelerator", message)
-        t0 = time.perf_counter()
-        reply = self.transport.request(message)
-        self.seconds_waiting += time.perf_counter() - t0
-        if not isinstance(reply, TO_TRUSTED):
-            raise BoundaryError(f"the accelerator answered {type(message).__name__} with {type(reply).__name__}")
-        if self.audit:
-            self.audit.record("to_trusted", reply)
-        self.crossings += 1
         self.bytes_out += sum(t.numel() * t.element_size() for _, t in _tensor_fields(message))
-        self.bytes_in += sum(t.numel() * t.element_size() for _, t in _tensor_fields(reply))
-        return reply
+        start = getattr(self.transport, "start", None) if self.overlap and not wait else None
+        t0 = time.perf_counter()
+        try:
+            handle = start(message) if start is not None else _Ready(self.transport.request(message))
+        finally:
+            self.seconds_waiting += time.perf_counter() - t0
+        self._inflight = _Flight(self, message, handle)
+        return self._inflight
 
     def register_conv(self, layer: int, stride: Shape, padding: Shape, dilation: Shape) -> None:
         self._expect(self._send(RegisterConv(layer, stride, padding, dilation)), Ack, f"RegisterConv of layer {layer}")
@@ -276,59 +372,81 @@ class Boundary:
             self._weights[layer] = weight
 
     def conv_forward(
-        self, layer: int, residual: NoisedResidual, keep: bool, out_shape: Shape
-    ) -> tuple[Tensor, Optional[Stored]]:
+        self, layer: int, residual: NoisedResidual, keep: bool, out_shape: Shape, *, wait: bool = True
+    ) -> Union[tuple[Tensor, Optional[Stored]], Pending]:
+        """Y_res = conv(X_res~, W) and, with keep, the handle of the residual kept for backward.
+        wait=False: a Pending whose result() is that pair (see `overlap`)."""
         if not isinstance(residual, NoisedResidual):
             raise TypeError("only a NoisedResidual made by the Gaussian mechanism may cross")
         request = f"ConvForward of layer {layer}"
-        reply = self._expect(self._send(ConvForward(layer, residual, keep)), ConvForwardReply, request)
-        y = _checked(reply.y_res, out_shape, residual.tensor.dtype, f"Y_res of layer {layer}")
-        if keep and reply.stored is None:
-            raise BoundaryError(f"the accelerator did not keep the residual of layer {layer} for backward")
-        if self.verifier is not None:
-            self.verifier.conv_forward(layer, residual.tensor, self._weights[layer], y, *self._convs[layer])
-        if not keep:
-            return y, None
-        return y, Stored(reply.stored, self, residual.tensor if self.verifier is not None else None,
-                         residual.tensor.dtype)
+        flight = self._start(ConvForward(layer, residual, keep), wait)
 
-    def resend_output(self, layer: int, stored: Stored, out_shape: Shape) -> Tensor:
+        def finish() -> tuple[Tensor, Optional[Stored]]:
+            reply = self._expect(flight.reply(), ConvForwardReply, request)
+            y = _checked(reply.y_res, out_shape, residual.tensor.dtype, f"Y_res of layer {layer}")
+            if keep and reply.stored is None:
+                raise BoundaryError(f"the accelerator did not keep the residual of layer {layer} for backward")
+            if self.verifier is not None:
+                self.verifier.conv_forward(layer, residual.tensor, self._weights[layer], y, *self._convs[layer])
+            if not keep:
+                return y, None
+            return y, Stored(reply.stored, self, residual.tensor if self.verifier is not None else None,
+                             residual.tensor.dtype)
+
+        return finish() if wait else Pending(finish)
+
+    def resend_output(self, layer: int, stored: Stored, out_shape: Shape, *,
+                      wait: bool = True) -> Union[Tensor, Pending]:
         """Y_res of a residual the accelerator still holds, again (for recomputing Y in backward)."""
         if stored.taken:
             raise BoundaryError(f"the residual of layer {layer} was already used by its backward pass")
         request = f"ResendOutput of layer {layer}"
-        reply = self._expect(self._send(ResendOutput(layer, stored.id)), ConvForwardReply, request)
-        y = _checked(reply.y_res, out_shape, stored.dtype, f"the resent Y_res of layer {layer}")
-        if self.verifier is not None:
-            self.verifier.conv_forward(layer, stored.residual, self._weights[layer], y, *self._convs[layer])
-        return y
+        flight = self._start(ResendOutput(layer, stored.id), wait)
+
+        def finish() -> Tensor:
+            reply = self._expect(flight.reply(), ConvForwardReply, request)
+            y = _checked(reply.y_res, out_shape, stored.dtype, f"the resent Y_res of layer {layer}")
+            if self.verifier is not None:
+                self.verifier.conv_forward(layer, stored.residual, self._weights[layer], y, *self._convs[layer])
+            return y
+
+        return finish() if wait else Pending(finish)
 
     def conv_backward(
         self, layer: int, stored: Optional[Stored], grad_y: Tensor, x_shape: Shape, w_shape: Shape,
-        need_grad_x: bool, need_grad_w: bool,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        need_grad_x: bool, need_grad_w: bool, *, wait: bool = True,
+    ) -> Union[tuple[Optional[Tensor], Optional[Tensor]], Pending]:
+        """dL/dX and the residual's part of dL/dW (None where not asked for)."""
         residual = stored.residual if stored is not None else None
         sid = stored.take() if stored is not None else None
         msg = ConvBackward(layer, sid, grad_y.contiguous(), tuple(x_shape), need_grad_x, need_grad_w and sid is not None)
-        reply = self._expect(self._send(msg), ConvBackwardReply, f"ConvBackward of layer {layer}")
-        gx = _checked(reply.grad_x, x_shape, grad_y.dtype, f"dL/dX of layer {layer}") if need_grad_x else None
-        gw = _checked(reply.grad_w, w_shape, grad_y.dtype, f"dW_res of layer {layer}") if msg.need_grad_w else None
-        if self.verifier is not None:
-            conv = self._convs[layer]
-            if gx is not None:
-                self.verifier.grad_input(layer, msg.grad_y, self._weights[layer], gx, *conv)
-            if gw is not None:
-                self.verifier.grad_weight(layer, residual, msg.grad_y, gw, *conv)
-        return gx, gw
+        flight = self._start(msg, wait)
+
+        def finish() -> tuple[Optional[Tensor], Optional[Tensor]]:
+            reply = self._expect(flight.reply(), ConvBackwardReply, f"ConvBackward of layer {layer}")
+            gx = _checked(reply.grad_x, x_shape, grad_y.dtype, f"dL/dX of layer {layer}") if need_grad_x else None
+            gw = _checked(reply.grad_w, w_shape, grad_y.dtype, f"dW_res of layer {layer}") if msg.need_grad_w else None
+            if self.verifier is not None:
+                conv = self._convs[layer]
+                if gx is not None:
+                    self.verifier.grad_input(layer, msg.grad_y, self._weights[layer], gx, *conv)
+                if gw is not None:
+                    self.verifier.grad_weight(layer, residual, msg.grad_y, gw, *conv)
+            return gx, gw
+
+        return finish() if wait else Pending(finish)
 
     def flush(self) -> None:
         """Free residuals whose backward pass will never come (e.g. after an evaluation)."""
+        if self._inflight is not None:
+            self._inflight.reply()
         if self._pending_free:
             ids, self._pending_free = tuple(self._pending_free), []
             self._expect(self._send(Free(ids)), Ack, "Free")
 
     def close(self) -> None:
         """Hang up on the accelerator (for a worker process: it exits)."""
+        self._inflight = None
         close = getattr(self.transport, "close", None)
         if close is not None:
             close()

@@ -109,6 +109,9 @@ class LegRace:
     noise_ahead: draw the noise of this many upcoming releases in a background thread, while the
     trusted side waits for the accelerator (0: inline). Default: 2, except with the in-process
     CPU accelerator, where nobody waits and the thread would only compete for the same cores.
+    overlap: run the two legs of each conv concurrently: send the accelerator its request, compute
+    the trusted part of the same layer, then collect the answer (the results are the same bits).
+    Default: on, except with the in-process CPU accelerator (same reason as noise_ahead).
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class LegRace:
         accountant: str = "rdp",
         noise_seed: Optional[int] = None,
         noise_ahead: Optional[int] = None,
+        overlap: Optional[bool] = None,
         basis_dtype: Optional[str] = "bfloat16",
         rebuild_outputs: bool = True,
         wire_dtype: Optional[str] = None,
@@ -164,6 +168,7 @@ class LegRace:
         self.accountant = accountant
         self.noise_seed = noise_seed
         self.noise_ahead = noise_ahead if noise_ahead is not None else (0 if accelerator == "cpu" else 2)
+        self.overlap = overlap if overlap is not None else accelerator != "cpu"
         self.accelerator, self.secret, self.accelerator_timeout = accelerator, secret, accelerator_timeout
         self.verify = verify
         self.device = _accelerator_device(accelerator, mode)
@@ -217,7 +222,7 @@ class LegRace:
                              basis_dtype=self.basis_dtype, wire_dtype=self.wire_dtype)
         if config.releases:
             self.boundary = Boundary(self._transport(), audit=self.audit,
-                                     verifier=FreivaldsVerifier() if self.verify else None)
+                                     verifier=FreivaldsVerifier() if self.verify else None, overlap=self.overlap)
             config.boundary = self.boundary
 
         coupled = []

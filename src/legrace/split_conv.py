@@ -7,6 +7,9 @@ Backward: dL/dX = conv_transpose(dL/dY, W) [accelerator, paper's mode; the decom
 
 Modes: "legrace" releases the noised residual; "dp_only" is the same with R = 0 (the whole
 activation is the residual); "lowrank_only" drops the residual and sends nothing at all.
+
+Each request to the accelerator is sent before the trusted side computes its own part of the
+same layer and collected after, so with `Boundary(overlap=True)` the two legs run concurrently.
 """
 
 from __future__ import annotations
@@ -96,17 +99,17 @@ class LayerTimings:
         self.seconds[point, kind] = self.seconds.get((point, kind), 0.0) + seconds
 
 
-def _timed_call(cfg: SplitConfig, point: int, phase: str, fn, *args):
+def _timed_call(cfg: SplitConfig, point: int, phase: str, fn, *args, **kwargs):
     """Call a boundary method; when timing, book the time its transport took as waiting.
 
     Only the transport's time counts as waiting (the accelerator's compute and the transfers):
     the boundary's own checks of a reply are trusted-side work and stay in the trusted time.
     """
     if cfg.timings is None:
-        return fn(*args)
+        return fn(*args, **kwargs)
     before = cfg.boundary.seconds_waiting
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         cfg.timings.add(point, f"wait_{phase}", cfg.boundary.seconds_waiting - before)
 
@@ -132,15 +135,16 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
         if weight._version != version:
             raise RuntimeError(f"the weight of conv layer {layer.point} changed between forward and backward, "
                                "so its output cannot be rebuilt; step the optimizer after backward")
-        y_main = None
+        pending = y_main = y_res = None
+        if cfg.releases:  # asked for first: the accelerator works while the trusted side does
+            pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
+                                  out_shape, wait=False)
         if A.shape[-1] > 0:
             y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
         if cfg.timings is not None:
             cfg.timings.add(layer.point, "rebuilds", 1)
-        y_res = None
-        if cfg.releases:
-            y_res = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
-                                out_shape)
+        if pending is not None:
+            y_res = _timed_call(cfg, layer.point, "bwd", pending.result)
         y = _combine(y_main, y_res, bias, out_shape, A)
         if cfg.timings is not None:
             cfg.timings.add(layer.point, "total_bwd", time.perf_counter() - t0)
@@ -159,14 +163,15 @@ class _SplitConvFunction(torch.autograd.Function):
                         basis_dtype=cfg.basis_dtype)
         hw = tuple(x.shape[2:])
         out_shape = (x.shape[0], weight.shape[0], *layer.output_hw(hw))
-        y_main = None
+        pending = y_main = stored = y_res = None
+        if cfg.releases:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
+            released = cfg.mechanism.release(dec.X_res, cfg.wire_dtype)
+            pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
+                                  layer.point, released, ctx.needs_input_grad[1], out_shape, wait=False)
         if dec.rank > 0:
             y_main = lowrank_conv(dec.A, dec.V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
-        stored = y_res = None
-        if cfg.releases:
-            released = cfg.mechanism.release(dec.X_res, cfg.wire_dtype)
-            y_res, stored = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
-                                        layer.point, released, ctx.needs_input_grad[1], out_shape)
+        if pending is not None:
+            y_res, stored = _timed_call(cfg, layer.point, "fwd", pending.result)
         y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
         if cfg.outputs is not None and (stored is not None or not cfg.releases):
             cfg.outputs.offer(y, _rebuilder(layer, dec.A, dec.V, weight, bias, hw, stored, out_shape))
@@ -184,20 +189,23 @@ class _SplitConvFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         conv_args = (layer.stride, layer.padding, layer.dilation)
         grad_y = grad_y.contiguous()
-        grad_x = grad_w = None
-        if cfg.releases:
-            grad_x, grad_w = _timed_call(cfg, layer.point, "bwd", cfg.boundary.conv_backward,
-                                         layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape),
-                                         need_x, need_w)
+        grad_x = grad_w = g_main = pending = None
+        if cfg.releases:  # sent first: the accelerator works while the trusted side does its part
+            pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.conv_backward,
+                                  layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape),
+                                  need_x, need_w, wait=False)
         elif need_x:  # lowrank_only: nothing leaves the trusted side, not even dL/dY
             grad_x = conv2d_input(ctx.x_shape, weight, grad_y, *conv_args)
+        if need_w and A.shape[-1] > 0:
+            g_main = lowrank_weight_grad(A, V, grad_y, weight.shape, ctx.x_shape[2:], *conv_args)
+        grad_b = grad_y.sum((0, 2, 3)) if need_b else None
+        if pending is not None:
+            grad_x, grad_w = _timed_call(cfg, layer.point, "bwd", pending.result)
         if need_w:
-            if A.shape[-1] > 0:
-                g_main = lowrank_weight_grad(A, V, grad_y, weight.shape, ctx.x_shape[2:], *conv_args)
+            if g_main is not None:
                 grad_w = g_main if grad_w is None else g_main.add_(grad_w)
             elif grad_w is None:
                 grad_w = torch.zeros_like(weight)
-        grad_b = grad_y.sum((0, 2, 3)) if need_b else None
         if cfg.timings is not None:
             cfg.timings.add(layer.point, "total_bwd", time.perf_counter() - t0)
         return grad_x, grad_w, grad_b, None

@@ -150,27 +150,54 @@ class SocketTransport:
         self._finalizer = weakref.finalize(self, _close_quietly, sock, worker)
 
     def request(self, message: Message) -> Message:
+        return self.start(message).wait()
+
+    def start(self, message: Message) -> "_SocketReply":
+        """Send a request now; its reply is read when the handle's `wait()` is called. The worker
+        answers requests in order, and the boundary keeps one in flight at a time."""
         kind = type(message).__name__
         if self._sock is None:
             raise BoundaryError(f"the connection to the accelerator at {self.where} is closed")
         try:
             write_frame(self._sock, encode(message))
-            body = read_frame(self._sock)
-            return decode(body, TO_TRUSTED)
-        except TimeoutError:
+        except Exception as err:
+            self._fail(kind, err)
+        return _SocketReply(self, kind)
+
+    def _read_reply(self, kind: str) -> Message:
+        if self._sock is None:
+            raise BoundaryError(f"the connection to the accelerator at {self.where} is closed")
+        try:
+            return decode(read_frame(self._sock), TO_TRUSTED)
+        except Exception as err:
+            self._fail(kind, err)
+
+    def _fail(self, kind: str, err: Exception):
+        if isinstance(err, TimeoutError):
             problem = f"did not answer {kind} within {self.timeout:g} s"
-        except EOFError:
+        elif isinstance(err, EOFError):
             problem = f"closed the connection during {kind}: the worker died or dropped this client"
-        except OSError as err:
+        elif isinstance(err, OSError):
             problem = f"broke the connection during {kind} ({err.strerror or err}): the worker died?"
-        except BoundaryError as err:
+        elif isinstance(err, BoundaryError):
             problem = f"answered {kind} with an invalid message: {err}"
+        else:
+            raise err
         self.close()
-        raise BoundaryError(f"the accelerator at {self.where} {problem}{self.worker.exit_note if self.worker else ''}")
+        raise BoundaryError(
+            f"the accelerator at {self.where} {problem}{self.worker.exit_note if self.worker else ''}") from None
 
     def close(self) -> None:
         self._sock = None
         self._finalizer()
+
+
+class _SocketReply:
+    def __init__(self, transport: SocketTransport, kind: str) -> None:
+        self.transport, self.kind = transport, kind
+
+    def wait(self) -> Message:
+        return self.transport._read_reply(self.kind)
 
 
 def _close_quietly(sock: socket.socket, worker: Optional["LocalWorker"]) -> None:
