@@ -75,6 +75,7 @@ def test_compact_maxpool_breaks_ties_like_maxpool(dtype):
 @pytest.mark.parametrize("args", [dict(kernel_size=3, stride=2, padding=1),  # ResNet's stem
                                   dict(kernel_size=3, stride=1),
                                   dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+                                  dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1)),
                                   dict(kernel_size=2, stride=2, ceil_mode=True)])
 def test_compact_maxpool_any_window_is_maxpool(args):
     torch.manual_seed(0)
