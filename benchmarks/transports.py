@@ -24,6 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_threads import add_threads_argument, apply_threads
+
 from legrace import LegRace
 from legrace.boundary import Free, SetWeight
 from legrace.data import load_data
@@ -104,12 +106,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cpu", help="the accelerator's device (all three backends)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per process (a busy machine: 1 avoids OpenMP oversubscription)")
+    add_threads_argument(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the worker processes
+    apply_threads(args)
     proc, address = start_worker(args.device)
     backends = {"in-process": args.device, "process": f"process:{args.device}", "tcp": address}
     configs = [("cnn", 64, 8), ("vgg11", 16, 32)]

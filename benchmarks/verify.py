@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+from bench_threads import add_threads_argument, apply_threads
 
 from legrace import LegRace
 from legrace.boundary import BoundaryError
@@ -143,12 +144,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--device", default="cpu", help="the (in-process) accelerator's device")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per process (a busy machine: 1 avoids OpenMP oversubscription)")
+    add_threads_argument(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the worker processes
+    apply_threads(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, accelerator {args.device}, "
           f"tolerance {TOLERANCE:g}; median of {args.steps} steps")
     print(f"{'model':<10}{'batch':>6}{'verify off ms':>15}{'verify on ms':>14}{'overhead':>10}")

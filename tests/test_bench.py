@@ -36,3 +36,15 @@ def test_summary_table_of_bench_runs(tmp_path, capsys):
     table = capsys.readouterr().out
     ratio = report["ratios"]["tee_only_step / legrace_trusted"]
     assert f"| cnn train | 2 | {report['modes'][0]['step_seconds']:.3f} |" in table and f"{ratio:.2f}" in table
+
+
+def test_bench_with_overlap_times_the_accelerator_on_its_own_thread_and_over_a_worker(tmp_path):
+    for accelerator, flag in (("cpu", "--overlap"), ("process", "--no-overlap"), ("process", "--overlap")):
+        out = tmp_path / f"{accelerator}{flag}"
+        assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
+                     "--warmup", "0", "--modes", "legrace", "--accelerator", accelerator, flag, "--out", str(out)]) == 0
+        report = json.loads((out / "bench.json").read_text())
+        legrace = report["modes"][0]
+        assert report["overlap"] is (flag == "--overlap")
+        assert legrace["accelerator_seconds"] > 0 and 0 < legrace["trusted_seconds"] <= legrace["step_seconds"]
+        assert len(legrace["layers"]) == 3
