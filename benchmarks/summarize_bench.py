@@ -22,11 +22,12 @@ def main(folder: str) -> None:
             f"{ratio.get('legrace_step / gpu_only_step', float('nan')):.2f}",
             f"{ratio.get('tee_only_macs / legrace_trusted_macs', float('nan')):.1f}",
             f"{ratio.get('tee_only_memory / legrace_trusted_memory', float('nan')):.1f}",
+            {True: "on", False: "off"}.get(r.get("overlap"), ""),
         ])
         machine = f"{r.get('cpu', '?')}, torch {r['torch']}, accelerator {r['accelerator']}"
     head = ["model", "batch", "tee_only step s", "legrace step s", "legrace trusted s", "gpu_only step s",
             "tee / legrace trusted", "tee / legrace step", "legrace / gpu_only step", "tee / legrace trusted MACs",
-            "tee / legrace trusted memory"]
+            "tee / legrace trusted memory", "overlap"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:
