@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from legrace.compact import CompactMaxPool2d, PackedReLU, pack_bits, unpack_bits
+import legrace.compact as compact
+from legrace.compact import CompactMaxPool2d, PackedReLU, masked_by_bits, pack_bits, pack_positive, unpack_bits
 
 
 @pytest.mark.parametrize("shape", [(3,), (2, 5, 7), (4, 3, 8, 8)])
@@ -13,6 +14,36 @@ def test_bits_round_trip(shape):
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 16, 23, 40, 1001])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bit_passes_cut_into_blocks_and_threads_give_the_same_bytes(monkeypatch, n, threads):
+    monkeypatch.setattr(compact, "BLOCK", 16)  # many blocks, split between threads, odd ends
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = torch.randn(n)
+        y[::5] = 0.0
+        mask = y > 0
+        bits = (mask.reshape(-1, 1) if n % 8 == 0 else torch.cat([mask, mask.new_zeros(-n % 8)])).reshape(-1, 8)
+        expected = (bits.to(torch.uint8) << torch.arange(7, -1, -1, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+        assert torch.equal(pack_bits(mask), expected)
+        assert torch.equal(pack_positive(y), expected)
+        assert torch.equal(unpack_bits(expected, mask.shape), mask)
+        grad = torch.randn(n, dtype=torch.float64)
+        assert torch.equal(masked_by_bits(grad, expected), grad * mask)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bit_passes_on_strided_or_differentiable_input_take_torch_paths():
+    y = torch.randn(6, 10)[:, ::2]  # not contiguous
+    assert torch.equal(unpack_bits(pack_positive(y), y.shape), y > 0)
+    assert torch.equal(unpack_bits(pack_bits(y > 0), y.shape), y > 0)
+    grad = torch.randn(6, 5, requires_grad=True)  # double backward: stays in autograd
+    out = masked_by_bits(grad, pack_bits(y > 0))
+    assert out.requires_grad and torch.equal(out, grad * (y > 0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for the non-CPU packing path")

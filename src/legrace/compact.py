@@ -6,12 +6,16 @@ only needs which of the 4 window positions won: two bits per output instead of a
 Results and gradients are exactly those of nn.ReLU and nn.MaxPool2d (inputs without NaN).
 
 Speed matters as much as memory here: these passes run over the largest activations on the
-trusted side. Bits are packed with numpy's packbits (one vectorised pass) on CPU, and the
-max-pool winner is found by comparing the four window positions rather than by decoding
-int64 indices (integer division over every output was slower than the pooling itself).
+trusted side. Bits are packed with numpy's packbits on CPU, in cache-sized blocks shared between
+torch's threads (numpy itself uses one), and the max-pool winner is found by comparing the four
+window positions rather than by decoding int64 indices (integer division over every output was
+slower than the pooling itself).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -20,10 +24,48 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 
+# numpy's passes run on one thread; large ones are cut into blocks (a multiple of 8 elements, so a
+# block's bits are whole bytes) and the blocks shared between torch's threads. A block's mask is
+# still in cache when the next pass over it runs.
+BLOCK = 1 << 18
+_helpers: Optional[ThreadPoolExecutor] = None
+
+
+def _in_blocks(n: int, work: Callable[[int, int], None]) -> None:
+    """work(a, b) for consecutive blocks [a, b) covering [0, n), on up to torch.get_num_threads() threads."""
+    global _helpers
+    parts = max(1, min(torch.get_num_threads(), -(-n // BLOCK)))
+    span = -(-n // parts)
+    span += -span % BLOCK
+
+    def run(start: int) -> None:
+        for a in range(start, min(start + span, n), BLOCK):
+            work(a, min(a + BLOCK, start + span, n))
+
+    if parts > 1 and (_helpers is None or _helpers._max_workers < parts - 1):
+        _helpers = ThreadPoolExecutor(parts - 1, thread_name_prefix="legrace-bits")
+    futures = [_helpers.submit(run, start) for start in range(span, n, span)] if parts > 1 else []
+    try:
+        run(0)
+    finally:
+        for f in futures:
+            f.result()
+
+
+def _numpy_ok(t: Tensor, *dtypes: torch.dtype) -> bool:
+    return t.device.type == "cpu" and t.dtype in dtypes and not t.requires_grad
+
+
 def pack_bits(mask: Tensor) -> Tensor:
     """A bool tensor packed 8 elements per byte (uint8, flat)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.packbits(mask.detach().contiguous().numpy().reshape(-1)))
+    if _numpy_ok(mask, torch.bool):
+        flat, out = mask.contiguous().numpy().reshape(-1), np.empty(-(-mask.numel() // 8), np.uint8)
+
+        def work(a: int, b: int) -> None:
+            out[a // 8:-(-b // 8)] = np.packbits(flat[a:b])
+
+        _in_blocks(flat.size, work)
+        return torch.from_numpy(out)
     flat = mask.reshape(-1).to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=mask.device)
@@ -34,38 +76,57 @@ def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
     """The bool tensor of `shape` that pack_bits packed."""
     n = shape.numel()
     if packed.device.type == "cpu":
-        return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).view(np.bool_)).view(shape)
+        bits, out = packed.numpy(), np.empty(n, np.bool_)
+
+        def work(a: int, b: int) -> None:
+            out[a:b] = np.unpackbits(bits[a // 8:-(-b // 8)], count=b - a).view(np.bool_)
+
+        _in_blocks(n, work)
+        return torch.from_numpy(out).view(shape)
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(1) >> shifts) & 1
     return bits.reshape(-1)[:n].view(shape).bool()
 
 
-def _positive(y: Tensor) -> Tensor:
-    """y > 0; numpy's comparison is about 3x faster than torch's on CPU for large tensors."""
-    if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64) and y.is_contiguous():
-        return torch.from_numpy(np.greater(y.numpy(), 0))
-    return y > 0
+def pack_positive(y: Tensor) -> Tensor:
+    """pack_bits(y > 0) without the full bool tensor (numpy compares about 3x faster than torch)."""
+    if not _numpy_ok(y, torch.float32, torch.float64):
+        return pack_bits(y > 0)
+    flat, out = y.contiguous().numpy().reshape(-1), np.empty(-(-y.numel() // 8), np.uint8)
+
+    def work(a: int, b: int) -> None:
+        out[a // 8:-(-b // 8)] = np.packbits(np.greater(flat[a:b], 0))
+
+    _in_blocks(flat.size, work)
+    return torch.from_numpy(out)
 
 
-def _masked(grad: Tensor, mask: Tensor) -> Tensor:
-    """grad * mask (bool); numpy's is about 2x faster than torch's, which first converts the mask."""
-    if grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64) and not grad.requires_grad:
-        return torch.from_numpy(np.multiply(grad.contiguous().numpy(), mask.numpy()))
-    return grad * mask
+def masked_by_bits(grad: Tensor, packed: Tensor) -> Tensor:
+    """grad * unpack_bits(packed), without the full bool tensor (and 2x faster than torch's
+    multiply by a bool tensor, which first converts it)."""
+    if not (_numpy_ok(grad, torch.float32, torch.float64) and packed.device.type == "cpu"):
+        return grad * unpack_bits(packed, grad.shape)
+    g = grad.contiguous().numpy().reshape(-1)
+    bits, out = packed.numpy(), np.empty_like(g)
+
+    def work(a: int, b: int) -> None:
+        np.multiply(g[a:b], np.unpackbits(bits[a // 8:-(-b // 8)], count=b - a).view(np.bool_), out=out[a:b])
+
+    _in_blocks(g.size, work)
+    return torch.from_numpy(out).view(grad.shape)
 
 
 class _PackedReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         y = torch.relu(x)
-        ctx.save_for_backward(pack_bits(_positive(y)))
-        ctx.shape = x.shape
+        ctx.save_for_backward(pack_positive(y))
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (packed,) = ctx.saved_tensors
-        return _masked(grad, unpack_bits(packed, ctx.shape))
+        return masked_by_bits(grad, packed)
 
 
 class PackedReLU(nn.Module):
