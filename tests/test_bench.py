@@ -48,3 +48,30 @@ def test_bench_with_overlap_times_the_accelerator_on_its_own_thread_and_over_a_w
         assert report["overlap"] is (flag == "--overlap")
         assert legrace["accelerator_seconds"] > 0 and 0 < legrace["trusted_seconds"] <= legrace["step_seconds"]
         assert len(legrace["layers"]) == 3
+
+
+def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch):
+    import copy
+    from pathlib import Path
+
+    import torch
+
+    from legrace import LegRace
+    from legrace.models import SmallCNN
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import micro_batches
+
+    engine = LegRace(rank=2, clip=1e6, noise_multiplier=0.0, overlap=True)  # no noise, no clipping: comparable
+    model = engine.convert(copy.deepcopy(SmallCNN(3, 4))).eval()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        whole = model(x)
+        with micro_batches.micro_batches(3):
+            cut = model(x)
+        sent_before = engine.boundary.crossings
+        with micro_batches.micro_batches(3):
+            model(x)
+    engine.close()
+    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
+    assert engine.boundary.crossings - sent_before == 3 * 3  # 3 convs, 3 requests each
