@@ -75,3 +75,21 @@ def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch):
     engine.close()
     torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
     assert engine.boundary.crossings - sent_before == 3 * 3  # 3 convs, 3 requests each
+
+
+def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "profile_trusted.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--model", "cnn", "--input-size", "16",
+                                      "--batch-size", "2", "--steps", "1"])
+    import legrace.split_conv
+
+    decompose = legrace.split_conv.decompose
+    runpy.run_path(str(script), run_name="not_main")["main"]()
+    assert legrace.split_conv.decompose is decompose  # the timers are taken off again
+    out = capsys.readouterr().out
+    assert "trusted side" in out and "decomposition" in out and "noise and clipping" in out

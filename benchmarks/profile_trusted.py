@@ -1,0 +1,115 @@
+"""Where the trusted side's time goes in a legrace training step, per legrace function.
+
+Wraps the functions the trusted side spends its time in (decomposition, the Gaussian mechanism,
+the low-rank conv and weight gradient, the compact ReLU and max-pool, reply checks) with timers,
+runs training steps with the in-process CPU accelerator, and subtracts the accelerator's own
+time. "other" is the rest of the trusted step: classifier, loss, BatchNorm, autograd.
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
+        .venv/bin/python benchmarks/profile_trusted.py --model vgg16 --input-size 224 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import time
+
+import torch
+
+from bench_threads import add_threads_argument, apply_threads
+
+import legrace.boundary as boundary
+import legrace.compact as compact
+import legrace.split_conv as split_conv
+from legrace.bench import _ModeRun
+from legrace.mechanism import GaussianMechanism
+from legrace.models import build_model
+
+seconds: collections.Counter = collections.Counter()
+_originals: list[tuple[object, str, object]] = []
+
+
+def _timed(owner, name: str, label: str) -> None:
+    fn = getattr(owner, name)
+    _originals.append((owner, name, owner.__dict__[name] if name in vars(owner) else None))
+
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[label] += time.perf_counter() - t0
+
+    setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__.get(name), staticmethod) else timed)
+
+
+def instrument() -> None:
+    _timed(split_conv, "decompose", "decomposition")
+    _timed(split_conv, "lowrank_conv", "low-rank conv")
+    _timed(split_conv, "lowrank_weight_grad", "low-rank weight gradient")
+    _timed(split_conv, "_combine", "Y_main + Y_res")
+    _timed(boundary, "_checked", "checking replies")
+    _timed(GaussianMechanism, "release", "noise and clipping")
+    _timed(GaussianMechanism, "_noise", "  of which drawing noise")
+    for cls, label in ((compact._PackedReLU, "ReLU"), (compact._CompactMaxPool2x2, "max-pool 2x2"),
+                       (compact._CompactMaxPool, "max-pool")):
+        _timed(cls, "forward", f"{label} forward")
+        _timed(cls, "backward", f"{label} backward")
+
+
+def restore() -> None:
+    """Put back every function `instrument` wrapped."""
+    while _originals:
+        owner, name, original = _originals.pop()
+        if original is None:
+            delattr(owner, name)  # an instance attribute shadowing its class's method
+        else:
+            setattr(owner, name, original)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vgg16")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    add_threads_argument(p)
+    args = p.parse_args()
+    apply_threads(args)
+    instrument()
+    try:
+        profile(args)
+    finally:
+        restore()
+
+
+def profile(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=10, image_size=args.input_size)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
+    y = torch.randint(0, 10, (args.batch_size,))
+    run = _ModeRun("legrace", model, x, y, train=True, rank=8, accelerator="cpu", iters=2)
+    accelerator = run.engine.boundary.transport.accelerator
+    _timed(accelerator, "handle", "accelerator")
+    for _ in range(2):  # warm-up
+        run.step()
+    seconds.clear()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        run.step()
+    step = (time.perf_counter() - t0) / args.steps
+    per_step = {k: v / args.steps for k, v in seconds.items()}
+    trusted = step - per_step.pop("accelerator", 0.0)
+    print(f"{args.model} {args.input_size}x{args.input_size} batch {args.batch_size}, {torch.get_num_threads()} threads: "
+          f"step {step:.3f} s, trusted side {trusted:.3f} s (mean of {args.steps} steps)")
+    for label, s in sorted(per_step.items(), key=lambda kv: -kv[1]):
+        print(f"{s * 1e3:9.1f} ms  {label}")
+    counted = sum(s for label, s in per_step.items() if not label.startswith(" "))
+    print(f"{(trusted - counted) * 1e3:9.1f} ms  other (classifier, loss, BatchNorm, autograd)")
+
+
+if __name__ == "__main__":
+    main()
