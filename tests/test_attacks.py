@@ -32,7 +32,7 @@ def digits_target(max_samples=900, **kw):
 
 def test_tap_records_exactly_what_crossed():
     torch.manual_seed(0)
-    module = SmallCNN(1, 3)
+    module = SmallCNN(3, 3)  # 3 input channels, R = 2: the first conv releases a residual too
     engine = LegRace(rank=2, clip=0.5, noise_multiplier=1.0)
     model = engine.convert(module)
     crossed = []  # an independent recorder below the tap, next to the accelerator
@@ -50,7 +50,7 @@ def test_tap_records_exactly_what_crossed():
     original = engine.boundary.transport
     engine.boundary.transport = Below(original.accelerator)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
-    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))
     with BoundaryTap(engine.boundary) as tap:
         for _ in range(2):
             optimizer.zero_grad()
@@ -113,13 +113,17 @@ def test_view_and_clip_rule_parsing():
 def test_decoder_inverts_the_raw_view_but_not_the_noised_one():
     torch.manual_seed(0)
     target = digits_target()
-    result = inversion_attack(target, [parse_view("gpu_only"), parse_view("legrace@1"), parse_view("lowrank_only")],
-                              [0], n_aux=400, n_victims=48, decoder_epochs=12, log=lambda m: None)
+    views = [parse_view(v) for v in ("gpu_only", "dp_only@1", "legrace@1", "lowrank_only")]
+    result = inversion_attack(target, views, [0], n_aux=400, n_victims=48, decoder_epochs=12, log=lambda m: None)
     ssim = {r["view"]: r["ssim"] for r in result["rows"]}
+    crossed = {r["view"]: r["crossed"] for r in result["rows"]}
     assert ssim["gpu_only"] > 0.8
-    assert ssim["gpu_only"] > ssim["legrace@1"] + 0.3
+    assert ssim["gpu_only"] > ssim["dp_only@1"] + 0.3
     # the noised view carries nothing a decoder can use beyond the prior (the mean image)
-    assert ssim["legrace@1"] < ssim["lowrank_only"] + 0.1
+    assert ssim["dp_only@1"] < ssim["lowrank_only"] + 0.1
+    # legrace splits the one-channel image exactly (R = 8 >= 1 channel): nothing of it crosses
+    assert crossed["legrace@1"] == crossed["lowrank_only"] == "nothing" and crossed["dp_only@1"] == "yes"
+    assert ssim["legrace@1"] == ssim["lowrank_only"]
 
 
 def test_quality_measures_are_sane():
@@ -133,24 +137,30 @@ def test_quality_measures_are_sane():
 
 
 def test_gradient_matching_recovers_images_from_legrace_weights_and_grad_y():
-    # digits at B=1: the first conv's weight update has 144 equations for 64 pixels, so the paper's
-    # mode (weights and dL/dY visible) gives the image away; dp_only's gradient is its own noised view.
+    # digits at B=1: the first conv's weight update has 144 equations for 64 pixels, so an
+    # accelerator that sees the weights and dL/dY there (gpu_only) has the image; dp_only's gradient
+    # is its own noised view; legrace splits the one-channel image exactly, and its first conv's
+    # dL/dY never crosses (only the prior row stands for it).
     target = digits_target()
-    result = gradient_attack(target, [parse_view("legrace@8"), parse_view("dp_only@8")], 0, n_aux=64, n_victims=4,
-                             batch_size=1, iters=300, decoder_epochs=1, log=lambda m: None)
+    views = [parse_view(v) for v in ("gpu_only", "legrace@8", "dp_only@8")]
+    logged = []
+    result = gradient_attack(target, views, 0, n_aux=64, n_victims=4, batch_size=1, iters=300, decoder_epochs=1,
+                             log=logged.append)
     ssim = {(r["view"], r["attack"]): r["ssim"] for r in result["rows"]}
-    assert ssim[("legrace@8", "gradient matching")] > 0.8
+    assert ssim[("gpu_only", "gradient matching")] > 0.8
     assert ssim[("dp_only@8", "gradient matching")] < 0.3
+    assert not any(view == "legrace@8" for view, _ in ssim)
+    assert any("legrace@8: nothing of layer 0 crosses" in line for line in logged)
 
 
 def test_weight_updates_seen_by_the_accelerator_are_the_sgd_steps():
     target = digits_target()
-    run = RealRun(target, parse_view("legrace@8"), epochs=3, batch_size=5, layers=[0])
+    run = RealRun(target, parse_view("legrace@8"), epochs=3, batch_size=5, layers=[1])
     data = target.subset(target.members[:10])
     run.forward(data)
     view, weights = run.steps(data, lr=0.1)
-    assert len(weights[0]) == 2 and len(view.grad_y[0]) == 2
-    before, after = weights[0][0]
+    assert len(weights[1]) == 2 and len(view.grad_y[1]) == 2
+    before, after = weights[1][0]
     assert not torch.equal(before, after)
     with pytest.raises(AttackError, match="nothing crosses"):
         RealRun(target, parse_view("lowrank_only"), epochs=3, batch_size=5).steps(data, lr=0.1)

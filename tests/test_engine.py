@@ -38,7 +38,8 @@ def test_opacus_shaped_api_trains_and_accounts():
     model, opt, loader = engine.make_private(module=module, optimizer=optimizer, data_loader=tiny_loader(), epochs=3)
     assert opt is optimizer
     assert {id(p) for p in model.parameters()} == {id(p) for p in module.parameters()}
-    assert engine.releases_per_sample == 3 and engine.batch_coupled_releases_per_sample == 2
+    # the first conv's one input channel is covered by R = 2: split exactly, it releases nothing
+    assert engine.releases_per_sample == 2 and engine.batch_coupled_releases_per_sample == 2
     assert engine.get_epsilon() == 0.0  # nothing released yet
     before = [p.detach().clone() for p in module.parameters()]
     train_epochs(model, opt, loader, 1)
@@ -110,7 +111,7 @@ def test_batchnorm_coupling_costs_privacy():
     class NoBN(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+            self.a, self.b, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
 
         def forward(self, x):
             return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.b(torch.relu(self.a(x))), 1), 1))
@@ -126,7 +127,8 @@ def test_batchnorm_coupling_costs_privacy():
     eps = {}
     for cls in (NoBN, WithBN):
         engine = LegRace(rank=1, noise_multiplier=10.0, clip=1.0)
-        model, _, loader = engine.make_private(module=cls(), optimizer=None, data_loader=tiny_loader(batch=16))
+        model, _, loader = engine.make_private(module=cls(), optimizer=None,
+                                               data_loader=tiny_loader(batch=16, channels=2))
         for x, _ in loader:
             model(x)
         eps[cls] = engine.get_epsilon()
@@ -206,7 +208,10 @@ def test_every_crossing_is_audited_and_residuals_are_noised(tmp_path):
     resends = [line for line in lines if line["kind"] == "ResendOutput"]
     assert resends and all("field" not in line for line in resends)
     released = [line for line in lines if line["kind"] == "ConvForward"]
-    assert len(released) == 3 * len(loader)
+    assert len(released) == 2 * len(loader)
+    # the first conv (1 channel, R = 2) is split exactly and runs wholly on the trusted side:
+    # neither its residual, nor its dL/dY, nor its weight crosses
+    assert {line["layer"] for line in lines} == {None, 1, 2}
     assert all(line["clip"] == 0.1 and line["sigma"] == pytest.approx(0.2) for line in released)
 
 
@@ -220,8 +225,36 @@ def test_bfloat16_wire_rounds_only_after_the_noise():
         seen = spy_on_releases(engine)
         F.cross_entropy(model(x), y).backward()  # the whole step works, rebuilt outputs included
         crossed.append(seen)
-    assert all(t.dtype == torch.bfloat16 for _, t in crossed[0]) and len(crossed[0]) == 3
+    assert all(t.dtype == torch.bfloat16 for _, t in crossed[0]) and len(crossed[0]) == 2
     # the same noised residual as in float32, then rounded: rounding is post-processing
     assert torch.equal(crossed[0][0][1], crossed[1][0][1].to(torch.bfloat16))
     with pytest.raises(ValueError, match="wire_dtype must be"):
         LegRace(noise_multiplier=1.0, wire_dtype="int8")
+
+
+def test_a_conv_whose_channels_R_covers_runs_wholly_on_the_trusted_side(tmp_path):
+    # conv a sees 3 channels (R = 2 < 3: it releases); conv b sees 2 (R covers them: X_res = 0, so a
+    # release would be noise alone). b runs inside, dL/dX included, and is not accounted.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.b(torch.relu(self.a(x))), 1), 1))
+
+    torch.manual_seed(0)
+    plain = Net().double()
+    x, y = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    audit = tmp_path / "audit.jsonl"
+    engine = LegRace(rank=2, clip=None, noise_multiplier=0.0, audit=audit)
+    split = engine.convert(copy.deepcopy(plain))
+    assert [m.silent for m in (split.a, split.b)] == [False, True] and "silent" in repr(split.b)
+    assert engine.releases_per_sample == 1
+    F.cross_entropy(plain(x), y).backward()
+    F.cross_entropy(split(x), y).backward()
+    engine.audit.close()
+    for (name, p), q in zip(plain.named_parameters(), split.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-9, msg=name)
+    layers = {json.loads(line)["layer"] for line in audit.read_text().splitlines()}
+    assert layers - {None} == {0}  # only conv a ever talks to the accelerator (None: replies)

@@ -91,7 +91,8 @@ def inversion_attack(target: Target, views: list[ViewSpec], layers: list[int], *
         _close(run)
         for layer in layers:
             t0 = time.perf_counter()
-            crossed = spec.crosses
+            # nothing crosses in lowrank_only, nor at a point split exactly (R >= its channels)
+            crossed = spec.crosses and layer in victim_view.inputs
             rec = invert(aux_view.stacked("inputs", layer) if crossed else None, aux_images,
                          victim_view.stacked("inputs", layer) if crossed else None, len(victim_images),
                          epochs=decoder_epochs, device=device, seed=seed)
@@ -155,6 +156,10 @@ def gradient_attack(target: Target, views: list[ViewSpec], layer: int = 0, *, n_
         view, weights = run.steps(victims, lr=lr)
         _close(run)
         label = spec.label
+        if layer not in view.grad_y:  # a silent conv (SplitConv2d.silent): neither dL/dY nor W crosses
+            log(f"gradients {spec.label}: nothing of layer {layer} crosses (R covers its input channels, so it "
+                "runs wholly on the trusted side); the prior row stands for it")
+            continue
         if layer == 0:  # at the first conv X is the image: the estimate needs no decoder
             estimates = []
             for k, (before, after) in enumerate(weights[layer]):

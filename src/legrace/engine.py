@@ -176,7 +176,7 @@ class LegRace:
         self.audit = AuditLog(audit) if audit is not None else None
         self.boundary: Optional[Boundary] = None
         self.mechanism: Optional[GaussianMechanism] = None
-        self._n_points: Optional[int] = None
+        self._releasing_points: Optional[int] = None
         self._config: Optional[SplitConfig] = None
         self._coupled_points = 0
         self.batch_size = 1
@@ -212,11 +212,11 @@ class LegRace:
     def convert(self, module: nn.Module) -> nn.Module:
         """The split model for this engine's mode (the plain model on the accelerator for gpu_only)."""
         if self.mode == "gpu_only":
-            self._n_points = 0
+            self._releasing_points = 0
             return module.to(self.device)
         if self.mode == "tee_only":
             gm = convert(module)
-            self._n_points = 0
+            self._releasing_points = 0
             return gm
         config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank,
                              basis_dtype=self.basis_dtype, wire_dtype=self.wire_dtype)
@@ -225,12 +225,14 @@ class LegRace:
                                      verifier=FreivaldsVerifier() if self.verify else None, overlap=self.overlap)
             config.boundary = self.boundary
 
-        coupled = []
+        coupled, silent = [], []
 
         def make_split(conv: nn.Conv2d, point: int, n_points: int, after_bn: bool) -> SplitConv2d:
             config.n_points = n_points
-            coupled.append(after_bn)
-            return SplitConv2d(conv, point, config)
+            split = SplitConv2d(conv, point, config)
+            silent.append(split.silent)  # releases nothing (see SplitConv2d): not accounted
+            coupled.append(after_bn and not split.silent)
+            return split
 
         gm = convert(module, make_split)
         if self.rebuild_outputs:
@@ -238,7 +240,7 @@ class LegRace:
             config.outputs.install(gm)
         self._coupled_points = sum(coupled)
         self._config = config
-        self._n_points = config.n_points
+        self._releasing_points = config.n_points - sum(silent)
         if self._noise_arg is not None and self.mechanism is None:
             self._set_noise(self._noise_arg)
         config.mechanism = self.mechanism
@@ -258,10 +260,11 @@ class LegRace:
 
     @property
     def releases_per_sample(self) -> int:
-        """Noised residuals released per use of one sample (one per decomposition point)."""
-        if self._n_points is None:
+        """Noised residuals released per use of one sample: one per decomposition point, except
+        points whose fixed R covers all their input channels (split exactly, they send nothing)."""
+        if self._releasing_points is None:
             raise RuntimeError("call make_private (or convert) first: the count depends on the model")
-        return self._n_points if self.mode in ("legrace", "dp_only") else 0
+        return self._releasing_points if self.mode in ("legrace", "dp_only") else 0
 
     @property
     def batch_coupled_releases_per_sample(self) -> int:
@@ -297,7 +300,7 @@ class LegRace:
         delta = self.target_delta if delta is None else delta
         if self.mode == "gpu_only":
             return math.inf
-        if self._n_points is None or self.releases_per_sample == 0:
+        if self._releasing_points is None or self.releases_per_sample == 0:
             return 0.0
         uses = self.ledger.max_uses
         return epsilon(self.noise_multiplier, [(s, n * uses) for s, n in self.releases_per_use()], delta, self.accountant)
@@ -307,7 +310,7 @@ class LegRace:
         delta = self.target_delta if delta is None else delta
         if self.mode == "gpu_only":
             return math.inf
-        if self._n_points is None or self.releases_per_sample == 0:
+        if self._releasing_points is None or self.releases_per_sample == 0:
             return 0.0
         return epsilon(self.noise_multiplier, [(2.0, 1)], delta, self.accountant)
 

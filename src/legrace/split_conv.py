@@ -136,7 +136,7 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
             raise RuntimeError(f"the weight of conv layer {layer.point} changed between forward and backward, "
                                "so its output cannot be rebuilt; step the optimizer after backward")
         pending = y_main = y_res = None
-        if cfg.releases:  # asked for first: the accelerator works while the trusted side does
+        if stored is not None:  # asked for first: the accelerator works while the trusted side does
             pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
                                   out_shape, wait=False)
         if A.shape[-1] > 0:
@@ -164,7 +164,7 @@ class _SplitConvFunction(torch.autograd.Function):
         hw = tuple(x.shape[2:])
         out_shape = (x.shape[0], weight.shape[0], *layer.output_hw(hw))
         pending = y_main = stored = y_res = None
-        if cfg.releases:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
+        if layer.sends:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
             released = cfg.mechanism.release(dec.X_res, cfg.wire_dtype)
             pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
                                   layer.point, released, ctx.needs_input_grad[1], out_shape, wait=False)
@@ -173,7 +173,7 @@ class _SplitConvFunction(torch.autograd.Function):
         if pending is not None:
             y_res, stored = _timed_call(cfg, layer.point, "fwd", pending.result)
         y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
-        if cfg.outputs is not None and (stored is not None or not cfg.releases):
+        if cfg.outputs is not None and (stored is not None or pending is None):
             cfg.outputs.offer(y, _rebuilder(layer, dec.A, dec.V, weight, bias, hw, stored, out_shape))
         ctx.save_for_backward(dec.A, dec.V, weight)
         ctx.layer, ctx.stored, ctx.x_shape = layer, stored, tuple(x.shape)
@@ -190,11 +190,11 @@ class _SplitConvFunction(torch.autograd.Function):
         conv_args = (layer.stride, layer.padding, layer.dilation)
         grad_y = grad_y.contiguous()
         grad_x = grad_w = g_main = pending = None
-        if cfg.releases:  # sent first: the accelerator works while the trusted side does its part
+        if layer.sends:  # sent first: the accelerator works while the trusted side does its part
             pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.conv_backward,
                                   layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape),
                                   need_x, need_w, wait=False)
-        elif need_x:  # lowrank_only: nothing leaves the trusted side, not even dL/dY
+        elif need_x:  # lowrank_only or a silent layer: nothing leaves the trusted side, not even dL/dY
             grad_x = conv2d_input(ctx.x_shape, weight, grad_y, *conv_args)
         if need_w and A.shape[-1] > 0:
             g_main = lowrank_weight_grad(A, V, grad_y, weight.shape, ctx.x_shape[2:], *conv_args)
@@ -224,7 +224,13 @@ class SplitConv2d(nn.Module):
         self.point = point
         self.config = config
         self._sent_weight: Optional[tuple] = None
-        if config.releases:
+        # A fixed R that covers every input channel splits X exactly (X_main = X, X_res = 0): such a
+        # conv (a first conv's image, at R >= 3) runs wholly on the trusted side and nothing about
+        # it crosses: no residual (it would be noise alone), no weight, no dL/dY. It is not accounted.
+        R = 0 if config.mode == "dp_only" else rank_for_point(config.rank, point, config.n_points)
+        self.silent = config.releases and R != "auto" and R >= conv.in_channels
+        self.sends = config.releases and not self.silent
+        if self.sends:
             config.boundary.register_conv(point, self.stride, self.padding, self.dilation)
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
@@ -236,7 +242,7 @@ class SplitConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"layer {self.point} expects a 4-d N x C x H x W input, got shape {tuple(x.shape)}")
-        if self.config.releases:
+        if self.sends:
             self._sync_weight()
         return _SplitConvFunction.apply(x, self.weight, self.bias, self)
 
@@ -252,6 +258,7 @@ class SplitConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, point={self.point}, mode={self.config.mode}"
+            + (", silent (R covers every input channel: nothing crosses)" if self.silent else "")
         )
 
 
