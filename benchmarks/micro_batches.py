@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-from bench_threads import add_threads_argument, apply_threads
+from bench_common import add_threads_argument, apply_threads, model_specs, write_results
 
 import legrace.split_conv as split_conv
 from legrace import LegRace
@@ -30,10 +28,13 @@ from legrace.decompose import decompose, rank_for_point
 from legrace.models import build_model
 
 
-def micro_batched_forward(k: int):
-    """An inference forward for _SplitConvFunction that sends k requests per conv, interleaved."""
+def micro_batched_forward(k: int, whole_batch):
+    """An inference forward for _SplitConvFunction that sends k requests per conv, interleaved
+    (a conv that sends nothing, SplitConv2d.silent, keeps `whole_batch`, the real forward)."""
 
     def forward(ctx, x, weight, bias, layer):
+        if not layer.sends:
+            return whole_batch(ctx, x, weight, bias, layer)
         cfg = layer.config
         rank = rank_for_point(cfg.rank, layer.point, cfg.n_points)
         hw = tuple(x.shape[2:])
@@ -62,7 +63,7 @@ def micro_batched_forward(k: int):
 @contextmanager
 def micro_batches(k: int):
     real = split_conv._SplitConvFunction.forward
-    split_conv._SplitConvFunction.forward = micro_batched_forward(k)
+    split_conv._SplitConvFunction.forward = micro_batched_forward(k, real)
     try:
         yield
     finally:
@@ -105,15 +106,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads per process, accelerator {args.accelerator}; "
           f"median of {args.steps} inference steps, seconds")
     results = []
-    for spec in args.models.split(","):
-        name, size, batch = spec.split(":")
-        r = compare(name, int(size), int(batch), ks, args.accelerator, args.steps)
+    for name, size, batch in model_specs(args.models):
+        r = compare(name, size, batch, ks, args.accelerator, args.steps)
         results.append(r)
         print(f"{name:<10}{size:>5}{batch:>6}  " + "  ".join(f"k={k}: {s:.3f}" for k, s in r["step_seconds"].items()))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                              "accelerator": args.accelerator, "results": results}, indent=2) + "\n")
+        write_results(args.out, args.accelerator, results)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_threads import add_threads_argument, apply_threads
+from bench_common import add_threads_argument, apply_threads, model_specs, write_results
 
 from legrace import LegRace
 from legrace.models import build_model
@@ -76,18 +74,15 @@ def main() -> None:
     print(f"{'model':<10}{'size':>5}{'batch':>6}{'sequential s':>14}{'overlap s':>11}{'speedup':>9}"
           f"{'bound s':>9}{'trusted s (seq/ovl)':>21}")
     results = []
-    for spec in args.models.split(","):
-        name, size, batch = spec.split(":")
-        r = compare(name, int(size), int(batch), args.accelerator, args.steps)
+    for name, size, batch in model_specs(args.models):
+        r = compare(name, size, batch, args.accelerator, args.steps)
         results.append(r)
         seq, ovl = r["sequential"], r["overlap"]
         print(f"{name:<10}{size:>5}{batch:>6}{seq['step_seconds']:>14.3f}{ovl['step_seconds']:>11.3f}"
               f"{r['speedup']:>8.2f}x{r['bound_seconds']:>9.3f}"
               f"{seq['trusted_seconds']:>11.3f} / {ovl['trusted_seconds']:.3f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                              "accelerator": args.accelerator, "results": results}, indent=2) + "\n")
+        write_results(args.out, args.accelerator, results)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench_threads import add_threads_argument, apply_threads
+from bench_common import add_threads_argument, apply_threads
 
 import legrace.boundary as boundary
 import legrace.compact as compact

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_threads import add_threads_argument, apply_threads
+from bench_common import add_threads_argument, apply_threads
 
 from legrace import LegRace
 from legrace.boundary import BoundaryError

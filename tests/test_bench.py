@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from legrace.cli import main
 
 
@@ -50,7 +52,8 @@ def test_bench_with_overlap_times_the_accelerator_on_its_own_thread_and_over_a_w
         assert len(legrace["layers"]) == 3
 
 
-def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch):
+@pytest.mark.parametrize("rank,sending", [(2, 3), (3, 2)])  # R = 3 covers the first conv's channels
+def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch, rank, sending):
     import copy
     from pathlib import Path
 
@@ -62,7 +65,7 @@ def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     import micro_batches
 
-    engine = LegRace(rank=2, clip=1e6, noise_multiplier=0.0, overlap=True)  # no noise, no clipping: comparable
+    engine = LegRace(rank=rank, clip=1e6, noise_multiplier=0.0, overlap=True)  # no noise, no clipping: comparable
     model = engine.convert(copy.deepcopy(SmallCNN(3, 4))).eval()
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
@@ -74,7 +77,7 @@ def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch):
             model(x)
     engine.close()
     torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
-    assert engine.boundary.crossings - sent_before == 3 * 3  # 3 convs, 3 requests each
+    assert engine.boundary.crossings - sent_before == sending * 3  # 3 requests per conv that sends
 
 
 def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys):

@@ -1,0 +1,39 @@
+"""What the benchmark scripts share: the `--threads` option, `--models` specs, the JSON they write."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (a busy machine: 1 avoids OpenMP oversubscription)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the worker processes
+
+
+def model_specs(text: str) -> list[tuple[str, int, int]]:
+    """'vgg16:112:8,resnet18:112:16' as (model, input size, batch size) triples."""
+    specs = []
+    for spec in text.split(","):
+        parts = spec.split(":")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            raise SystemExit(f"--models: {spec!r} is not NAME:INPUT_SIZE:BATCH (e.g. vgg16:112:8)")
+        specs.append((parts[0], int(parts[1]), int(parts[2])))
+    return specs
+
+
+def write_results(path: str, accelerator: str, results: list[dict]) -> None:
+    """The results as JSON at `path`, with the torch version and threads they were measured with."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                      "accelerator": accelerator, "results": results}, indent=2) + "\n")
