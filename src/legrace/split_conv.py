@@ -6,7 +6,8 @@ Backward: dL/dX = conv_transpose(dL/dY, W) [accelerator, paper's mode; the decom
           identity in backward], dL/dW = trusted low-rank part + accelerator's X_res~ part.
 
 Modes: "legrace" releases the noised residual; "dp_only" is the same with R = 0 (the whole
-activation is the residual); "lowrank_only" drops the residual and sends nothing at all.
+activation is the residual); "lowrank_only" drops the residual and sends nothing at all. In
+legrace, a conv whose input channels R covers has no residual and sends nothing either (silent).
 
 Each request to the accelerator is sent before the trusted side computes its own part of the
 same layer and collected after, so with `Boundary(overlap=True)` the two legs run concurrently.
