@@ -21,6 +21,16 @@ def apply_threads(args: argparse.Namespace) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the worker processes
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, models: str) -> None:
+    """The options of the scripts that compare engines through a worker: --models, --accelerator,
+    --steps, --out and --threads."""
+    parser.add_argument("--models", default=models, help="NAME:INPUT_SIZE:BATCH, comma-separated")
+    parser.add_argument("--accelerator", default="process")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+    add_threads_argument(parser)
+
+
 def model_specs(text: str) -> list[tuple[str, int, int]]:
     """'vgg16:112:8,resnet18:112:16' as (model, input size, batch size) triples."""
     specs = []

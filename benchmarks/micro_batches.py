@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from bench_common import add_threads_argument, apply_threads, model_specs, write_results
+from bench_common import add_run_arguments, apply_threads, model_specs, write_results
 
 import legrace.split_conv as split_conv
 from legrace import LegRace
@@ -94,12 +94,8 @@ def compare(name: str, image_size: int, batch_size: int, ks: list[int], accelera
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="vgg16:112:8,resnet18:112:16", help="NAME:INPUT_SIZE:BATCH, comma-separated")
+    add_run_arguments(p, models="vgg16:112:8,resnet18:112:16")
     p.add_argument("--k", default="1,2,4", help="micro-batches per conv to compare, comma-separated")
-    p.add_argument("--accelerator", default="process")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
     args = p.parse_args()
     apply_threads(args)
     ks = [int(k) for k in args.k.split(",")]

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_threads_argument, apply_threads, model_specs, write_results
+from bench_common import add_run_arguments, apply_threads, model_specs, write_results
 
 from legrace import LegRace
 from legrace.models import build_model
@@ -62,11 +62,7 @@ def compare(name: str, image_size: int, batch_size: int, accelerator: str, steps
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="vgg11:64:16,resnet18:112:8", help="NAME:INPUT_SIZE:BATCH, comma-separated")
-    p.add_argument("--accelerator", default="process")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
+    add_run_arguments(p, models="vgg11:64:16,resnet18:112:8")
     args = p.parse_args()
     apply_threads(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads per process, accelerator {args.accelerator}; "

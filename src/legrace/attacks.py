@@ -151,15 +151,16 @@ def gradient_attack(target: Target, views: list[ViewSpec], layer: int = 0, *, n_
             log(f"gradients {spec.label}: nothing crosses, the prior row stands for it")
             continue
         run = RealRun(target, spec, epochs=epochs, batch_size=batch_size, device=device, layers=[layer])
+        if not run.crosses_at(layer):  # a silent conv: neither its dL/dY nor its weight crosses
+            _close(run)
+            log(f"gradients {spec.label}: nothing of layer {layer} crosses (R covers its input channels, so it "
+                "runs wholly on the trusted side); the prior row stands for it")
+            continue
         t0 = time.perf_counter()
         aux_view, _ = run.steps(aux, lr=0.0)  # the adversary's images: forward and backward, no update
         view, weights = run.steps(victims, lr=lr)
         _close(run)
         label = spec.label
-        if layer not in view.grad_y:  # a silent conv (SplitConv2d.silent): neither dL/dY nor W crosses
-            log(f"gradients {spec.label}: nothing of layer {layer} crosses (R covers its input channels, so it "
-                "runs wholly on the trusted side); the prior row stands for it")
-            continue
         if layer == 0:  # at the first conv X is the image: the estimate needs no decoder
             estimates = []
             for k, (before, after) in enumerate(weights[layer]):

@@ -143,13 +143,12 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
             macs = full * (1 + bwd)
             trusted, accel = (trusted + macs, accel) if mode == "tee_only" else (trusted, accel + macs)
             continue
-        wanted = 16 if rank == "auto" else int(rank if not isinstance(rank, list) else rank[point])
-        R = 0 if mode == "dp_only" else min(wanted, N, h * w)
+        R = 0 if mode == "dp_only" else min(16 if rank == "auto" else int(rank if not isinstance(rank, list) else rank[point]), N, h * w)
         lowrank = full * R // N + B * M * N * R * k  # conv(V, W') and W'
         if direct_is_cheaper(N, R, h * w):
             lowrank = full  # conv(A·V, W), see split_conv.lowrank_conv
         exact = rank != "auto" and R in (N, h * w)  # X_main = X: no decomposition
-        silent = mode == "legrace" and rank != "auto" and wanted >= N  # SplitConv2d.silent: nothing crosses
+        silent = getattr(m, "silent", False)  # SplitConv2d.silent: nothing crosses, dL/dX is trusted too
         decomposition = 0 if exact else B * (2 * iters + 1) * N * h * w * R
         trusted += lowrank * (1 + (1 if train else 0) + (1 if point in rebuilt else 0)) + decomposition
         if mode == "lowrank_only" or silent:

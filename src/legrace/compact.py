@@ -29,11 +29,12 @@ from torch.nn.modules.utils import _pair
 # still in cache when the next pass over it runs.
 BLOCK = 1 << 18
 _helpers: Optional[ThreadPoolExecutor] = None
+_helper_count = 0
 
 
 def _in_blocks(n: int, work: Callable[[int, int], None]) -> None:
     """work(a, b) for consecutive blocks [a, b) covering [0, n), on up to torch.get_num_threads() threads."""
-    global _helpers
+    global _helpers, _helper_count
     parts = max(1, min(torch.get_num_threads(), -(-n // BLOCK)))
     span = -(-n // parts)
     span += -span % BLOCK
@@ -42,8 +43,8 @@ def _in_blocks(n: int, work: Callable[[int, int], None]) -> None:
         for a in range(start, min(start + span, n), BLOCK):
             work(a, min(a + BLOCK, start + span, n))
 
-    if parts > 1 and (_helpers is None or _helpers._max_workers < parts - 1):
-        _helpers = ThreadPoolExecutor(parts - 1, thread_name_prefix="legrace-bits")
+    if parts - 1 > _helper_count:
+        _helpers, _helper_count = ThreadPoolExecutor(parts - 1, thread_name_prefix="legrace-bits"), parts - 1
     futures = [_helpers.submit(run, start) for start in range(span, n, span)] if parts > 1 else []
     try:
         run(0)

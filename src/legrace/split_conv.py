@@ -230,9 +230,13 @@ class SplitConv2d(nn.Module):
         # it crosses: no residual (it would be noise alone), no weight, no dL/dY. It is not accounted.
         R = 0 if config.mode == "dp_only" else rank_for_point(config.rank, point, config.n_points)
         self.silent = config.releases and R != "auto" and R >= conv.in_channels
-        self.sends = config.releases and not self.silent
         if self.sends:
             config.boundary.register_conv(point, self.stride, self.padding, self.dilation)
+
+    @property
+    def sends(self) -> bool:
+        """Whether this conv talks to the accelerator at all (releasing modes, not silent)."""
+        return self.config.releases and not self.silent
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         return tuple(

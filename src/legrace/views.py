@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from legrace.engine import AUTO_NOISE_STD, MODES, LegRace
+from legrace.split_conv import SplitConv2d
 from legrace.tap import KINDS, AcceleratorView, ActivationTap, BoundaryTap, conv_modules
 from legrace.target import AttackError, Target
 
@@ -168,6 +169,14 @@ class RealRun:
             self.tap = BoundaryTap(self.engine.boundary, layers, kinds)
         else:
             self.tap = None
+
+    def crosses_at(self, layer: int) -> bool:
+        """Whether anything of decomposition point `layer` reaches the accelerator in this view
+        (not for a silent conv, whose input channels R covers: it runs wholly inside)."""
+        if self.spec.mode == "gpu_only":
+            return True
+        splits = [m for m in self.model.modules() if isinstance(m, SplitConv2d)]
+        return self.tap is not None and splits[layer].sends
 
     @property
     def z(self) -> float:
