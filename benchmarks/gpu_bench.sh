@@ -1,27 +1,85 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 4, sized for one call on a lent H100 (about 5 minutes):
-# training steps of VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in tee_only (CPU, the same
-# trusted runtime and threads), legrace (trusted side on the CPU, accelerator on the GPU) and
-# gpu_only, plus VGG-19 inference and VGG-16 with the two legs run one after the other.
-# JSON and PNG charts go under $OUT (default runs/gpu-bench).
+# The GPU benchmark of issue 4, sized for one call on a lent H100/H200 (about 6 minutes):
+#   1. the CUDA tests (tests/test_cuda.py: the split stays exact with a CUDA accelerator);
+#   2. host <-> GPU copy rates, pageable against pinned (benchmarks/cuda_transfers.py);
+#   3. training steps of VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in tee_only (CPU, the
+#      same trusted runtime and threads), legrace (trusted side on the CPU, accelerator on the GPU)
+#      and gpu_only; VGG-19 inference;
+#   4. legrace alone on VGG-16 and ResNet-18: as in 3, with pinned answers, with the two legs one
+#      after the other, and with bfloat16 on the wire;
+#   5. the whole fast test suite, if time is left.
+# Each step has a time limit and the whole run a deadline (DEADLINE seconds, default 480), so what
+# finished comes back even if the machine is slow. Results: $OUT/log.txt, $OUT/summary.md,
+# $OUT/transfers.json, each bench's JSON and charts under $RUNS (default $OUT/runs), and the same
+# packed in $OUT/gpu-bench.tgz (a lent machine's tool brings back at most 8 files: RUNS=/tmp/x).
+# No install: the package runs from src/; opacus, if missing, comes from wheels in .whl/.
 #   OUT=/tmp/out bash benchmarks/gpu_bench.sh
-set -euo pipefail
+# A dry run of the script's plumbing on a CPU machine: ACCELERATOR=cpu SIZE=32 BATCH=2 bash ...
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-bench}
 PY=${PYTHON:-python3}
+ACCELERATOR=${ACCELERATOR:-cuda}
+SIZE=${SIZE:-224}
+BATCH=${BATCH:-32}
+DEADLINE=${DEADLINE:-480}
+RUNS=${RUNS:-$OUT/runs}  # each bench's folder (on the device tool: outside $OUT, packed below)
+mkdir -p "$OUT" "$RUNS"
+LOG="$OUT/log.txt"
+START=$SECONDS
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Keep freed heap memory in the process (as an enclave's fixed heap does), for every mode alike.
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}
-if ! $PY -c "import legrace" 2>/dev/null; then
-  $PY -m pip install --quiet --no-deps -e . && $PY -m pip install --quiet opacus scikit-learn tqdm matplotlib
+
+say() { echo "[$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+pack() { tar -czf "$OUT/gpu-bench.tgz" -C "$RUNS" .; }
+# step LIMIT NAME CMD...: run CMD with at most LIMIT seconds and never past the deadline
+step() {
+  local limit=$1 name=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - START)))
+  if (( left < 20 )); then say "SKIP $name (deadline)"; return 1; fi
+  (( limit > left )) && limit=$left
+  say "START $name (limit ${limit}s)"
+  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  say "END $name rc=$rc"
+  pack
+  return $rc
+}
+
+if ! $PY -c "import opacus" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/legrace-site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/legrace-site"
 fi
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'; print(torch.__version__, torch.cuda.get_device_name(0), torch.get_num_threads(), 'CPU threads')"
-for m in vgg16 vgg19 resnet18 resnet34; do
-  $PY -m legrace.cli bench --model "$m" --input-size 224 --batch-size 32 --modes tee_only,legrace,gpu_only \
-      --accelerator cuda --warmup 1 --repeats 3 --out "$OUT/$m-train"
+$PY -c "import torch, os; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', '|', torch.get_num_threads(),
+  'torch threads,', os.cpu_count(), 'CPUs')" 2>&1 | tee -a "$LOG"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+[ "$ACCELERATOR" = cpu ] || $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'" || exit 1
+
+bench() {  # bench NAME LIMIT ARGS...
+  local name=$1 limit=$2; shift 2
+  step "$limit" "$name" $PY -m legrace.cli bench --input-size "$SIZE" --batch-size "$BATCH" \
+      --accelerator "$ACCELERATOR" --warmup 1 --repeats 3 --out "$RUNS/$name" "$@"
+}
+
+[ "$ACCELERATOR" = cpu ] || step 90 cuda-tests $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compact.py
+# fail fast: if the first benchmark breaks (not merely runs out of time), stop here and leave the
+# device time for a fixed rerun
+bench vgg16-train 120 --model vgg16 --modes tee_only,legrace,gpu_only
+rc=$?; if (( rc != 0 && rc != 124 && rc != 137 )); then say "first benchmark failed"; exit 1; fi
+[ "$ACCELERATOR" = cpu ] || step 40 transfers $PY benchmarks/cuda_transfers.py --out "$OUT/transfers.json"
+bench resnet18-train 90 --model resnet18 --modes tee_only,legrace,gpu_only
+bench vgg19-train 120 --model vgg19 --modes tee_only,legrace,gpu_only
+bench resnet34-train 90 --model resnet34 --modes tee_only,legrace,gpu_only
+bench vgg19-infer 90 --model vgg19 --modes tee_only,legrace,gpu_only --infer
+for m in vgg16 resnet18; do
+  bench "$m-train-legrace" 60 --model "$m" --modes legrace
+  [ "$ACCELERATOR" = cpu ] || bench "$m-train-legrace-pinned" 60 --model "$m" --modes legrace --pinned
 done
-$PY -m legrace.cli bench --model vgg19 --input-size 224 --batch-size 32 --modes tee_only,legrace,gpu_only \
-    --accelerator cuda --infer --warmup 1 --repeats 3 --out "$OUT/vgg19-infer"
-# the two legs one after the other instead of concurrently (--overlap is on above), for comparison
-$PY -m legrace.cli bench --model vgg16 --input-size 224 --batch-size 32 --modes legrace \
-    --accelerator cuda --no-overlap --warmup 1 --repeats 3 --out "$OUT/vgg16-train-sequential"
-$PY benchmarks/summarize_bench.py "$OUT"
+bench vgg16-train-legrace-sequential 60 --model vgg16 --modes legrace --no-overlap
+bench vgg16-train-legrace-bf16wire 60 --model vgg16 --modes legrace --wire-dtype bfloat16
+$PY benchmarks/summarize_bench.py "$RUNS" > "$OUT/summary.md" 2>>"$LOG"
+cat "$OUT/summary.md" | tee -a "$LOG"
+[ "$ACCELERATOR" = cpu ] || step 300 full-tests $PY -m pytest -q -p no:cacheprovider --timeout 120 tests
+say "done"

@@ -13,7 +13,7 @@ def main(folder: str) -> None:
         tee, leg, gpu = modes.get("tee_only"), modes.get("legrace"), modes.get("gpu_only")
         ratio = r["ratios"]
         rows.append([
-            f"{r['model']} {'train' if r['train'] else 'infer'}", str(r["batch_size"]),
+            f.parent.name, f"{r['model']} {'train' if r['train'] else 'infer'}", str(r["batch_size"]),
             f"{tee['step_seconds']:.3f}" if tee else "",
             f"{leg['step_seconds']:.3f}" if leg else "", f"{leg['trusted_seconds']:.3f}" if leg else "",
             f"{gpu['step_seconds']:.4f}" if gpu else "",
@@ -25,7 +25,7 @@ def main(folder: str) -> None:
             {True: "on", False: "off"}.get(r.get("overlap"), ""),
         ])
         machine = f"{r.get('cpu', '?')}, torch {r['torch']}, accelerator {r['accelerator']}"
-    head = ["model", "batch", "tee_only step s", "legrace step s", "legrace trusted s", "gpu_only step s",
+    head = ["run", "model", "batch", "tee_only step s", "legrace step s", "legrace trusted s", "gpu_only step s",
             "tee / legrace trusted", "tee / legrace step", "legrace / gpu_only step", "tee / legrace trusted MACs",
             "tee / legrace trusted memory", "overlap"]
     print("| " + " | ".join(head) + " |")

@@ -72,10 +72,14 @@ def full_float32(device: torch.device) -> Iterator[None]:
 
 
 class Accelerator:
-    """Serves conv forward, dL/dX and the residual's weight-gradient part on `device`."""
+    """Serves conv forward, dL/dX and the residual's weight-gradient part on `device`.
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
+    pinned: copy answers from a CUDA device into page-locked host memory (DMA at full bus speed,
+    instead of the driver staging each pageable copy through its own small buffer)."""
+
+    def __init__(self, device: str | torch.device = "cpu", pinned: bool = False) -> None:
         self.device = local_device(device)
+        self.pinned = pinned and self.device.type == "cuda"
         self._convs: dict[int, _Conv] = {}
         self._stored: dict[int, Tensor] = {}
         self._ids = itertools.count()
@@ -118,11 +122,18 @@ class Accelerator:
             self._stored[stored] = x
         return ConvForwardReply(self._conv_of(conv, x), stored)
 
-    @staticmethod
-    def _conv_of(conv: _Conv, x: Tensor) -> Tensor:
+    def _to_host(self, t: Tensor) -> Tensor:
+        if not self.pinned:
+            return t.to("cpu")
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # from torch's caching host allocator
+        host.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
+
+    def _conv_of(self, conv: _Conv, x: Tensor) -> Tensor:
         """conv(x, W) computed in W's dtype, answered in the dtype x was sent in."""
         y = F.conv2d(x.to(conv.weight.dtype), conv.weight, None, conv.stride, conv.padding, conv.dilation)
-        return y.to(device="cpu", dtype=x.dtype)
+        return self._to_host(y.to(x.dtype))
 
     def _resend(self, m: ResendOutput) -> ConvForwardReply:
         conv = self._conv(m.layer)
@@ -139,8 +150,8 @@ class Accelerator:
             raise AcceleratorError(f"no stored residual {m.stored} for layer {m.layer}")
         gx = gw = None
         if m.need_grad_x:
-            gx = conv2d_input(m.x_shape, conv.weight, gy, conv.stride, conv.padding, conv.dilation).to("cpu")
+            gx = self._to_host(conv2d_input(m.x_shape, conv.weight, gy, conv.stride, conv.padding, conv.dilation))
         if m.need_grad_w:
-            gw = conv2d_weight(x.to(gy.dtype), conv.weight.shape, gy, conv.stride, conv.padding,
-                               conv.dilation).to("cpu")
+            gw = conv2d_weight(x.to(gy.dtype), conv.weight.shape, gy, conv.stride, conv.padding, conv.dilation)
+            gw = self._to_host(gw)
         return ConvBackwardReply(gx, gw)

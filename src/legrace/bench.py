@@ -163,7 +163,7 @@ class _ModeRun:
 
     def __init__(self, mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank,
                  accelerator: str, iters: int, noise_ahead: Optional[int] = None,
-                 wire_dtype: Optional[str] = None, overlap: Optional[bool] = None) -> None:
+                 wire_dtype: Optional[str] = None, overlap: Optional[bool] = None, pinned: bool = False) -> None:
         releasing = mode in ("legrace", "dp_only")
         self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
         self.engine = LegRace(mode=mode, rank=rank, accelerator=accelerator, power_iters=iters,
@@ -173,6 +173,9 @@ class _ModeRun:
         self.mechanism = self.engine.mechanism
         self.device = self.engine.device if mode == "gpu_only" else torch.device("cpu")
         self.x, self.y = x.to(self.device), y.to(self.device)
+        inner = getattr(self.engine.boundary.transport, "accelerator", None) if self.engine.boundary else None
+        if pinned and inner is not None:
+            inner.pinned = inner.device.type == "cuda"  # legrace.accelerator.Accelerator(pinned=True)
         self.timer = _accelerator_timer(self.engine.boundary) if self.engine.boundary else None
         self.config = self.engine._config
         self.steps, self.trusted, self.accel, self.noise, self.layers = [], [], [], [], []
@@ -234,14 +237,14 @@ def _layer_breakdown(runs: list[dict]) -> list[dict]:
 def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str], *, train: bool = True,
               rank=8, warmup: int = 1, repeats: int = 3, accelerator: str = "cpu", iters: int = 2,
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
-              overlap: Optional[bool] = None,
+              overlap: Optional[bool] = None, pinned: bool = False,
               out: Optional[Path] = None, log=print) -> dict:
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
     runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
-                     noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap) for m in modes]
+                     noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap, pinned=pinned) for m in modes]
     for run in runs:
         for _ in range(warmup):
             run.step()
@@ -261,6 +264,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
+              "pinned_replies": pinned and accelerator.startswith("cuda"),
               "threads": torch.get_num_threads(),
               "torch": torch.__version__, "glibc_tunables": tunables, "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results)}
@@ -358,6 +362,8 @@ def add_parser(sub) -> None:
     b.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="run the trusted side and the accelerator concurrently (default: on, except for "
                         "the in-process CPU accelerator, which shares the trusted side's cores)")
+    b.add_argument("--pinned", action="store_true",
+                   help="a CUDA accelerator copies its answers into page-locked host memory")
     b.add_argument("--out", default="runs/bench")
     b.set_defaults(func=_cli)
 
@@ -369,6 +375,7 @@ def _cli(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
-              noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, out=Path(args.out))
+              noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, pinned=args.pinned,
+              out=Path(args.out))
     print(f"wrote {args.out}/bench.json and charts")
     return 0
