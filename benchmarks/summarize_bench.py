@@ -23,11 +23,12 @@ def main(folder: str) -> None:
             f"{ratio.get('tee_only_macs / legrace_trusted_macs', float('nan')):.1f}",
             f"{ratio.get('tee_only_memory / legrace_trusted_memory', float('nan')):.1f}",
             {True: "on", False: "off"}.get(r.get("overlap"), ""),
+            str(r.get("threads", "")),
         ])
         machine = f"{r.get('cpu', '?')}, torch {r['torch']}, accelerator {r['accelerator']}"
     head = ["run", "model", "batch", "tee_only step s", "legrace step s", "legrace trusted s", "gpu_only step s",
             "tee / legrace trusted", "tee / legrace step", "legrace / gpu_only step", "tee / legrace trusted MACs",
-            "tee / legrace trusted memory", "overlap"]
+            "tee / legrace trusted memory", "overlap", "threads"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from legrace.cli import main
 
@@ -99,3 +100,17 @@ def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys):
     assert legrace.split_conv.decompose is decompose  # the timers are taken off again
     out = capsys.readouterr().out
     assert "trusted side" in out and "decomposition" in out and "noise and clipping" in out
+
+
+def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "bench"
+        assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
+                     "--warmup", "0", "--modes", "tee_only,legrace", "--threads", "1", "--out", str(out)]) == 0
+        assert json.loads((out / "bench.json").read_text())["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["bench", "--model", "cnn", "--threads", "0", "--out", str(tmp_path / "x")]) != 0
+    assert "--threads must be at least 1" in capsys.readouterr().err
+

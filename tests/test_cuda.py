@@ -25,6 +25,7 @@ def test_cuda_accelerator_keeps_the_split_exact(overlap, pinned):
     engine = LegRace(rank=4, clip=None, noise_multiplier=0, accelerator="cuda", overlap=overlap, verify=True,
                      basis_dtype=None)
     ref, split = copy.deepcopy(module), engine.convert(copy.deepcopy(module))
+    assert engine.boundary.transport.accelerator.pinned  # the default for CUDA
     engine.boundary.transport.accelerator.pinned = pinned
     outs = []
     for m in (split, ref):
@@ -59,7 +60,7 @@ def test_gpu_only_puts_the_plain_model_on_the_gpu():
     assert model(torch.randn(2, 3, 16, 16, device="cuda")).shape == (2, 4)
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-overlap"], ["--pinned"]])
+@pytest.mark.parametrize("flags", [[], ["--no-overlap"], ["--no-pinned"]])
 def test_bench_smoke_on_cuda(tmp_path, flags):
     out = tmp_path / "bench"
     assert main(["bench", "--model", "resnet18", "--input-size", "32", "--batch-size", "4", "--repeats", "1",
@@ -67,6 +68,6 @@ def test_bench_smoke_on_cuda(tmp_path, flags):
                  "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     modes = {m["mode"]: m for m in report["modes"]}
-    assert report["overlap"] is ("--no-overlap" not in flags) and report["pinned_replies"] is ("--pinned" in flags)
+    assert report["overlap"] is ("--no-overlap" not in flags) and report["pinned_replies"] is ("--no-pinned" not in flags)
     assert modes["legrace"]["accelerator_seconds"] > 0 and modes["gpu_only"]["step_seconds"] > 0
     assert "legrace_step / gpu_only_step" in report["ratios"]

@@ -259,3 +259,15 @@ def test_a_conv_whose_channels_R_covers_runs_wholly_on_the_trusted_side(tmp_path
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-9, msg=name)
     layers = {json.loads(line)["layer"] for line in audit.read_text().splitlines()}
     assert layers - {None} == {0}  # only conv a ever talks to the accelerator (None: replies)
+
+
+def test_engine_draws_noise_inline_unless_asked_to_draw_ahead():
+    inline = LegRace(noise_multiplier=1.0, accelerator="process")
+    inline.convert(SmallCNN(3, 4))
+    ahead = LegRace(noise_multiplier=1.0, noise_ahead=2)
+    ahead.convert(SmallCNN(3, 4))
+    try:
+        assert inline.mechanism._pool is None and ahead.mechanism._pool is not None
+    finally:
+        inline.close()
+        ahead.close()

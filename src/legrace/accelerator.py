@@ -75,11 +75,13 @@ class Accelerator:
     """Serves conv forward, dL/dX and the residual's weight-gradient part on `device`.
 
     pinned: copy answers from a CUDA device into page-locked host memory (DMA at full bus speed,
-    instead of the driver staging each pageable copy through its own small buffer)."""
+    instead of the driver staging each pageable copy through a small buffer). Default: on for
+    CUDA. Measured on an H200 host: 55 GB/s against 15 GB/s pageable; VGG-16 legrace step 3.36 s
+    against 4.17 s, ResNet-18 1.16 s against 1.63 s (README "GPU benchmark")."""
 
-    def __init__(self, device: str | torch.device = "cpu", pinned: bool = False) -> None:
+    def __init__(self, device: str | torch.device = "cpu", pinned: bool | None = None) -> None:
         self.device = local_device(device)
-        self.pinned = pinned and self.device.type == "cuda"
+        self.pinned = (pinned is None or pinned) and self.device.type == "cuda"
         self._convs: dict[int, _Conv] = {}
         self._stored: dict[int, Tensor] = {}
         self._ids = itertools.count()

@@ -163,7 +163,8 @@ class _ModeRun:
 
     def __init__(self, mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank,
                  accelerator: str, iters: int, noise_ahead: Optional[int] = None,
-                 wire_dtype: Optional[str] = None, overlap: Optional[bool] = None, pinned: bool = False) -> None:
+                 wire_dtype: Optional[str] = None, overlap: Optional[bool] = None,
+                 pinned: Optional[bool] = None) -> None:
         releasing = mode in ("legrace", "dp_only")
         self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
         self.engine = LegRace(mode=mode, rank=rank, accelerator=accelerator, power_iters=iters,
@@ -174,8 +175,9 @@ class _ModeRun:
         self.device = self.engine.device if mode == "gpu_only" else torch.device("cpu")
         self.x, self.y = x.to(self.device), y.to(self.device)
         inner = getattr(self.engine.boundary.transport, "accelerator", None) if self.engine.boundary else None
-        if pinned and inner is not None:
-            inner.pinned = inner.device.type == "cuda"  # legrace.accelerator.Accelerator(pinned=True)
+        if pinned is not None and inner is not None:
+            inner.pinned = pinned and inner.device.type == "cuda"  # see legrace.accelerator.Accelerator
+        self.pinned = bool(getattr(inner, "pinned", False))
         self.timer = _accelerator_timer(self.engine.boundary) if self.engine.boundary else None
         self.config = self.engine._config
         self.steps, self.trusted, self.accel, self.noise, self.layers = [], [], [], [], []
@@ -237,7 +239,7 @@ def _layer_breakdown(runs: list[dict]) -> list[dict]:
 def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str], *, train: bool = True,
               rank=8, warmup: int = 1, repeats: int = 3, accelerator: str = "cpu", iters: int = 2,
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
-              overlap: Optional[bool] = None, pinned: bool = False,
+              overlap: Optional[bool] = None, pinned: Optional[bool] = None,
               out: Optional[Path] = None, log=print) -> dict:
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
@@ -264,7 +266,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
-              "pinned_replies": pinned and accelerator.startswith("cuda"),
+              "pinned_replies": any(r.pinned for r in runs),
               "threads": torch.get_num_threads(),
               "torch": torch.__version__, "glibc_tunables": tunables, "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results)}
@@ -358,12 +360,16 @@ def add_parser(sub) -> None:
     b.add_argument("--accelerator", default="cpu")
     b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32")
     b.add_argument("--noise-ahead", type=int, default=None,
-                   help="noise buffers drawn ahead in a thread (default: the engine's, 0 for a CPU accelerator)")
+                   help="noise buffers drawn ahead in a thread (default: the engine's, 0: inline)")
     b.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="run the trusted side and the accelerator concurrently (default: on, except for "
                         "the in-process CPU accelerator, which shares the trusted side's cores)")
-    b.add_argument("--pinned", action="store_true",
-                   help="a CUDA accelerator copies its answers into page-locked host memory")
+    b.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None,
+                   help="an in-process CUDA accelerator copies its answers into page-locked host memory "
+                        "(default: on)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every mode (default: torch's, one per core). With an "
+                        "accelerator on its own thread, leaving cores free can pay: see README")
     b.add_argument("--out", default="runs/bench")
     b.set_defaults(func=_cli)
 
@@ -373,6 +379,10 @@ def _cli(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
               noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, pinned=args.pinned,
