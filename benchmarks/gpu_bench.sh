@@ -7,7 +7,8 @@
 #      and gpu_only; VGG-19 inference;
 #   4. the same training steps with 3/4 of the cores as torch threads (FEW), for every mode;
 #   5. legrace alone on VGG-16 without each default (pinned answers, inline noise, overlap), and
-#      the trusted side's profile (benchmarks/profile_trusted.py);
+#      the trusted side's profile (benchmarks/profile_trusted.py) at both thread counts, and
+#      what one busy thread costs torch's threads (benchmarks/busy_thread.py);
 #   6. the whole fast test suite, if time is left.
 # Each step has a time limit and the whole run a deadline (DEADLINE seconds, default 480), so what
 # finished comes back even if the machine is slow. Results: $OUT/log.txt, $OUT/summary.md,
@@ -86,6 +87,8 @@ bench vgg16-train-legrace-noise-ahead 60 --model vgg16 --modes legrace --noise-a
 bench vgg16-train-legrace-sequential 60 --model vgg16 --modes legrace --no-overlap
 step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8
 step 60 profile-few $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8 --threads "$FEW"
+step 60 busy-thread $PY benchmarks/busy_thread.py --model vgg11 --input-size 112 --batch-size 16 \
+    --out "$RUNS/busy_thread.json"
 $PY benchmarks/summarize_bench.py "$RUNS" > "$OUT/summary.md" 2>>"$LOG"
 cat "$OUT/summary.md" | tee -a "$LOG"
 [ "$ACCELERATOR" = cpu ] || step 300 full-tests $PY -m pytest -q -p no:cacheprovider --timeout 120 tests

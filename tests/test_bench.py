@@ -114,3 +114,23 @@ def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, 
     assert main(["bench", "--model", "cnn", "--threads", "0", "--out", str(tmp_path / "x")]) != 0
     assert "--threads must be at least 1" in capsys.readouterr().err
 
+
+
+def test_busy_thread_experiment_times_each_thread_count_alone_and_beside_a_busy_thread(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "busy_thread.py"
+    out = tmp_path / "busy.json"
+    monkeypatch.setattr(sys, "argv", ["busy_thread.py", "--model", "cnn", "--input-size", "8", "--batch-size", "2",
+                                      "--steps", "1", "--out", str(out)])
+    before = torch.get_num_threads()
+    try:
+        runpy.run_path(str(script), run_name="not_main")["main"]()
+    finally:
+        torch.set_num_threads(before)
+    report = json.loads(out.read_text())
+    threads = [r["torch_threads"] for r in report["rows"]]
+    assert threads[0] == report["cores"] and threads == sorted(set(threads), reverse=True)
+    assert all(r["alone_seconds"] > 0 and r["busy_seconds"] > 0 for r in report["rows"])

@@ -268,6 +268,8 @@ def test_engine_draws_noise_inline_unless_asked_to_draw_ahead():
     ahead.convert(SmallCNN(3, 4))
     try:
         assert inline.mechanism._pool is None and ahead.mechanism._pool is not None
+        # no in-process CUDA accelerator: nothing is drawn into page-locked memory
+        assert not inline.mechanism.pinned_output and not ahead.mechanism.pinned_output
     finally:
         inline.close()
         ahead.close()

@@ -177,6 +177,8 @@ class _ModeRun:
         inner = getattr(self.engine.boundary.transport, "accelerator", None) if self.engine.boundary else None
         if pinned is not None and inner is not None:
             inner.pinned = pinned and inner.device.type == "cuda"  # see legrace.accelerator.Accelerator
+            if self.engine.mechanism is not None:
+                self.engine.mechanism.pinned_output = inner.pinned
         self.pinned = bool(getattr(inner, "pinned", False))
         self.timer = _accelerator_timer(self.engine.boundary) if self.engine.boundary else None
         self.config = self.engine._config

@@ -253,6 +253,8 @@ class LegRace:
         if clip == "auto":
             clip = AUTO_NOISE_STD / z if z > 0 else None
         self.mechanism = GaussianMechanism(clip, z, seed=self.noise_seed)
+        accelerator = getattr(self.boundary.transport, "accelerator", None) if self.boundary else None
+        self.mechanism.pinned_output = bool(getattr(accelerator, "pinned", False))  # in-process CUDA
         if self.noise_ahead and self.noise_seed is None:  # a fixed seed needs the inline, ordered stream
             self.mechanism.start_pool(self.noise_ahead)
         if self._config is not None:

@@ -39,6 +39,9 @@ class GaussianMechanism:
         self._streams = GaussianStreams(torch.get_num_threads(), None if seed is None else int(seed))
         self._seed = None if seed is None else int(seed)
         self._pool: Optional[NoisePool] = None
+        # Draw into page-locked memory, set by the engine for an in-process CUDA accelerator: the
+        # noised residual then goes to the GPU by DMA, with no copy into a pinned buffer first.
+        self.pinned_output = False
 
     @property
     def sigma(self) -> float:
@@ -76,7 +79,7 @@ class GaussianMechanism:
             ready = self._pool.take(shape, dtype)
             if ready is not None:
                 return ready
-        return self._streams.normal(shape, dtype, self.sigma)
+        return self._streams.normal(shape, dtype, self.sigma, self.pinned_output)
 
     @property
     def noise_thread_seconds(self) -> float:
@@ -118,8 +121,8 @@ class GaussianStreams:
             self._generators.append(g)
         self._threads: Optional[ThreadPoolExecutor] = None
 
-    def normal(self, shape: torch.Size, dtype: torch.dtype, sigma: float) -> Tensor:
-        out = torch.empty(shape, dtype=dtype)
+    def normal(self, shape: torch.Size, dtype: torch.dtype, sigma: float, pinned: bool = False) -> Tensor:
+        out = torch.empty(shape, dtype=dtype, pin_memory=pinned)
         flat = out.view(-1)
         if len(self._generators) == 1 or flat.numel() < self.MIN_SPLIT:
             flat.normal_(0.0, sigma, generator=self._generators[0])
