@@ -5,11 +5,11 @@
 #   3. training steps of VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in tee_only (CPU, the
 #      same trusted runtime and threads), legrace (trusted side on the CPU, accelerator on the GPU)
 #      and gpu_only; VGG-19 inference;
-#   4. the same training steps with 3/4 of the cores as torch threads (FEW), for every mode;
-#   5. legrace alone on VGG-16 without each default (pinned answers, inline noise, overlap), and
-#      the trusted side's profile (benchmarks/profile_trusted.py) at both thread counts, and
-#      what one busy thread costs torch's threads (benchmarks/busy_thread.py);
-#   6. the whole fast test suite, if time is left.
+#   4. then, until the deadline: the training steps with 3/4 of the cores as torch threads
+#      (FEW) for every mode; what one busy thread costs torch's threads (busy_thread.py);
+#      legrace alone on VGG-16 without each default (pinned copies, inline noise, overlap); the
+#      trusted side's profile (profile_trusted.py) at both thread counts;
+#   5. the whole fast test suite, if time is left.
 # Each step has a time limit and the whole run a deadline (DEADLINE seconds, default 480), so what
 # finished comes back even if the machine is slow. Results: $OUT/log.txt, $OUT/summary.md,
 # $OUT/transfers.json, each bench's JSON and charts under $RUNS (default $OUT/runs), and the same
@@ -76,19 +76,23 @@ bench resnet18-train 90 --model resnet18 --modes tee_only,legrace,gpu_only
 bench vgg19-train 120 --model vgg19 --modes tee_only,legrace,gpu_only
 bench resnet34-train 90 --model resnet34 --modes tee_only,legrace,gpu_only
 bench vgg19-infer 90 --model vgg19 --modes tee_only,legrace,gpu_only --infer
-# the same with a quarter of the cores left to the accelerator's thread (both modes alike): on a
+# in order of what they tell, so that the deadline cuts the least telling:
+# the same with a quarter of the cores left to legrace's helper threads (both modes alike): on a
 # 16-core H200 host this halved legrace's step (README "GPU benchmark")
-for m in vgg16 resnet18 vgg19 resnet34; do
+for m in vgg16 resnet18; do
   bench "$m-train-${FEW}threads" 90 --model "$m" --modes tee_only,legrace,gpu_only --threads "$FEW"
 done
-# legrace alone on VGG-16 against its defaults: pageable answers, noise drawn ahead, legs in turn
-[ "$ACCELERATOR" = cpu ] || bench vgg16-train-legrace-pageable 60 --model vgg16 --modes legrace --no-pinned
-bench vgg16-train-legrace-noise-ahead 60 --model vgg16 --modes legrace --noise-ahead 2
-bench vgg16-train-legrace-sequential 60 --model vgg16 --modes legrace --no-overlap
-step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8
-step 60 profile-few $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8 --threads "$FEW"
 step 60 busy-thread $PY benchmarks/busy_thread.py --model vgg11 --input-size 112 --batch-size 16 \
     --out "$RUNS/busy_thread.json"
+# legrace alone on VGG-16 against its defaults: pageable copies, noise drawn ahead, legs in turn
+[ "$ACCELERATOR" = cpu ] || bench vgg16-train-legrace-pageable 60 --model vgg16 --modes legrace --no-pinned
+bench vgg16-train-legrace-noise-ahead 60 --model vgg16 --modes legrace --noise-ahead 2
+step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8
+step 60 profile-few $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8 --threads "$FEW"
+for m in vgg19 resnet34; do
+  bench "$m-train-${FEW}threads" 90 --model "$m" --modes tee_only,legrace,gpu_only --threads "$FEW"
+done
+bench vgg16-train-legrace-sequential 60 --model vgg16 --modes legrace --no-overlap
 $PY benchmarks/summarize_bench.py "$RUNS" > "$OUT/summary.md" 2>>"$LOG"
 cat "$OUT/summary.md" | tee -a "$LOG"
 [ "$ACCELERATOR" = cpu ] || step 300 full-tests $PY -m pytest -q -p no:cacheprovider --timeout 120 tests
