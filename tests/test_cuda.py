@@ -76,3 +76,19 @@ def test_bench_smoke_on_cuda(tmp_path, flags):
     assert report["overlap"] is ("--no-overlap" not in flags) and report["pinned_replies"] is ("--no-pinned" not in flags)
     assert modes["legrace"]["accelerator_seconds"] > 0 and modes["gpu_only"]["step_seconds"] > 0
     assert "legrace_step / gpu_only_step" in report["ratios"]
+
+
+def test_a_cuda_worker_process_keeps_the_split_exact():
+    torch.manual_seed(1)
+    module = SmallCNN(3, 4)
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    engine = LegRace(rank=2, clip=None, noise_multiplier=0, accelerator="process:cuda")
+    ref, split = copy.deepcopy(module), engine.convert(copy.deepcopy(module))
+    outs = []
+    for m in (split, ref):
+        out = m(x)
+        F.cross_entropy(out, y).backward()
+        outs.append(out.detach())
+    engine.close()
+    assert float((outs[0] - outs[1]).norm() / outs[1].norm()) < 1e-5
+    assert max(grad_errors(split, ref).values()) < 1e-4
