@@ -141,3 +141,23 @@ def test_relu_then_maxpool_runs_as_maxpool_then_relu_with_the_same_gradients():
         gm.zero_grad()
         model.zero_grad()
     assert gm.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("layers", [
+    (PackedReLU(), nn.ReLU()),
+    (CompactMaxPool2d(2), nn.MaxPool2d(2)),
+    (CompactMaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1)),
+])
+def test_without_backward_nothing_is_packed_and_the_values_are_the_same(monkeypatch, layers):
+    mine, ref = layers
+    packed = []  # calls of the autograd functions that keep masks or window codes
+    for name in ("_PackedReLU", "_CompactMaxPool2x2", "_CompactMaxPool"):
+        function = getattr(compact, name)
+        monkeypatch.setattr(function, "apply", lambda *a, _f=function.apply: packed.append(1) or _f(*a))
+    x = torch.randn(2, 3, 9, 10)
+    with torch.no_grad():
+        assert torch.equal(mine(x), ref(x))
+    assert torch.equal(mine(x), ref(x))  # grad enabled, but nothing to differentiate
+    assert not packed
+    y = mine(x.requires_grad_())
+    assert packed and torch.equal(y, ref(x))  # backward will come: the packing path

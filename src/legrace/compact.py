@@ -130,11 +130,16 @@ class _PackedReLU(torch.autograd.Function):
         return masked_by_bits(grad, packed)
 
 
+def _needs_backward(x: Tensor) -> bool:
+    """Whether autograd will call this layer's backward (not under no_grad / inference)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 class PackedReLU(nn.Module):
-    """nn.ReLU that keeps a 1-bit mask for backward."""
+    """nn.ReLU that keeps a 1-bit mask for backward (and nothing when no backward will come)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _PackedReLU.apply(x)
+        return _PackedReLU.apply(x) if _needs_backward(x) else torch.relu(x)
 
 
 def _windows(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -214,7 +219,8 @@ def _window_origins(out_hw, stride, padding, device) -> tuple[Tensor, Tensor]:
 
 class CompactMaxPool2d(nn.Module):
     """nn.MaxPool2d that keeps the winner's position in its window for backward: two bits per
-    output for the common 2x2 stride-2 pool, one byte for any other window."""
+    output for the common 2x2 stride-2 pool, one byte for any other window (nothing when no
+    backward will come)."""
 
     def __init__(self, kernel_size=2, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> None:
         super().__init__()
@@ -225,6 +231,11 @@ class CompactMaxPool2d(nn.Module):
                             and self.dilation == (1, 1) and not ceil_mode)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not _needs_backward(x):  # inference: no winners to keep
+            if self._two_by_two:
+                a, b, c, d = _windows(x)
+                return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         if self._two_by_two:
             return _CompactMaxPool2x2.apply(x)
         return _CompactMaxPool.apply(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
