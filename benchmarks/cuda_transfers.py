@@ -1,8 +1,8 @@
 """Host <-> CUDA copy rates for legrace's message sizes: pageable against page-locked (pinned).
 
-The in-process CUDA accelerator receives each noised residual and dL/dY from pageable memory and
-answers Y_res, dL/dX and the weight gradient; this shows what page-locking would gain per byte,
-including the copy into a pinned buffer that pinning a pageable tensor costs.
+The in-process CUDA accelerator receives each noised residual and dL/dY and answers Y_res, dL/dX
+and the weight gradient. This measures what page-locked memory gains per byte (LegRace's
+pinned_memory), including the copy into a pinned buffer that a pageable tensor (dL/dY) costs.
 
     python benchmarks/cuda_transfers.py [--repeats 5] [--out transfers.json]
 """

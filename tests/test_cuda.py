@@ -36,10 +36,9 @@ def test_cuda_accelerator_keeps_the_split_exact(overlap, pinned):
     module = build_model("vgg11", num_classes=10, image_size=32)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     engine = LegRace(rank=4, clip=None, noise_multiplier=0, accelerator="cuda", overlap=overlap, verify=True,
-                     basis_dtype=None)
+                     basis_dtype=None, pinned_memory=pinned)
     split = engine.convert(copy.deepcopy(module))
-    assert engine.boundary.transport.accelerator.pinned  # the default for CUDA
-    engine.boundary.transport.accelerator.pinned = pinned
+    assert engine.boundary.transport.accelerator.pinned is pinned
     _assert_same_step(engine, split, module, x, y)
 
 
@@ -79,7 +78,7 @@ def test_bench_smoke_on_cuda(tmp_path, flags):
                  "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     modes = {m["mode"]: m for m in report["modes"]}
-    assert report["overlap"] is ("--no-overlap" not in flags) and report["pinned_replies"] is ("--no-pinned" not in flags)
+    assert report["overlap"] is ("--no-overlap" not in flags) and report["pinned_memory"] is ("--no-pinned" not in flags)
     assert modes["legrace"]["accelerator_seconds"] > 0 and modes["gpu_only"]["step_seconds"] > 0
     assert "legrace_step / gpu_only_step" in report["ratios"]
 

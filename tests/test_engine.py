@@ -270,6 +270,7 @@ def test_engine_draws_noise_inline_unless_asked_to_draw_ahead():
         assert inline.mechanism._pool is None and ahead.mechanism._pool is not None
         # no in-process CUDA accelerator: nothing is drawn into page-locked memory
         assert not inline.mechanism.pinned_output and not ahead.mechanism.pinned_output
+        assert LegRace(noise_multiplier=1.0, pinned_memory=True).pinned_memory is False  # CPU: no effect
     finally:
         inline.close()
         ahead.close()

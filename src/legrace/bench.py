@@ -143,7 +143,8 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
             macs = full * (1 + bwd)
             trusted, accel = (trusted + macs, accel) if mode == "tee_only" else (trusted, accel + macs)
             continue
-        R = 0 if mode == "dp_only" else min(16 if rank == "auto" else int(rank if not isinstance(rank, list) else rank[point]), N, h * w)
+        wanted = 16 if rank == "auto" else int(rank if not isinstance(rank, list) else rank[point])
+        R = 0 if mode == "dp_only" else min(wanted, N, h * w)
         lowrank = full * R // N + B * M * N * R * k  # conv(V, W') and W'
         if direct_is_cheaper(N, R, h * w):
             lowrank = full  # conv(A·V, W), see split_conv.lowrank_conv
@@ -169,17 +170,12 @@ class _ModeRun:
         self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
         self.engine = LegRace(mode=mode, rank=rank, accelerator=accelerator, power_iters=iters,
                               **({"noise_multiplier": 1.0, "clip": 1.0, "noise_ahead": noise_ahead,
-                                  "wire_dtype": wire_dtype, "overlap": overlap} if releasing else {}))
+                                  "wire_dtype": wire_dtype, "overlap": overlap, "pinned_memory": pinned}
+                                 if releasing else {}))
         self.net = self.engine.convert(copy.deepcopy(model))
         self.mechanism = self.engine.mechanism
         self.device = self.engine.device if mode == "gpu_only" else torch.device("cpu")
         self.x, self.y = x.to(self.device), y.to(self.device)
-        inner = getattr(self.engine.boundary.transport, "accelerator", None) if self.engine.boundary else None
-        if pinned is not None and inner is not None:
-            inner.pinned = pinned and inner.device.type == "cuda"  # see legrace.accelerator.Accelerator
-            if self.engine.mechanism is not None:
-                self.engine.mechanism.pinned_output = inner.pinned
-        self.pinned = bool(getattr(inner, "pinned", False))
         self.timer = _accelerator_timer(self.engine.boundary) if self.engine.boundary else None
         self.config = self.engine._config
         self.steps, self.trusted, self.accel, self.noise, self.layers = [], [], [], [], []
@@ -268,7 +264,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
-              "pinned_replies": any(r.pinned for r in runs),
+              "pinned_memory": any(r.engine.pinned_memory for r in runs if r.engine.boundary is not None),
               "threads": torch.get_num_threads(),
               "torch": torch.__version__, "glibc_tunables": tunables, "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results)}
@@ -367,8 +363,8 @@ def add_parser(sub) -> None:
                    help="run the trusted side and the accelerator concurrently (default: on, except for "
                         "the in-process CPU accelerator, which shares the trusted side's cores)")
     b.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None,
-                   help="an in-process CUDA accelerator copies its answers into page-locked host memory "
-                        "(default: on)")
+                   help="an in-process CUDA accelerator moves requests and answers through page-locked "
+                        "host memory (default: on)")
     b.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for every mode (default: torch's, one per core). With an "
                         "accelerator on its own thread, leaving cores free can pay: see README")

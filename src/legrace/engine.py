@@ -114,6 +114,9 @@ class LegRace:
     the trusted part of the same layer, then collect the answer (the results are the same bits).
     Default: on, except with the in-process CPU accelerator, which would only take the trusted
     side's cores.
+    pinned_memory: with an in-process CUDA accelerator, draw the noise into page-locked memory and
+    move every request and answer through it (DMA at full bus speed; see
+    legrace.accelerator.Accelerator). Default: on there; it has no effect elsewhere.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class LegRace:
         noise_seed: Optional[int] = None,
         noise_ahead: Optional[int] = None,
         overlap: Optional[bool] = None,
+        pinned_memory: Optional[bool] = None,
         basis_dtype: Optional[str] = "bfloat16",
         rebuild_outputs: bool = True,
         wire_dtype: Optional[str] = None,
@@ -174,6 +178,7 @@ class LegRace:
         self.accelerator, self.secret, self.accelerator_timeout = accelerator, secret, accelerator_timeout
         self.verify = verify
         self.device = _accelerator_device(accelerator, mode)
+        self.pinned_memory = (pinned_memory is None or pinned_memory) and self.device.type == "cuda"
         self.ledger = PrivacyLedger(ledger_path)
         self.audit = AuditLog(audit) if audit is not None else None
         self.boundary: Optional[Boundary] = None
@@ -253,8 +258,7 @@ class LegRace:
         if clip == "auto":
             clip = AUTO_NOISE_STD / z if z > 0 else None
         self.mechanism = GaussianMechanism(clip, z, seed=self.noise_seed)
-        accelerator = getattr(self.boundary.transport, "accelerator", None) if self.boundary else None
-        self.mechanism.pinned_output = bool(getattr(accelerator, "pinned", False))  # in-process CUDA
+        self.mechanism.pinned_output = self.pinned_memory
         if self.noise_ahead and self.noise_seed is None:  # a fixed seed needs the inline, ordered stream
             self.mechanism.start_pool(self.noise_ahead)
         if self._config is not None:
@@ -321,7 +325,7 @@ class LegRace:
     def _transport(self):
         if is_worker(self.accelerator):
             return open_transport(self.accelerator, self.secret, self.accelerator_timeout)
-        return InProcessTransport(Accelerator(self.device))
+        return InProcessTransport(Accelerator(self.device, pinned=self.pinned_memory))
 
     def close(self) -> None:
         """Hang up on the accelerator (a private worker process exits), stop the noise thread and
