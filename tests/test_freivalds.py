@@ -108,7 +108,7 @@ class Tampering(Accelerator):
 
 
 def step(verify, what, monkeypatch):
-    monkeypatch.setattr("legrace.engine.Accelerator", lambda device: Tampering(what))
+    monkeypatch.setattr("legrace.engine.Accelerator", lambda device, **options: Tampering(what))
     torch.manual_seed(0)
     engine = LegRace(rank=2, noise_multiplier=1.0, clip=1.0, verify=verify)
     model = engine.convert(SmallCNN(1, 3))
