@@ -7,9 +7,10 @@ Results and gradients are exactly those of nn.ReLU and nn.MaxPool2d (inputs with
 
 Speed matters as much as memory here: these passes run over the largest activations on the
 trusted side. Bits are packed with numpy's packbits on CPU, in cache-sized blocks shared between
-torch's threads (numpy itself uses one), and the max-pool winner is found by comparing the four
-window positions rather than by decoding int64 indices (integer division over every output was
-slower than the pooling itself).
+torch's threads (numpy itself uses one). On CPU with numba installed, the 2x2 max-pool's forward
+and backward are each one fused pass over those blocks (legrace.kernels); otherwise its winner is
+found by comparing the four window positions rather than by decoding int64 indices (integer
+division over every output was slower than the pooling itself). Both keep the same packed bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
+
+from legrace import kernels
 
 
 # numpy's passes run on one thread; large ones are cut into blocks (a multiple of 8 elements, so a
@@ -55,6 +58,16 @@ def _in_blocks(n: int, work: Callable[[int, int], None]) -> None:
 
 def _numpy_ok(t: Tensor, *dtypes: torch.dtype) -> bool:
     return t.device.type == "cpu" and t.dtype in dtypes and not t.requires_grad
+
+
+def _fused(*tensors: Tensor) -> bool:
+    """Whether legrace.kernels can take these tensors (CPU float32/float64, numba installed)."""
+    return kernels.enabled and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+                                   and not t.requires_grad for t in tensors)
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    return t.contiguous().numpy().reshape(-1)
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -150,9 +163,38 @@ def _windows(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x6[:, :, :, 0, :, 0], x6[:, :, :, 0, :, 1], x6[:, :, :, 1, :, 0], x6[:, :, :, 1, :, 1]
 
 
+def _max_pool_2x2_fused(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, C, h, w = x.shape
+    oh, ow = h // 2, w // 2
+    n = B * C * oh * ow
+    flat = _flat(x)
+    y = np.empty(n, flat.dtype)
+    row, col = np.empty(-(-n // 8), np.uint8), np.empty(-(-n // 8), np.uint8)
+    if n:
+        _in_blocks(n, lambda a, b: kernels.max_pool_2x2(flat, y, row, col, a, b, oh, ow, h, w))
+    return torch.from_numpy(y).view(B, C, oh, ow), torch.from_numpy(row), torch.from_numpy(col)
+
+
+def _max_unpool_2x2_fused(grad: Tensor, row: Tensor, col: Tensor, x_shape: torch.Size) -> Tensor:
+    oh, ow = grad.shape[-2:]
+    h, w = x_shape[-2:]
+    n = grad.numel()
+    if not n:
+        return grad.new_zeros(x_shape)
+    g, rows, cols = _flat(grad), row.numpy(), col.numpy()
+    out = np.empty(x_shape.numel(), g.dtype)
+    _in_blocks(n, lambda a, b: kernels.max_unpool_2x2(g, rows, cols, out, a, b, oh, ow, h, w))
+    return torch.from_numpy(out).view(x_shape)
+
+
 class _CompactMaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
+        ctx.x_shape = x.shape
+        if _fused(x.detach()):
+            y, row, col = _max_pool_2x2_fused(x.detach())
+            ctx.save_for_backward(row, col)
+            return y
         # PyTorch's max-pool scans a window in row order and keeps the first maximum; so do we.
         a, b, c, d = _windows(x)
         top, bottom = torch.maximum(a, b), torch.maximum(c, d)
@@ -162,11 +204,12 @@ class _CompactMaxPool2x2(torch.autograd.Function):
         col = (row & pack_bits(d > c)) | (~row & pack_bits(b > a))
         y = torch.maximum(top, bottom)  # = where(row, bottom, top), cheaper
         ctx.save_for_backward(row, col)
-        ctx.x_shape = x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        if _fused(grad) and ctx.saved_tensors[0].device.type == "cpu":
+            return _max_unpool_2x2_fused(grad, *ctx.saved_tensors, ctx.x_shape)
         row, col = (unpack_bits(p, grad.shape) for p in ctx.saved_tensors)
         h, w = ctx.x_shape[-2:]
         oh, ow = grad.shape[-2:]
@@ -233,12 +276,13 @@ class CompactMaxPool2d(nn.Module):
                             and self.dilation == (1, 1) and not ceil_mode)
 
     def forward(self, x: Tensor) -> Tensor:
+        two_by_two = self._two_by_two and x.dim() == 4 and x.shape[-2] >= 2 and x.shape[-1] >= 2
         if not _needs_backward(x):  # inference: no winners to keep
-            if self._two_by_two:
+            if two_by_two:
                 a, b, c, d = _windows(x)
                 return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
             return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
-        if self._two_by_two:
+        if two_by_two:  # anything else (too small for one window: torch's own error) takes the general path
             return _CompactMaxPool2x2.apply(x)
         return _CompactMaxPool.apply(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 

@@ -1,0 +1,103 @@
+"""Fused CPU passes for the compact 2x2 max-pool, compiled by numba when it is installed.
+
+The trusted side's element-wise work is bound by memory traffic, and torch runs each operation
+as its own pass over memory: the compact 2x2 max-pool's forward takes seven (two maxima, three
+comparisons, their packing, a third maximum) and its backward four. Each kernel here does the
+layer's work in one pass and writes exactly the bytes legrace.compact's torch path writes (the
+same values, the same packed row and column bits), so either path can consume what the other
+produced. (The ReLU has no kernel: torch's ReLU and numpy's SIMD packbits over cache-sized
+blocks were faster than a numba loop, whose bit packing does not vectorise.)
+
+Kernels work on a flat range [k0, k1) of pool outputs whose start is a multiple of 8, so every
+packed byte belongs to one range; legrace.compact cuts the work into such ranges and shares them
+between torch's threads. They release the GIL and start no threads of their own. Without numba,
+or with LEGRACE_FUSED_KERNELS=0 in the environment, `enabled` is False and legrace.compact uses
+its torch passes.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:  # optional: the torch/numpy path gives the same results, only slower
+    import numba
+except ImportError:  # pragma: no cover - depends on the environment
+    numba = None
+
+enabled: bool = numba is not None and os.environ.get("LEGRACE_FUSED_KERNELS", "1") != "0"
+
+
+def _jit(fn):
+    return numba.njit(nogil=True, cache=True, boundscheck=False)(fn) if numba is not None else fn
+
+
+@_jit
+def max_pool_2x2(x, y, row_bits, col_bits, k0, k1, oh, ow, h, w):  # pragma: no cover - compiled
+    """2x2 stride-2 max-pool of planes h x w (x flat) over outputs [k0, k1) of the oh x ow grid.
+
+    The first maximum in row order wins, as in PyTorch: row bit = the bottom row's maximum is
+    strictly larger than the top row's, column bit = the right element of the winning row is
+    strictly larger than its left one; a NaN counts as larger than anything, so it propagates as
+    in nn.MaxPool2d. Odd trailing rows and columns are dropped, as in floor mode.
+    """
+    plane = k0 // (oh * ow)
+    rest = k0 - plane * oh * ow
+    i = rest // ow
+    j = rest - i * ow
+    rows = cols = s = 0
+    for k in range(k0, k1):
+        o = plane * h * w + 2 * i * w + 2 * j
+        a, b, c, d = x[o], x[o + 1], x[o + w], x[o + w + 1]
+        top_right, bottom_right = b > a or b != b, d > c or d != d
+        top = b if top_right else a
+        bottom = d if bottom_right else c
+        lower = bottom > top or bottom != bottom
+        y[k] = bottom if lower else top
+        right = bottom_right if lower else top_right
+        rows = (rows << 1) | lower
+        cols = (cols << 1) | right
+        s += 1
+        if s == 8:
+            row_bits[k >> 3], col_bits[k >> 3] = rows, cols
+            rows = cols = s = 0
+        j += 1
+        if j == ow:
+            j, i = 0, i + 1
+            if i == oh:
+                i, plane = 0, plane + 1
+    if s:
+        row_bits[(k1 - 1) >> 3], col_bits[(k1 - 1) >> 3] = rows << (8 - s), cols << (8 - s)
+    return 0
+
+
+@_jit
+def max_unpool_2x2(grad, row_bits, col_bits, out, k0, k1, oh, ow, h, w):  # pragma: no cover - compiled
+    """The 2x2 max-pool's backward over outputs [k0, k1): each output's gradient to its winner, 0
+    to the other three, and 0 to the odd row and column floor mode dropped (written with the
+    output row or plane they end), so every element of out is written exactly once overall."""
+    plane = k0 // (oh * ow)
+    rest = k0 - plane * oh * ow
+    i = rest // ow
+    j = rest - i * ow
+    for k in range(k0, k1):
+        bit = 7 - (k & 7)
+        lower = (row_bits[k >> 3] >> bit) & 1
+        right = (col_bits[k >> 3] >> bit) & 1
+        g = grad[k]
+        top = plane * h * w + 2 * i * w
+        o = top + 2 * j
+        out[o] = g if (lower == 0 and right == 0) else 0.0
+        out[o + 1] = g if (lower == 0 and right == 1) else 0.0
+        out[o + w] = g if (lower == 1 and right == 0) else 0.0
+        out[o + w + 1] = g if (lower == 1 and right == 1) else 0.0
+        j += 1
+        if j == ow:
+            if w > 2 * ow:  # odd width: the last column of both rows
+                out[top + w - 1] = 0.0
+                out[top + 2 * w - 1] = 0.0
+            j, i = 0, i + 1
+            if i == oh:
+                for e in range(plane * h * w + 2 * oh * w, (plane + 1) * h * w):  # odd height: the last row
+                    out[e] = 0.0
+                i, plane = 0, plane + 1
+    return 0
