@@ -1,4 +1,4 @@
-"""Where the trusted side's time goes in a legrace training step, per legrace function.
+"""Where the trusted side's time goes in a legrace training (or, with --infer, inference) step.
 
 Wraps the functions the trusted side spends its time in (decomposition, the Gaussian mechanism,
 the low-rank conv and weight gradient, the compact ReLU and max-pool, reply checks) with timers,
@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--infer", action="store_true", help="time inference (no_grad forward) instead of training")
     add_threads_argument(p)
     args = p.parse_args()
     apply_threads(args)
@@ -91,7 +92,7 @@ def profile(args: argparse.Namespace) -> None:
     model = build_model(args.model, num_classes=10, image_size=args.input_size)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
     y = torch.randint(0, 10, (args.batch_size,))
-    run = _ModeRun("legrace", model, x, y, train=True, rank=8, accelerator="cpu", iters=2)
+    run = _ModeRun("legrace", model, x, y, train=not args.infer, rank=8, accelerator="cpu", iters=2)
     accelerator = run.engine.boundary.transport.accelerator
     _timed(accelerator, "handle", "accelerator")
     for _ in range(2):  # warm-up
@@ -103,7 +104,8 @@ def profile(args: argparse.Namespace) -> None:
     step = (time.perf_counter() - t0) / args.steps
     per_step = {k: v / args.steps for k, v in seconds.items()}
     trusted = step - per_step.pop("accelerator", 0.0)
-    print(f"{args.model} {args.input_size}x{args.input_size} batch {args.batch_size}, {torch.get_num_threads()} threads: "
+    print(f"{args.model} {'inference' if args.infer else 'training'} {args.input_size}x{args.input_size} "
+          f"batch {args.batch_size}, {torch.get_num_threads()} threads: "
           f"step {step:.3f} s, trusted side {trusted:.3f} s (mean of {args.steps} steps)")
     for label, s in sorted(per_step.items(), key=lambda kv: -kv[1]):
         print(f"{s * 1e3:9.1f} ms  {label}")

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import legrace.kernels
+
 from legrace.cli import main
 
 
@@ -84,7 +86,8 @@ def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch, rank, sen
     assert engine.boundary.crossings - sent_before == sending * 3  # 3 requests per conv that sends
 
 
-def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys):
+@pytest.mark.parametrize("infer", [False, True])
+def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys, infer):
     import runpy
     import sys
     from pathlib import Path
@@ -92,7 +95,7 @@ def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys):
     script = Path(__file__).parents[1] / "benchmarks" / "profile_trusted.py"
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--model", "cnn", "--input-size", "16",
-                                      "--batch-size", "2", "--steps", "1"])
+                                      "--batch-size", "2", "--steps", "1"] + ["--infer"] * infer)
     import legrace.split_conv
 
     decompose = legrace.split_conv.decompose
@@ -100,6 +103,8 @@ def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys):
     assert legrace.split_conv.decompose is decompose  # the timers are taken off again
     out = capsys.readouterr().out
     assert "trusted side" in out and "decomposition" in out and "noise and clipping" in out
+    assert ("inference" if infer else "training") in out
+    assert ("ReLU backward" in out) != infer  # inference keeps no masks: no backward to time
 
 
 def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, capsys):
@@ -108,7 +113,8 @@ def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, 
         out = tmp_path / "bench"
         assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
                      "--warmup", "0", "--modes", "tee_only,legrace", "--threads", "1", "--out", str(out)]) == 0
-        assert json.loads((out / "bench.json").read_text())["threads"] == 1
+        report = json.loads((out / "bench.json").read_text())
+        assert report["threads"] == 1 and report["fused_kernels"] == legrace.kernels.enabled
     finally:
         torch.set_num_threads(before)
     assert main(["bench", "--model", "cnn", "--threads", "0", "--out", str(tmp_path / "x")]) != 0

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from legrace import kernels
 from legrace.engine import MODES, LegRace
 from legrace.models import build_model
 from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
@@ -265,7 +266,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
               "pinned_memory": any(r.engine.pinned_memory for r in runs if r.engine.boundary is not None),
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "fused_kernels": kernels.enabled,
               "torch": torch.__version__, "glibc_tunables": tunables, "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results)}
     for k, v in report["ratios"].items():
