@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import legrace.kernels
-
 from legrace.cli import main
 
 
