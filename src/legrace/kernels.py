@@ -28,7 +28,12 @@ enabled: bool = numba is not None and os.environ.get("LEGRACE_FUSED_KERNELS", "1
 
 
 def _jit(fn):
-    return numba.njit(nogil=True, cache=True, boundscheck=False)(fn) if numba is not None else fn
+    if numba is None:
+        return fn
+    try:  # compiled once, then loaded from numba's on-disk cache
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
+    except RuntimeError:  # no writable cache directory (a read-only install): compiled in each process
+        return numba.njit(nogil=True, boundscheck=False)(fn)
 
 
 @_jit

@@ -1,0 +1,86 @@
+"""legrace.kernels: the fused max-pool passes give the torch path's bytes, and load anywhere."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import legrace.compact as compact
+import legrace.kernels as kernels
+from legrace.compact import CompactMaxPool2d
+
+pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed: no fused kernels")
+
+
+def _torch_path(fn, *args):
+    before = kernels.enabled
+    kernels.enabled = False
+    try:
+        return fn(*args)
+    finally:
+        kernels.enabled = before
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2, 2), (2, 3, 9, 11), (3, 5, 14, 14), (1, 2, 7, 7), (2, 1, 3, 2), (2, 2, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_max_pool_keeps_the_torch_paths_bytes(monkeypatch, shape, dtype, threads):
+    # Ranges cut at any multiple of 8 (BLOCK = 16: many, and not on row or plane edges) must
+    # give the same values and the same packed masks as the torch/numpy passes.
+    monkeypatch.setattr(compact, "BLOCK", 16)
+    monkeypatch.setattr(kernels, "enabled", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        for x in (torch.randn(shape, dtype=dtype), torch.randint(-1, 2, shape).to(dtype)):  # ties and zeros
+            ctx, ctx_ref = _Ctx(), _Ctx()
+            y = compact._CompactMaxPool2x2.forward(ctx, x)
+            y_ref = _torch_path(compact._CompactMaxPool2x2.forward, ctx_ref, x)
+            assert torch.equal(y, y_ref)
+            assert all(torch.equal(a, b) for a, b in zip(ctx.saved, ctx_ref.saved))
+            grad = torch.randn(y.shape, dtype=dtype)
+            assert torch.equal(compact._CompactMaxPool2x2.backward(ctx, grad),
+                               _torch_path(compact._CompactMaxPool2x2.backward, ctx_ref, grad))
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Ctx:
+    """Stands in for autograd's context object when calling a Function's forward and backward directly."""
+
+    def save_for_backward(self, *tensors):
+        self.saved = tensors
+
+    @property
+    def saved_tensors(self):
+        return self.saved
+
+
+def test_fused_max_pool_passes_nan_on_like_maxpool(monkeypatch):
+    monkeypatch.setattr(kernels, "enabled", True)
+    x = torch.randn(1, 2, 4, 4)
+    x[0, 0, 0, 1] = x[0, 1, 3, 2] = float("nan")  # not first in their windows
+    assert torch.equal(CompactMaxPool2d()(x.requires_grad_()).isnan(), nn.MaxPool2d(2)(x).isnan())
+
+
+def test_fused_kernels_work_where_numba_cannot_cache_them():
+    # A read-only install with no writable cache directory: numba refuses cache=True at import.
+    code = ("import numba.core.caching as c\n"
+            "getattr(c, 'CacheImpl', getattr(c, '_CacheImpl', None))._locator_classes = []\n"
+            "import torch, legrace.kernels as k, legrace.compact as m\n"
+            "assert k.enabled and type(k.max_pool_2x2._cache).__name__ == 'NullCache'\n"
+            "x = torch.randn(2, 3, 6, 6)\n"
+            "assert torch.equal(m.CompactMaxPool2d()(x.requires_grad_()), torch.nn.functional.max_pool2d(x, 2))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+def test_the_environment_turns_the_kernels_off():
+    code = "import legrace.kernels as k; print(k.enabled)"
+    env = {**os.environ, "LEGRACE_FUSED_KERNELS": "0"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert run.stdout.strip() == "False", run.stderr
