@@ -139,3 +139,28 @@ def test_busy_thread_experiment_times_each_thread_count_alone_and_beside_a_busy_
     threads = [r["torch_threads"] for r in report["rows"]]
     assert threads[0] == report["cores"] and threads == sorted(set(threads), reverse=True)
     assert all(r["alone_seconds"] > 0 and r["busy_seconds"] > 0 for r in report["rows"])
+
+
+def test_noise_ceiling_times_the_noise_of_the_released_shapes(monkeypatch, capsys, tmp_path):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "noise_ceiling.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    out = tmp_path / "ceiling.json"
+    monkeypatch.setattr(sys, "argv", ["noise_ceiling.py", "--model", "cnn", "--input-size", "16",
+                                      "--batch-size", "3", "--steps", "1", "--out", str(out)])
+    runpy.run_path(str(script), run_name="not_main")["main"]()
+    (result,) = json.loads(out.read_text())["results"]
+    # every conv but the silent first releases a residual the size of its input
+    from legrace.models import build_model
+
+    sizes = []
+    model = build_model("cnn", num_classes=10, image_size=16)
+    for conv in [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1:]:
+        conv.register_forward_hook(lambda m, inputs, output: sizes.append(inputs[0].numel()))
+    model(torch.randn(3, 3, 16, 16))
+    assert result["releases"] == len(sizes) == 2 and result["noise_values"] == sum(sizes)
+    assert result["ceiling"] == result["tee_only_step_seconds"] / result["noise_seconds"]
+    assert "ceiling on TEE-only" in capsys.readouterr().out

@@ -1,0 +1,88 @@
+"""How far below TEE-only the trusted side can get while it draws its Gaussian noise on this CPU.
+
+Every released residual needs fresh N(0, sigma^2) noise of its own size, drawn inside the TEE
+(DESIGN section 3). This times, in one run: TEE-only training steps, and drawing the noise of one
+legrace step (the residual shapes that step releases, through the mechanism's own generators and
+threads). TEE-only step ÷ noise time bounds the trusted-time ratio from above on this machine:
+it is what legrace would reach if all its other trusted work (decomposition, low-rank convs,
+ReLU, pooling, the classifier) took no time at all.
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
+        python benchmarks/noise_ceiling.py --model vgg16 --input-size 224 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench_common import add_threads_argument, apply_threads, write_results
+
+from legrace.bench import _ModeRun
+from legrace.mechanism import GaussianMechanism
+from legrace.models import build_model
+
+
+def released_shapes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Size]:
+    """The shape of every residual one legrace training step releases, for a batch like x."""
+    run = _ModeRun("legrace", model, x[:1], y[:1], train=True, rank=8, accelerator="cpu", iters=2)
+    shapes = []
+    release = run.mechanism.release
+    run.mechanism.release = lambda x_res, *a, **k: shapes.append(x_res.shape[1:]) or release(x_res, *a, **k)
+    run.step()
+    run.mechanism.close()
+    return [torch.Size((len(x), *s)) for s in shapes]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vgg16")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="timed TEE-only steps and noise draws (after one warm-up)")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    add_threads_argument(p)
+    args = p.parse_args()
+    apply_threads(args)
+
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=10, image_size=args.input_size)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
+    y = torch.randint(0, 10, (args.batch_size,))
+    shapes = released_shapes(model, x, y)
+
+    mechanism = GaussianMechanism(clip=1.0, noise_multiplier=1.0)
+    tee = _ModeRun("tee_only", model, x, y, train=True, rank=8, accelerator="cpu", iters=2)
+    tee_times, noise_times = [], []
+    for i in range(args.steps + 1):  # interleaved, the first of each a warm-up
+        t0 = time.perf_counter()
+        tee.step()
+        t1 = time.perf_counter()
+        for shape in shapes:
+            mechanism._noise(shape, torch.float32)
+        t2 = time.perf_counter()
+        if i:
+            tee_times.append(t1 - t0)
+            noise_times.append(t2 - t1)
+    mechanism.close()
+
+    tee_s, noise_s = statistics.median(tee_times), statistics.median(noise_times)
+    values = sum(s.numel() for s in shapes)
+    result = {"model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
+              "threads": torch.get_num_threads(), "releases": len(shapes), "noise_values": values,
+              "tee_only_step_seconds": tee_s, "noise_seconds": noise_s,
+              "noise_ns_per_value": noise_s / values * 1e9, "ceiling": tee_s / noise_s}
+    print(f"{args.model} {args.input_size}x{args.input_size} batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads: TEE-only step {tee_s:.3f} s; the noise of one legrace step "
+          f"({len(shapes)} releases, {values / 1e6:.1f} M values) {noise_s:.3f} s "
+          f"({result['noise_ns_per_value']:.2f} ns per value); ceiling on TEE-only ÷ trusted time: "
+          f"{result['ceiling']:.1f}x (medians of {args.steps})")
+    if args.out:
+        write_results(args.out, "none", [result])
+
+
+if __name__ == "__main__":
+    main()
