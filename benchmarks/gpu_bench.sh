@@ -8,7 +8,8 @@
 #   4. then, until the deadline: the training steps with 3/4 of the cores as torch threads
 #      (FEW) for every mode; what one busy thread costs torch's threads (busy_thread.py);
 #      legrace alone on VGG-16 without each default (pinned copies, inline noise, overlap); the
-#      trusted side's profile (profile_trusted.py) at both thread counts;
+#      trusted side's profile (profile_trusted.py) at both thread counts; the bound the noise
+#      alone puts on the trusted-time ratio (noise_ceiling.py);
 #   5. the whole fast test suite, if time is left.
 # Each step has a time limit and the whole run a deadline (DEADLINE seconds, default 480), so what
 # finished comes back even if the machine is slow. Results: $OUT/log.txt, $OUT/summary.md,
@@ -66,7 +67,8 @@ bench() {  # bench NAME LIMIT ARGS...
       --accelerator "$ACCELERATOR" --warmup 1 --repeats 3 --out "$RUNS/$name" "$@"
 }
 
-[ "$ACCELERATOR" = cpu ] || step 90 cuda-tests $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compact.py
+[ "$ACCELERATOR" = cpu ] || step 90 cuda-tests $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compact.py \
+    tests/test_kernels.py
 # fail fast: if the first benchmark breaks (not merely runs out of time), stop here and leave the
 # device time for a fixed rerun
 bench vgg16-train 120 --model vgg16 --modes tee_only,legrace,gpu_only
@@ -89,6 +91,9 @@ step 60 busy-thread $PY benchmarks/busy_thread.py --model vgg11 --input-size 112
 bench vgg16-train-legrace-noise-ahead 60 --model vgg16 --modes legrace --noise-ahead 2
 step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8
 step 60 profile-few $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8 --threads "$FEW"
+# the bound that drawing the noise alone puts on TEE-only ÷ trusted time with this host's cores
+step 60 noise-ceiling $PY benchmarks/noise_ceiling.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
+    --out "$RUNS/noise_ceiling_vgg16.json"
 for m in vgg19 resnet34; do
   bench "$m-train-${FEW}threads" 90 --model "$m" --modes tee_only,legrace,gpu_only --threads "$FEW"
 done
