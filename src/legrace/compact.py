@@ -170,20 +170,16 @@ def _max_pool_2x2_fused(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     flat = _flat(x)
     y = np.empty(n, flat.dtype)
     row, col = np.empty(-(-n // 8), np.uint8), np.empty(-(-n // 8), np.uint8)
-    if n:
-        _in_blocks(n, lambda a, b: kernels.max_pool_2x2(flat, y, row, col, a, b, oh, ow, h, w))
+    _in_blocks(n, lambda a, b: kernels.max_pool_2x2(flat, y, row, col, a, b, oh, ow, h, w))
     return torch.from_numpy(y).view(B, C, oh, ow), torch.from_numpy(row), torch.from_numpy(col)
 
 
 def _max_unpool_2x2_fused(grad: Tensor, row: Tensor, col: Tensor, x_shape: torch.Size) -> Tensor:
     oh, ow = grad.shape[-2:]
     h, w = x_shape[-2:]
-    n = grad.numel()
-    if not n:
-        return grad.new_zeros(x_shape)
     g, rows, cols = _flat(grad), row.numpy(), col.numpy()
     out = np.empty(x_shape.numel(), g.dtype)
-    _in_blocks(n, lambda a, b: kernels.max_unpool_2x2(g, rows, cols, out, a, b, oh, ow, h, w))
+    _in_blocks(g.size, lambda a, b: kernels.max_unpool_2x2(g, rows, cols, out, a, b, oh, ow, h, w))
     return torch.from_numpy(out).view(x_shape)
 
 
@@ -208,7 +204,7 @@ class _CompactMaxPool2x2(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        if _fused(grad) and ctx.saved_tensors[0].device.type == "cpu":
+        if _fused(grad):
             return _max_unpool_2x2_fused(grad, *ctx.saved_tensors, ctx.x_shape)
         row, col = (unpack_bits(p, grad.shape) for p in ctx.saved_tensors)
         h, w = ctx.x_shape[-2:]
