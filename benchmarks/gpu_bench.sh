@@ -84,6 +84,10 @@ bench vgg19-infer 90 --model vgg19 --modes tee_only,legrace,gpu_only --infer
 for m in vgg16 resnet18; do
   bench "$m-train-${FEW}threads" 90 --model "$m" --modes tee_only,legrace,gpu_only --threads "$FEW"
 done
+# OpenMP threads that spin after each parallel region (libgomp's default, for a while) hold the
+# cores that legrace's helper threads (noise, bit packing) need; on 2 cores OMP_WAIT_POLICY=ACTIVE
+# made those passes 1.2-1.8x slower than PASSIVE, which was as fast as the default: try it on many cores
+OMP_WAIT_POLICY=PASSIVE bench vgg16-train-omp-passive 90 --model vgg16 --modes tee_only,legrace,gpu_only
 step 60 busy-thread $PY benchmarks/busy_thread.py --model vgg11 --input-size 112 --batch-size 16 \
     --out "$RUNS/busy_thread.json"
 # legrace alone on VGG-16 against its defaults: pageable copies, noise drawn ahead, legs in turn

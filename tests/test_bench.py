@@ -1,6 +1,7 @@
 """A tiny benchmark run: the command works end to end (no timing is asserted)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -114,6 +115,7 @@ def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, 
                      "--warmup", "0", "--modes", "tee_only,legrace", "--threads", "1", "--out", str(out)]) == 0
         report = json.loads((out / "bench.json").read_text())
         assert report["threads"] == 1 and report["fused_kernels"] == legrace.kernels.enabled
+        assert report["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
     finally:
         torch.set_num_threads(before)
     assert main(["bench", "--model", "cnn", "--threads", "0", "--out", str(tmp_path / "x")]) != 0

@@ -267,7 +267,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
               "pinned_memory": any(r.engine.pinned_memory for r in runs if r.engine.boundary is not None),
               "threads": torch.get_num_threads(), "fused_kernels": kernels.enabled,
-              "torch": torch.__version__, "glibc_tunables": tunables, "cpu": _cpu_name(),
+              "torch": torch.__version__, "glibc_tunables": tunables,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results)}
     for k, v in report["ratios"].items():
         log(f"{k}: {v:.2f}")
