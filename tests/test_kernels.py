@@ -3,7 +3,9 @@
 import os
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -84,3 +86,29 @@ def test_the_environment_turns_the_kernels_off():
     env = {**os.environ, "LEGRACE_FUSED_KERNELS": "0"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert run.stdout.strip() == "False", run.stderr
+
+
+def test_kernels_that_numba_cannot_build_fall_back_to_the_torch_path_with_a_warning(monkeypatch):
+    def broken(*args):
+        raise TypeError("a numba that cannot type this")
+
+    monkeypatch.setattr(kernels, "enabled", True)
+    monkeypatch.setattr(kernels, "_works", {})
+    monkeypatch.setattr(kernels, "max_pool_2x2", broken)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(RuntimeWarning, match="using the torch path"):
+        y = CompactMaxPool2d()(x.requires_grad_())
+    assert torch.equal(y, nn.MaxPool2d(2)(x)) and kernels._works == {np.dtype(np.float32): False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the torch path's backward too, with no second warning
+        y.sum().backward()
+    assert torch.equal(x.grad, torch.autograd.grad(nn.MaxPool2d(2)(x).sum(), x)[0])
+
+
+def test_the_kernels_check_themselves_once_per_dtype(monkeypatch):
+    monkeypatch.setattr(kernels, "enabled", True)
+    monkeypatch.setattr(kernels, "_works", {})
+    assert kernels.usable(np.float32) and kernels.usable(np.float64)
+    assert kernels._works == {np.dtype(np.float32): True, np.dtype(np.float64): True}
+    monkeypatch.setattr(kernels, "enabled", False)
+    assert not kernels.usable(np.float32)

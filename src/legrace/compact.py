@@ -60,10 +60,10 @@ def _numpy_ok(t: Tensor, *dtypes: torch.dtype) -> bool:
     return t.device.type == "cpu" and t.dtype in dtypes and not t.requires_grad
 
 
-def _fused(*tensors: Tensor) -> bool:
-    """Whether legrace.kernels can take these tensors (CPU float32/float64, numba installed)."""
-    return kernels.enabled and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-                                   and not t.requires_grad for t in tensors)
+def _fused(t: Tensor) -> bool:
+    """Whether legrace.kernels can take this tensor (CPU float32/float64, numba working)."""
+    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+            and kernels.usable(np.float32 if t.dtype == torch.float32 else np.float64))
 
 
 def _flat(t: Tensor) -> np.ndarray:

@@ -12,19 +12,23 @@ Kernels work on a flat range [k0, k1) of pool outputs whose start is a multiple 
 packed byte belongs to one range; legrace.compact cuts the work into such ranges and shares them
 between torch's threads. They release the GIL and start no threads of their own. Without numba,
 or with LEGRACE_FUSED_KERNELS=0 in the environment, `enabled` is False and legrace.compact uses
-its torch passes.
+its torch passes; so it does, with a warning, where numba is present but cannot build them.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+
+import numpy as np
 
 try:  # optional: the torch/numpy path gives the same results, only slower
     import numba
-except ImportError:  # pragma: no cover - depends on the environment
+except Exception:  # pragma: no cover - not installed, or broken against this numpy
     numba = None
 
 enabled: bool = numba is not None and os.environ.get("LEGRACE_FUSED_KERNELS", "1") != "0"
+_works: dict[np.dtype, bool] = {}
 
 
 def _jit(fn):
@@ -106,3 +110,24 @@ def max_unpool_2x2(grad, row_bits, col_bits, out, k0, k1, oh, ow, h, w):  # prag
                     out[e] = 0.0
                 i, plane = 0, plane + 1
     return 0
+
+
+def usable(dtype: np.dtype) -> bool:
+    """Whether the kernels run here for this dtype: built (or loaded from the cache) and checked
+    on a 4x4 plane once per process. A numba that cannot build them turns them off with a
+    warning, rather than failing inside a training step."""
+    if not enabled:
+        return False
+    dtype = np.dtype(dtype)
+    if dtype not in _works:
+        try:
+            x = np.array([3, 1, 0, 0, 2, 5, 0, 9, 0, 0, 0, 0, 7, 0, 0, 8], dtype)
+            y, rows, cols, grad = np.empty(4, dtype), np.empty(1, np.uint8), np.empty(1, np.uint8), np.empty(16, dtype)
+            max_pool_2x2(x, y, rows, cols, 0, 4, 2, 2, 4, 4)
+            max_unpool_2x2(y, rows, cols, grad, 0, 4, 2, 2, 4, 4)
+            _works[dtype] = y.tolist() == [5, 9, 7, 8] and np.array_equal(grad != 0, x >= 5)
+        except Exception as e:  # pragma: no cover - depends on the environment
+            warnings.warn(f"legrace.kernels: numba could not run the fused max-pool ({type(e).__name__}: {e}); "
+                          "using the torch path", RuntimeWarning, stacklevel=2)
+            _works[dtype] = False
+    return _works[dtype]
