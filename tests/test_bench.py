@@ -116,6 +116,7 @@ def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, 
         report = json.loads((out / "bench.json").read_text())
         assert report["threads"] == 1 and report["fused_kernels"] == legrace.kernels.enabled
         assert report["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
+        assert report["gomp_spincount"] == os.environ.get("GOMP_SPINCOUNT")
     finally:
         torch.set_num_threads(before)
     assert main(["bench", "--model", "cnn", "--threads", "0", "--out", str(tmp_path / "x")]) != 0

@@ -268,7 +268,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "pinned_memory": any(r.engine.pinned_memory for r in runs if r.engine.boundary is not None),
               "threads": torch.get_num_threads(), "fused_kernels": kernels.enabled,
               "torch": torch.__version__, "glibc_tunables": tunables,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu": _cpu_name(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+              "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results)}
     for k, v in report["ratios"].items():
         log(f"{k}: {v:.2f}")
