@@ -87,7 +87,7 @@ done
 # OpenMP threads that spin after each parallel region (libgomp's default, for a while) hold the
 # cores that legrace's helper threads (noise, bit packing) need; on 2 cores OMP_WAIT_POLICY=ACTIVE
 # made those passes 1.2-1.8x slower than PASSIVE, and a short spin (GOMP_SPINCOUNT=10000) made
-# both modes faster than the default (legrace's trusted side by 5%): try both on many cores
+# both modes faster than the default (legrace's trusted side by 5-9%): try both on many cores
 GOMP_SPINCOUNT=10000 bench vgg16-train-spin10k 90 --model vgg16 --modes tee_only,legrace,gpu_only
 OMP_WAIT_POLICY=PASSIVE bench vgg16-train-omp-passive 90 --model vgg16 --modes tee_only,legrace,gpu_only
 step 60 busy-thread $PY benchmarks/busy_thread.py --model vgg11 --input-size 112 --batch-size 16 \

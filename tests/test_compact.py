@@ -90,7 +90,7 @@ def test_compact_maxpool_on_an_input_too_small_for_a_window_fails_like_maxpool(s
     for x in (torch.randn(shape), torch.randn(shape, requires_grad=True)):
         with pytest.raises(RuntimeError) as expected:
             nn.MaxPool2d(2)(x)
-        with pytest.raises(RuntimeError, ) as got:
+        with pytest.raises(RuntimeError) as got:
             CompactMaxPool2d()(x)
         assert str(got.value) == str(expected.value)
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -266,7 +267,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
               "pinned_memory": any(r.engine.pinned_memory for r in runs if r.engine.boundary is not None),
-              "threads": torch.get_num_threads(), "fused_kernels": kernels.enabled,
+              "threads": torch.get_num_threads(), "fused_kernels": kernels.usable(np.float32),
               "torch": torch.__version__, "glibc_tunables": tunables,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
               "cpu": _cpu_name(),

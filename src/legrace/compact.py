@@ -187,8 +187,9 @@ class _CompactMaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.x_shape = x.shape
-        if _fused(x.detach()):
-            y, row, col = _max_pool_2x2_fused(x.detach())
+        data = x.detach()  # the kernels read the data only
+        if _fused(data):
+            y, row, col = _max_pool_2x2_fused(data)
             ctx.save_for_backward(row, col)
             return y
         # PyTorch's max-pool scans a window in row order and keeps the first maximum; so do we.
