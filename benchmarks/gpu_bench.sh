@@ -5,11 +5,12 @@
 #   3. training steps of VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in tee_only (CPU, the
 #      same trusted runtime and threads), legrace (trusted side on the CPU, accelerator on the GPU)
 #      and gpu_only; VGG-19 inference;
-#   4. then, until the deadline: the training steps with 3/4 of the cores as torch threads
-#      (FEW) for every mode; what one busy thread costs torch's threads (busy_thread.py);
-#      legrace alone on VGG-16 without each default (pinned copies, inline noise, overlap); the
-#      trusted side's profile (profile_trusted.py) at both thread counts; the bound the noise
-#      alone puts on the trusted-time ratio (noise_ceiling.py);
+#   4. then, until the deadline: the trusted side's profile with the GPU as accelerator
+#      (profile_trusted.py); the bound the noise alone puts on the trusted-time ratio
+#      (noise_ceiling.py) and the noise rate per generator thread (noise_rate.py); what one busy
+#      thread costs torch's threads (busy_thread.py); legrace alone on VGG-16 without each default
+#      (pinned copies, inline noise, overlap); the training steps with 3/4 of the cores as torch
+#      threads (FEW) for every mode; OpenMP's wait policy;
 #   5. the whole fast test suite, if time is left.
 # Each step has a time limit and the whole run a deadline (DEADLINE seconds, default 480), so what
 # finished comes back even if the machine is slow. Results: $OUT/log.txt, $OUT/summary.md,
@@ -79,31 +80,32 @@ bench vgg19-train 120 --model vgg19 --modes tee_only,legrace,gpu_only
 bench resnet34-train 90 --model resnet34 --modes tee_only,legrace,gpu_only
 bench vgg19-infer 90 --model vgg19 --modes tee_only,legrace,gpu_only --infer
 # in order of what they tell, so that the deadline cuts the least telling:
-# the same with a quarter of the cores left to legrace's helper threads (both modes alike): on a
-# 16-core H200 host this halved legrace's step (README "GPU benchmark")
-for m in vgg16 resnet18; do
-  bench "$m-train-${FEW}threads" 90 --model "$m" --modes tee_only,legrace,gpu_only --threads "$FEW"
-done
-# OpenMP threads that spin after each parallel region (libgomp's default, for a while) hold the
-# cores that legrace's helper threads (noise, bit packing) need; on 2 cores OMP_WAIT_POLICY=ACTIVE
-# made those passes 1.2-1.8x slower than PASSIVE, and a short spin (GOMP_SPINCOUNT=10000) made
-# both modes faster than the default (legrace's trusted side by 5-9%): try both on many cores
-GOMP_SPINCOUNT=10000 bench vgg16-train-spin10k 90 --model vgg16 --modes tee_only,legrace,gpu_only
-OMP_WAIT_POLICY=PASSIVE bench vgg16-train-omp-passive 90 --model vgg16 --modes tee_only,legrace,gpu_only
+# where the trusted side's time goes with the GPU as accelerator (with the CPU accelerator its
+# convs would share OpenMP's threads with the trusted side and inflate the noise's share)
+PROFILE_ACCELERATOR=cuda; [ "$ACCELERATOR" = cpu ] && PROFILE_ACCELERATOR=cpu
+step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8 \
+    --accelerator "$PROFILE_ACCELERATOR"
+# the bound that drawing the noise alone puts on TEE-only ÷ trusted time with this host's cores,
+# and how the noise rate grows with generator threads (pageable and page-locked)
+step 60 noise-ceiling $PY benchmarks/noise_ceiling.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
+    --out "$RUNS/noise_ceiling_vgg16.json"
+step 40 noise-rate $PY benchmarks/noise_rate.py --out "$RUNS/noise_rate.json"
 step 60 busy-thread $PY benchmarks/busy_thread.py --model vgg11 --input-size 112 --batch-size 16 \
     --out "$RUNS/busy_thread.json"
 # legrace alone on VGG-16 against its defaults: pageable copies, noise drawn ahead, legs in turn
 [ "$ACCELERATOR" = cpu ] || bench vgg16-train-legrace-pageable 60 --model vgg16 --modes legrace --no-pinned
 bench vgg16-train-legrace-noise-ahead 60 --model vgg16 --modes legrace --noise-ahead 2
-step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8
-step 60 profile-few $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8 --threads "$FEW"
-# the bound that drawing the noise alone puts on TEE-only ÷ trusted time with this host's cores
-step 60 noise-ceiling $PY benchmarks/noise_ceiling.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
-    --out "$RUNS/noise_ceiling_vgg16.json"
-for m in vgg19 resnet34; do
+bench vgg16-train-legrace-sequential 60 --model vgg16 --modes legrace --no-overlap
+# the same with a quarter of the cores left to legrace's helper threads (both modes alike): on
+# the H200 host this halved legrace's step at the defaults of commit de75519, and no longer helped
+# at those of 6bbb0d8 (docs/bench/gpu/)
+for m in vgg16 resnet18 vgg19 resnet34; do
   bench "$m-train-${FEW}threads" 90 --model "$m" --modes tee_only,legrace,gpu_only --threads "$FEW"
 done
-bench vgg16-train-legrace-sequential 60 --model vgg16 --modes legrace --no-overlap
+# OpenMP's spin after each parallel region: neither a short spin nor none at all made legrace's
+# trusted side faster with a CUDA accelerator on the H200 host (docs/bench/gpu/)
+GOMP_SPINCOUNT=10000 bench vgg16-train-spin10k 90 --model vgg16 --modes tee_only,legrace,gpu_only
+OMP_WAIT_POLICY=PASSIVE bench vgg16-train-omp-passive 90 --model vgg16 --modes tee_only,legrace,gpu_only
 $PY benchmarks/summarize_bench.py "$RUNS" > "$OUT/summary.md" 2>>"$LOG"
 cat "$OUT/summary.md" | tee -a "$LOG"
 [ "$ACCELERATOR" = cpu ] || step 300 full-tests $PY -m pytest -q -p no:cacheprovider --timeout 120 tests

@@ -2,8 +2,13 @@
 
 Wraps the functions the trusted side spends its time in (decomposition, the Gaussian mechanism,
 the low-rank conv and weight gradient, the compact ReLU and max-pool, reply checks) with timers,
-runs training steps with the in-process CPU accelerator, and subtracts the accelerator's own
-time. "other" is the rest of the trusted step: classifier, loss, BatchNorm, autograd.
+and runs steps with an in-process accelerator: the CPU (default) or, on a GPU host, CUDA. The
+trusted side's time is the step less its waits for the accelerator, as `legrace bench` counts it.
+"other" is the rest of the trusted step: classifier, loss, BatchNorm, autograd.
+
+With the CPU accelerator, the accelerator's convs run on the same OpenMP threads as the trusted
+side, whose spinning after each region slows the passes on legrace's own threads (noise); with
+--accelerator cuda they do not, so on a GPU host profile with cuda.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
         .venv/bin/python benchmarks/profile_trusted.py --model vgg16 --input-size 224 --batch-size 8
@@ -77,9 +82,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--infer", action="store_true", help="time inference (no_grad forward) instead of training")
+    p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     add_threads_argument(p)
     args = p.parse_args()
     apply_threads(args)
+    if args.accelerator == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--accelerator cuda: no CUDA GPU here")
     instrument()
     try:
         profile(args)
@@ -92,20 +100,17 @@ def profile(args: argparse.Namespace) -> None:
     model = build_model(args.model, num_classes=10, image_size=args.input_size)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
     y = torch.randint(0, 10, (args.batch_size,))
-    run = _ModeRun("legrace", model, x, y, train=not args.infer, rank=8, accelerator="cpu", iters=2)
-    accelerator = run.engine.boundary.transport.accelerator
-    _timed(accelerator, "handle", "accelerator")
+    run = _ModeRun("legrace", model, x, y, train=not args.infer, rank=8, accelerator=args.accelerator, iters=2)
     for _ in range(2):  # warm-up
         run.step()
     seconds.clear()
-    t0 = time.perf_counter()
     for _ in range(args.steps):
-        run.step()
-    step = (time.perf_counter() - t0) / args.steps
+        run.timed_step()
+    step = sum(run.steps) / args.steps
+    trusted = sum(run.trusted) / args.steps
     per_step = {k: v / args.steps for k, v in seconds.items()}
-    trusted = step - per_step.pop("accelerator", 0.0)
     print(f"{args.model} {'inference' if args.infer else 'training'} {args.input_size}x{args.input_size} "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads: "
+          f"batch {args.batch_size}, {torch.get_num_threads()} threads, {args.accelerator} accelerator: "
           f"step {step:.3f} s, trusted side {trusted:.3f} s (mean of {args.steps} steps)")
     for label, s in sorted(per_step.items(), key=lambda kv: -kv[1]):
         print(f"{s * 1e3:9.1f} ms  {label}")

@@ -168,3 +168,46 @@ def test_noise_ceiling_times_the_noise_of_the_released_shapes(monkeypatch, capsy
     assert result["releases"] == len(sizes) == 2 and result["noise_values"] == sum(sizes)
     assert result["ceiling"] == result["tee_only_step_seconds"] / result["noise_seconds"]
     assert "ceiling on TEE-only" in capsys.readouterr().out
+
+
+def test_noise_rate_times_each_generator_count_and_refuses_bad_sizes(monkeypatch, capsys, tmp_path):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "noise_rate.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    out = tmp_path / "rate.json"
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(sys, "argv", ["noise_rate.py", "--values", "1000", "--repeats", "1",
+                                          "--threads", "3", "--out", str(out)])
+        runpy.run_path(str(script), run_name="not_main")["main"]()
+    finally:
+        torch.set_num_threads(before)
+    (result,) = json.loads(out.read_text())["results"]
+    noise = [r for r in result["rows"] if r["work"].startswith("noise")]
+    assert [r["generators"] for r in noise if not r["pinned"]] == [1, 2, 3]
+    assert all(r["seconds"] > 0 and r["ns_per_value"] == r["seconds"] / 1000 * 1e9 for r in result["rows"])
+    monkeypatch.setattr(sys, "argv", ["noise_rate.py", "--values", "0"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        runpy.run_path(str(script), run_name="not_main")["main"]()
+
+
+def test_trusted_profile_counts_the_step_less_its_waits_and_needs_cuda_for_cuda(monkeypatch, capsys):
+    import re
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "profile_trusted.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--model", "cnn", "--input-size", "16",
+                                      "--batch-size", "2", "--steps", "2"])
+    runpy.run_path(str(script), run_name="not_main")["main"]()
+    step, trusted = map(float, re.search(r"step ([\d.]+) s, trusted side ([\d.]+) s", capsys.readouterr().out).groups())
+    assert 0 < trusted < step  # the CPU accelerator's convs are waits, not trusted work
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--accelerator", "cuda"])
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            runpy.run_path(str(script), run_name="not_main")["main"]()
