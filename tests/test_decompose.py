@@ -122,3 +122,31 @@ def test_identity_split_keeps_x_itself_whatever_the_basis_dtype():
     x = lowrank_batch()
     d = decompose(x, 12, basis_dtype=torch.bfloat16)
     assert d.V.dtype == x.dtype and torch.equal(d.V, x.reshape(4, 12, 30)) and not d.X_res.any()
+
+
+@pytest.mark.parametrize("iters", [1, 2, 4])
+def test_light_through_the_gram_matrix_is_the_same_iteration(monkeypatch, iters):
+    import legrace.decompose as dec
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(5, 24, 1, 300, generator=g, dtype=torch.float64)
+    X = X + torch.randn(5, 24, 1, 1, generator=g, dtype=torch.float64) * torch.rand(5, 1, 1, 300, generator=g)
+    via_gram = decompose(X, 6, iters=iters)
+    monkeypatch.setattr(dec, "GRAM_MAX_CHANNELS", 0)  # every sample through the passes over X
+    via_x = decompose(X, 6, iters=iters)
+    # orthonormal bases of the same subspace: equal up to a sign per column
+    signs = (via_gram.A * via_x.A).sum(1, keepdim=True).sign()
+    torch.testing.assert_close(via_gram.A, via_x.A * signs, rtol=0, atol=1e-9)
+    torch.testing.assert_close(via_gram.X_res, via_x.X_res, rtol=0, atol=1e-9)
+
+
+def test_light_takes_the_gram_matrix_only_for_few_channels(monkeypatch):
+    import legrace.decompose as dec
+
+    def no_passes(*args):
+        raise AssertionError("iterated on X")
+
+    monkeypatch.setattr(dec, "_own_channels", no_passes)
+    decompose(torch.randn(2, dec.GRAM_MAX_CHANNELS, 8, 8), 4)
+    with pytest.raises(AssertionError, match="iterated on X"):
+        decompose(torch.randn(2, dec.GRAM_MAX_CHANNELS + 1, 8, 8), 4)

@@ -35,12 +35,38 @@ def data(dtype, size, channels=3, batch=4, classes=10, seed=0):
 FAST = [("cnn", 8, 1), ("cnn", 32, 3), ("vgg11", 32, 3), ("vgg11_bn", 32, 3), ("resnet18", 32, 3)]
 
 
-# V kept in bfloat16 (the default) is exact: the rounding moves into X_res. In float32 it still
-# changes the sum's rounding, and in resnet18 eval one ReLU input sits at 1.8e-7 in the plain
-# model and at exactly 0 in the split one: that flipped decision moves every earlier gradient by
-# about 1%. Rounding at a decision boundary, not a wrong split: float64 and the float32 basis
-# are exact there.
+# V kept in bfloat16 (the default) is exact: the rounding moves into X_res. In float32 either basis
+# still changes the sum's rounding, and in resnet18 eval one ReLU input sits at 2.8e-8 in the
+# float64 model (the plain float32 model agrees with it) and on the other side of 0 in the split
+# one: that flipped decision moves every earlier gradient by about 1%. Rounding at a decision
+# boundary, not a wrong split: float64 is exact there, and so is float32 in training mode. The
+# test then checks that this is so: every ReLU decision the split takes otherwise than the
+# float64 model is at an input within float32 rounding of 0.
 _AT_A_RELU_BOUNDARY = "a ReLU input within float32 rounding of 0 flips (see comment)"
+
+
+def relu_inputs(net, x, y, train):
+    """Every ReLU call's input (float64) in one forward/backward of net."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().double()))
+             for m in net.modules() if "relu" in type(m).__name__.lower()]
+    net.train(train)
+    F.cross_entropy(net(x), y).backward()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def assert_only_boundary_flips(model, x, y, *, rank, train, basis):
+    """The split's ReLU decisions differ from the float64 model's only within rounding of 0."""
+    truth = relu_inputs(copy.deepcopy(model).double(), x.double(), y, train)
+    engine = LegRace(mode="legrace", rank=rank, clip=None, noise_multiplier=0, basis_dtype=basis)
+    split = relu_inputs(engine.convert(copy.deepcopy(model)), x, y, train)
+    assert len(split) == len(truth) > 0
+    flips = [t[(t > 0) != (s > 0)] for t, s in zip(truth, split)]
+    assert sum(f.numel() for f in flips) > 0, "the gradients differ with no ReLU decision flipped"
+    for f, t in zip(flips, truth):
+        assert (f.abs() <= 1e-6 * t.abs().max()).all(), f"a ReLU decision flipped far from 0: {f}"
 DTYPES = [pytest.param(torch.float64, "bfloat16", id="f64"), pytest.param(torch.float32, "bfloat16", id="f32"),
           pytest.param(torch.float32, "float32", id="f32-basis-f32")]
 
@@ -49,8 +75,6 @@ DTYPES = [pytest.param(torch.float64, "bfloat16", id="f64"), pytest.param(torch.
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name,size,channels", FAST, ids=[f"{n}-{s}" for n, s, _ in FAST])
 def test_split_equals_plain(name, size, channels, train, dtype, basis):
-    if (name, train, dtype, basis) == ("resnet18", False, torch.float32, "bfloat16"):
-        pytest.skip(_AT_A_RELU_BOUNDARY)
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, in_channels=channels, image_size=size).to(dtype)
     x, y = data(dtype, size, channels)
@@ -58,7 +82,11 @@ def test_split_equals_plain(name, size, channels, train, dtype, basis):
     # every conv releases its residual but one whose R = 4 covers all its input channels (the image)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert engine.releases_per_sample == sum(m.in_channels > 4 for m in convs) == len(convs) - 1
-    assert logit_err <= TOL[dtype] and grad_err <= TOL[dtype], (logit_err, grad_err)
+    assert logit_err <= TOL[dtype], logit_err
+    if (name, train, dtype) == ("resnet18", False, torch.float32) and grad_err > TOL[dtype]:
+        assert_only_boundary_flips(model, x, y, rank=4, train=train, basis=basis)
+        pytest.skip(_AT_A_RELU_BOUNDARY)
+    assert grad_err <= TOL[dtype], grad_err
 
 
 @pytest.mark.parametrize("rank", [0, 1, 3, 16, 512, "auto", "list"])

@@ -54,12 +54,29 @@ def _own_channels(X: Tensor, R: int) -> Tensor:
     return torch.gather(X, 1, idx.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
 
 
+# Up to this many channels, _light iterates on the Gram matrix X·X^T (N x N) instead of on X.
+# Measured on 2 cores (VGG-16 and ResNet shapes, batch 2-32): never slower at N <= 64, and 1.6-1.8x
+# faster on large maps, where each pass over X goes to memory; at N = 128-512 the N^2·hw MACs of
+# the Gram matrix cost more than the passes they save.
+GRAM_MAX_CHANNELS = 64
+
+
 def _light(X: Tensor, R: int, iters: int) -> tuple[Tensor, Tensor]:
     """Batched block power iteration: A = orthonormal(X·V^T), V = A^T·X.
 
     The block form of the paper's alternating u/v updates: all R components at once in GEMMs
     (a pass over X per half-iteration whatever R is) instead of R sequential rank-1 deflations.
+    With few channels the same iteration runs through G = X·X^T: X·V^T = G·A of the previous
+    A, and the warm start's X·X[idx]^T = G[:, idx], so X is read twice (G, then the last V)
+    instead of 1 + 2·iters times, with the same A and V up to rounding.
     """
+    if X.shape[1] <= GRAM_MAX_CHANNELS:
+        G = X @ X.transpose(1, 2)
+        idx = G.diagonal(dim1=1, dim2=2).topk(R, dim=-1).indices  # the channels' energies
+        A = _orthonormal(torch.gather(G, 2, idx.unsqueeze(1).expand(-1, G.shape[1], -1)))
+        for _ in range(max(1, iters) - 1):
+            A = _orthonormal(G @ A)
+        return A, A.transpose(1, 2) @ X
     V = _own_channels(X, R)
     for _ in range(max(1, iters)):
         A = _orthonormal(X @ V.transpose(1, 2))
