@@ -141,14 +141,17 @@ SLOW_ARCHS = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vg
 
 
 # In float32 the split's sums round differently from the plain model's (by ~1e-7 of a value), and
-# a ReLU input that sits within that of 0 then flips; each flip moves every earlier gradient by up
-# to ~1% (measured: one flip in the vgg19 CIFAR variant, 1 to 5 in resnet34 at 32). Which cases
-# hit one depends on rounding details: 9 of the 22 float32 cases with V kept in bfloat16, 7 with
-# V in float32, not the same ones. Float64 passes at 1e-6 in all of them. So float32 is
-# compared, but a miss is expected in some cases, not a wrong split.
+# a ReLU input that sits within that of 0 then flips, or a max-pool window whose two largest
+# values are that close picks the other; each such decision moves every earlier gradient by up
+# to ~1% (measured: one ReLU flip in the vgg19 CIFAR variant, 1 to 5 in resnet34 at 32; one
+# max-pool winner at 1.6e-8 of the layer's largest value in vgg16 at 224 training). Which cases
+# hit one depends on rounding details: 13 of the 22 float32 cases with V kept in bfloat16 since
+# the light SVD goes through X·X^T for <= 64 channels (9 before it, not all the same ones); 7
+# with V in float32 before it. Float64 passes at 1e-6 in all of them. So float32 is compared, but a miss is
+# expected in some cases, not a wrong split.
 KNOWN_F32_GAP = pytest.mark.xfail(strict=False, reason=(
-    "float32 rounding flips a ReLU input that sits within ~1e-7 of 0 in some cases, moving earlier "
-    "gradients by up to ~1%; float64 passes in every case (see the comment above)"))
+    "float32 rounding flips a ReLU input within ~1e-7 of 0, or a max-pool near-tie, in some cases, "
+    "moving earlier gradients by up to ~1%; float64 passes in every case (see the comment above)"))
 
 
 @pytest.mark.slow
