@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,6 +22,17 @@ def apply_threads(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the worker processes
+
+
+def median_seconds(work: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `repeats` calls of work, after one untimed warm-up call."""
+    work()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, models: str) -> None:

@@ -15,12 +15,12 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import threading
-import time
 
 import torch
 import torch.nn.functional as F
+
+from bench_common import median_seconds
 
 from legrace.models import build_model
 
@@ -30,13 +30,7 @@ def _median_step(model, x, y, steps: int) -> float:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
-    step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(step, steps)
 
 
 def _with_busy_thread(fn):

@@ -1,8 +1,9 @@
 """How fast the trusted side draws Gaussian noise, against how many generator threads it uses.
 
 Drawing the noise is the largest single piece of the trusted side's work (profile_trusted.py),
-and on a 16-core GPU host it took as long as on 2 cores. This separates the causes, side by side
-in one run, for one buffer of --values float32 values (medians of --repeats):
+and in that profile on a 16-core GPU host it took as long as on 2 cores. This times the drawing
+alone, side by side in one run, for one buffer of --values float32 values (medians of --repeats,
+after one warm-up that starts the threads and fills the allocator's caches):
   - legrace's GaussianStreams with 1, 2, 4, ... generators (one thread each), into pageable and,
     where CUDA is present, page-locked memory (as the mechanism draws for an in-process GPU);
   - the page-locked allocation alone (the CUDA host allocator caches freed blocks);
@@ -15,25 +16,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
-from typing import Callable
 
 import torch
 
-from bench_common import add_threads_argument, apply_threads, write_results
+from bench_common import add_threads_argument, apply_threads, median_seconds, write_results
 
 from legrace.mechanism import GaussianStreams
-
-
-def median_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()  # warm-up: threads started, allocator caches filled
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def generator_counts(threads: int) -> list[int]:

@@ -131,6 +131,7 @@ def test_busy_thread_experiment_times_each_thread_count_alone_and_beside_a_busy_
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "benchmarks" / "busy_thread.py"
+    monkeypatch.syspath_prepend(str(script.parent))
     out = tmp_path / "busy.json"
     monkeypatch.setattr(sys, "argv", ["busy_thread.py", "--model", "cnn", "--input-size", "8", "--batch-size", "2",
                                       "--steps", "1", "--out", str(out)])

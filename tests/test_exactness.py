@@ -67,6 +67,8 @@ def assert_only_boundary_flips(model, x, y, *, rank, train, basis):
     assert sum(f.numel() for f in flips) > 0, "the gradients differ with no ReLU decision flipped"
     for f, t in zip(flips, truth):
         assert (f.abs() <= 1e-6 * t.abs().max()).all(), f"a ReLU decision flipped far from 0: {f}"
+
+
 DTYPES = [pytest.param(torch.float64, "bfloat16", id="f64"), pytest.param(torch.float32, "bfloat16", id="f32"),
           pytest.param(torch.float32, "float32", id="f32-basis-f32")]
 
