@@ -82,9 +82,8 @@ bench vgg19-infer 90 --model vgg19 --modes tee_only,legrace,gpu_only --infer
 # in order of what they tell, so that the deadline cuts the least telling:
 # where the trusted side's time goes with the GPU as accelerator (with the CPU accelerator its
 # convs would share OpenMP's threads with the trusted side and inflate the noise's share)
-PROFILE_ACCELERATOR=cuda; [ "$ACCELERATOR" = cpu ] && PROFILE_ACCELERATOR=cpu
 step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8 \
-    --accelerator "$PROFILE_ACCELERATOR"
+    --accelerator "$ACCELERATOR"
 # the bound that drawing the noise alone puts on TEE-only ÷ trusted time with this host's cores,
 # and how the noise rate grows with generator threads (pageable and page-locked)
 step 60 noise-ceiling $PY benchmarks/noise_ceiling.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
