@@ -4,8 +4,10 @@ Drawing the noise is the largest single piece of the trusted side's work (profil
 and in that profile on a 16-core GPU host it took as long as on 2 cores. This times the drawing
 alone, side by side in one run, for one buffer of --values float32 values (medians of --repeats,
 after one warm-up that starts the threads and fills the allocator's caches):
-  - legrace's GaussianStreams with 1, 2, 4, ... generators (one thread each), into pageable and,
-    where CUDA is present, page-locked memory (as the mechanism draws for an in-process GPU);
+  - legrace's GaussianStreams on 1, 2, 4, ... threads, into pageable and, where CUDA is present,
+    page-locked memory (as the mechanism draws for an in-process GPU), with legrace.gaussian's
+    ziggurat (the default) and with torch's normal_ (one Mersenne Twister per thread; what legrace
+    drew with before, and still does without numba);
   - the page-locked allocation alone (the CUDA host allocator caches freed blocks);
   - a fill and a copy of the same buffer on torch's threads: the memory-bandwidth floor.
 
@@ -58,12 +60,14 @@ def main() -> None:
     record("copy (torch threads)", median_seconds(functools.partial(buffer.copy_, torch.ones(shape)), args.repeats))
     if torch.cuda.is_available():
         record("page-locked allocation", median_seconds(lambda: torch.empty(shape, pin_memory=True), args.repeats))
-    for pinned in pinned_options:
-        for n in generator_counts(threads):
-            streams = GaussianStreams(n, seed=0)
-            seconds = median_seconds(lambda: streams.normal(shape, torch.float32, 1.0, pinned), args.repeats)
-            streams.close()
-            record(f"noise, {n} generators{', page-locked' if pinned else ''}", seconds, generators=n, pinned=pinned)
+    for sampler in ("ziggurat", "torch"):
+        for pinned in pinned_options:
+            for n in generator_counts(threads):
+                streams = GaussianStreams(n, seed=0, sampler=sampler)
+                seconds = median_seconds(lambda: streams.normal(shape, torch.float32, 1.0, pinned), args.repeats)
+                streams.close()
+                record(f"{sampler}, {n} threads{', page-locked' if pinned else ''}", seconds,
+                       sampler=sampler, generators=n, pinned=pinned)
     if args.out:
         write_results(args.out, "cuda" if torch.cuda.is_available() else "cpu",
                       [{"values": args.values, "repeats": args.repeats, "rows": rows}])

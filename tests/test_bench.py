@@ -171,7 +171,7 @@ def test_noise_ceiling_times_the_noise_of_the_released_shapes(monkeypatch, capsy
     assert "ceiling on TEE-only" in capsys.readouterr().out
 
 
-def test_noise_rate_times_each_generator_count_and_refuses_bad_sizes(monkeypatch, capsys, tmp_path):
+def test_noise_rate_times_each_sampler_and_thread_count_and_refuses_bad_sizes(monkeypatch, capsys, tmp_path):
     import runpy
     import sys
     from pathlib import Path
@@ -187,8 +187,9 @@ def test_noise_rate_times_each_generator_count_and_refuses_bad_sizes(monkeypatch
     finally:
         torch.set_num_threads(before)
     (result,) = json.loads(out.read_text())["results"]
-    noise = [r for r in result["rows"] if r["work"].startswith("noise")]
-    assert [r["generators"] for r in noise if not r["pinned"]] == [1, 2, 3]
+    for sampler in ("ziggurat", "torch"):
+        noise = [r for r in result["rows"] if r.get("sampler") == sampler and not r["pinned"]]
+        assert [r["generators"] for r in noise] == [1, 2, 3]
     assert all(r["seconds"] > 0 and r["ns_per_value"] == r["seconds"] / 1000 * 1e9 for r in result["rows"])
     monkeypatch.setattr(sys, "argv", ["noise_rate.py", "--values", "0"])
     with pytest.raises(SystemExit, match="at least 1"):

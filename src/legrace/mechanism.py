@@ -8,6 +8,7 @@ lives on the trusted side only; a fixed seed is for reproducible experiments, ne
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import threading
@@ -16,9 +17,11 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from legrace import gaussian
 from legrace.boundary import NoisedResidual
 
 
@@ -103,39 +106,81 @@ class GaussianMechanism:
 
 
 class GaussianStreams:
-    """N(0, sigma^2) buffers drawn by several independent generators at once.
+    """N(0, sigma^2) buffers drawn on several threads at once.
 
-    torch draws Gaussians with one thread per generator (its Mersenne Twister is sequential), so
-    on a CPU with n threads a large buffer is split into n parts, each filled by its own
-    generator, all seeded from the CSPRNG: about n times the rate. Small buffers use the first
-    generator only. With a fixed seed the stream is reproducible for the same thread count.
+    With numba, by legrace.gaussian's ziggurat: chunks of a buffer are shared between n threads,
+    and its values depend only on the keys (drawn from the CSPRNG, or derived from a fixed seed)
+    and on how many buffers came before, not on n. Without numba, by torch's `normal_`, whose
+    Mersenne Twister is sequential: the buffer is split into n parts, each with its own
+    generator, and a warning says that torch's float32 draws are truncated at 5.77 sigma.
+    Small buffers are drawn on the calling thread alone.
     """
 
     MIN_SPLIT = 1 << 18  # below this many values threads cost more than they save
 
-    def __init__(self, n: int, seed: Optional[int]) -> None:
-        self._generators = []
-        for i in range(max(1, n)):
-            g = torch.Generator(device="cpu")
-            g.manual_seed(secrets.randbits(63) if seed is None else (seed + 1_000_003 * i) % (1 << 63))
-            self._generators.append(g)
+    def __init__(self, n: int, seed: Optional[int], sampler: str = "ziggurat") -> None:
+        """sampler="torch" draws with torch even where the ziggurat works: for comparisons only."""
+        if sampler not in ("ziggurat", "torch"):
+            raise ValueError(f"sampler must be 'ziggurat' or 'torch', got {sampler!r}")
+        self._sampler = sampler
+        self._n = max(1, n)
+        self._seed = seed
+        self._keys = self._new_keys()
+        self._buffers = 0
+        self._generators: list[torch.Generator] = []  # torch's fallback, made on first use
         self._threads: Optional[ThreadPoolExecutor] = None
 
-    def normal(self, shape: torch.Size, dtype: torch.dtype, sigma: float, pinned: bool = False) -> Tensor:
-        out = torch.empty(shape, dtype=dtype, pin_memory=pinned)
-        flat = out.view(-1)
-        if len(self._generators) == 1 or flat.numel() < self.MIN_SPLIT:
-            flat.normal_(0.0, sigma, generator=self._generators[0])
-            return out
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(len(self._generators) - 1, thread_name_prefix="legrace-noise")
-        parts = flat.tensor_split(len(self._generators))
-        futures = [self._threads.submit(part.normal_, 0.0, sigma, generator=g)
-                   for part, g in zip(parts[1:], self._generators[1:])]
-        parts[0].normal_(0.0, sigma, generator=self._generators[0])
+    def _new_keys(self) -> np.ndarray:
+        if self._seed is None:
+            return np.array([secrets.randbits(64) for _ in range(4)], dtype=np.uint64)
+        rng = np.random.Generator(np.random.SFC64(self._seed))  # reproducible experiments only
+        return rng.integers(0, 2**64, size=4, dtype=np.uint64)
+
+    def _run(self, jobs: list) -> None:
+        """Run the callables in jobs, the first on this thread and the others on helpers."""
+        if len(jobs) > 1 and self._threads is None:
+            self._threads = ThreadPoolExecutor(self._n - 1, thread_name_prefix="legrace-noise")
+        futures = [self._threads.submit(job) for job in jobs[1:]] if len(jobs) > 1 else []
+        jobs[0]()
         for f in futures:
             f.result()
-        return out
+
+    def normal(self, shape: torch.Size, dtype: torch.dtype, sigma: float, pinned: bool = False) -> Tensor:
+        direct = dtype in (torch.float32, torch.float64)
+        out = torch.empty(shape, dtype=dtype if direct else torch.float32, pin_memory=pinned)
+        flat = out.view(-1)
+        if self._sampler == "ziggurat" and gaussian.usable(np.float32 if flat.dtype == torch.float32 else np.float64):
+            self._ziggurat(flat.numpy(), float(sigma))
+        else:
+            self._torch(flat, float(sigma))
+        return out if direct else out.to(dtype)
+
+    def _ziggurat(self, flat: np.ndarray, sigma: float) -> None:
+        if self._buffers >= 1 << 32:  # the buffer counter would repeat a stream: new keys
+            self._keys, self._buffers = self._new_keys(), 0
+        release, self._buffers = self._buffers, self._buffers + 1
+        chunks = -(-flat.size // gaussian.CHUNK)
+        parts = 1 if flat.size < self.MIN_SPLIT else min(self._n, chunks)
+        bounds = [chunks * p // parts for p in range(parts + 1)]
+        tables = gaussian.EDGES, gaussian.RATIOS, gaussian.DENSITIES
+        self._run([functools.partial(gaussian.gaussian_fill, flat, sigma, self._keys, release, a, b, *tables)
+                   for a, b in zip(bounds, bounds[1:])])
+
+    def _torch(self, flat: Tensor, sigma: float) -> None:
+        if not self._generators and self._sampler == "ziggurat":
+            warnings.warn("legrace.gaussian's sampler is unavailable (numba missing or broken): drawing noise "
+                          "with torch, whose float32 Gaussians are truncated at 5.77 sigma, which adds to delta "
+                          "(see legrace.gaussian)", RuntimeWarning, stacklevel=3)
+        if not self._generators:
+            for i in range(self._n):
+                g = torch.Generator(device="cpu")
+                seed = secrets.randbits(63) if self._seed is None else (self._seed + 1_000_003 * i) % (1 << 63)
+                self._generators.append(g.manual_seed(seed))
+        if self._n == 1 or flat.numel() < self.MIN_SPLIT:
+            flat.normal_(0.0, sigma, generator=self._generators[0])
+            return
+        self._run([functools.partial(part.normal_, 0.0, sigma, generator=g)
+                   for part, g in zip(flat.tensor_split(self._n), self._generators)])
 
     def close(self) -> None:
         if self._threads is not None:
@@ -153,8 +198,7 @@ class NoisePool:
 
     def __init__(self, sigma: float, ahead: int, seed: Optional[int]) -> None:
         self.sigma, self.ahead = sigma, ahead
-        self._generator = torch.Generator(device="cpu")
-        self._generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+        self._streams = GaussianStreams(1, seed)
         self._ready: dict[tuple, list[Tensor]] = {}
         self._follows: dict[tuple, tuple] = {}
         self._recent: tuple = (None, None)
@@ -200,7 +244,7 @@ class NoisePool:
                     return
                 key = self._missing()
             t0 = time.perf_counter()
-            buffer = torch.empty(key[0], dtype=key[1]).normal_(0.0, self.sigma, generator=self._generator)
+            buffer = self._streams.normal(torch.Size(key[0]), key[1], self.sigma)
             with self._lock:
                 self._ready.setdefault(key, []).append(buffer)
                 self.busy_seconds += time.perf_counter() - t0

@@ -1,0 +1,161 @@
+"""The trusted side's Gaussian sampler: a ziggurat over xoshiro256++ streams, compiled by numba.
+
+Why not torch's `normal_`: on the CPU, torch draws float32 Gaussians by Box-Muller from 24-bit
+uniforms, so |z| <= sqrt(-2 ln 2^-24) = 5.77: the noise is a Gaussian truncated at 5.77 sigma
+(checked: 0 of 10^9 draws beyond it, where a Gaussian has 8). The Gaussian mechanism's guarantee
+does not survive truncation. A release whose clipped residual moves by d between neighbouring
+data sets can land where one of them has no support, an infinite privacy loss. This costs an
+extra delta of about P(N(0, 1) > 5.77 - |d_i| / sigma), summed over the coordinates, per release:
+up to 8e-5 for z = 1 when d sits in one coordinate, and up to 2e-6 for z = 45.7 on a 3.2 M-value
+VGG-16 activation when d is spread evenly; a step makes ~13 such releases. This sampler draws from
+53-bit uniforms, with the exact tail of Marsaglia's method, so its support reaches
+R + 53 ln 2 / R = 14.1 sigma, where the same extra delta is below 1e-35 for any z >= 0.5.
+It is also faster: one 64-bit word per value in 98.8% of draws, no logarithm or cosine.
+
+What it does not change: the generator is not cryptographic (neither is torch's Mersenne
+Twister); its 256-bit keys come from the operating system's CSPRNG, and no raw output ever
+leaves the trusted side. The outputs are floats, so like every floating-point DP library
+(Mironov 2012) the released values sit on a rounding lattice that an exact analysis would have
+to snap; legrace does not.
+
+A buffer is cut into chunks of CHUNK values; chunk c of the r-th buffer is drawn from its own
+xoshiro256++ state, set by SplitMix64 from the keys, r and c. So a buffer's values depend on the
+keys only, not on how many threads drew it, and no two chunks or buffers share a stream.
+The ziggurat is Marsaglia and Tsang's (2000) with 128 strips, tables built as in Doornik (2005).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from legrace.kernels import _jit, numba
+
+CHUNK = 1 << 16
+STRIPS = 128
+R = 3.442619855899  # right edge of the base strip, for 128 strips (Doornik 2005)
+_AREA = 9.91256303526217e-3  # area of each strip
+SUPPORT = R + 53 * math.log(2.0) / R  # the largest |value| / sigma the sampler can return
+
+
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x[i]: strip i's right edge (x[0] = the base strip's equivalent width, x[128] = 0);
+    ratio[i] = x[i+1] / x[i]: a draw u * x[i] with |u| < ratio[i] lies inside the density;
+    density[i] = exp(-x[i]^2 / 2), the unnormalised density at x[i] (for the wedges, i >= 1)."""
+    x = np.zeros(STRIPS + 1)
+    f = math.exp(-0.5 * R * R)
+    x[0], x[1] = _AREA / f, R
+    for i in range(2, STRIPS):
+        x[i] = math.sqrt(-2.0 * math.log(_AREA / x[i - 1] + f))
+        f = math.exp(-0.5 * x[i] * x[i])
+    return x, x[1:] / x[:-1], np.exp(-0.5 * x * x)
+
+
+EDGES, RATIOS, DENSITIES = _tables()
+
+if numba is not None:
+    _U = np.uint64
+    _GOLDEN, _MIX1, _MIX2 = _U(0x9E3779B97F4A7C15), _U(0xBF58476D1CE4E5B9), _U(0x94D049BB133111EB)
+    _S30, _S27, _S31, _S32, _S11 = _U(30), _U(27), _U(31), _U(32), _U(11)
+    _S17, _L23, _R41, _L45, _R19, _LOW7 = _U(17), _U(23), _U(41), _U(45), _U(19), _U(0x7F)
+    _TO_UNIT = 1.0 / 9007199254740992.0  # 2^-53
+
+    @numba.njit(inline="always")
+    def _splitmix(z):  # pragma: no cover - compiled
+        z = z + _GOLDEN
+        z = (z ^ (z >> _S30)) * _MIX1
+        z = (z ^ (z >> _S27)) * _MIX2
+        return z ^ (z >> _S31)
+
+    @numba.njit(inline="always")
+    def _next(s0, s1, s2, s3):  # pragma: no cover - compiled
+        """xoshiro256++ (Blackman and Vigna): one 64-bit word and the next state."""
+        a = s0 + s3
+        word = ((a << _L23) | (a >> _R41)) + s0
+        t = s1 << _S17
+        s2 ^= s0
+        s3 ^= s1
+        s1 ^= s2
+        s0 ^= s3
+        s2 ^= t
+        s3 = (s3 << _L45) | (s3 >> _R19)
+        return word, s0, s1, s2, s3
+
+    @numba.njit(inline="always")
+    def _open_unit(word):  # pragma: no cover - compiled
+        """A uniform in (0, 1] from the word's top 53 bits: safe to take the logarithm of."""
+        return (np.int64(word >> _S11) + 1) * _TO_UNIT
+
+    @numba.njit(inline="always")
+    def _tail(s0, s1, s2, s3):  # pragma: no cover - compiled
+        """|N(0, 1)| conditioned on exceeding R, by Marsaglia's exact method: R + t with
+        t = -ln(u1) / R, accepted when -2 ln(u2) >= t^2; u1, u2 in (0, 1] with 53 bits."""
+        while True:
+            w1, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+            w2, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+            t = -math.log(_open_unit(w1)) / R
+            if -2.0 * math.log(_open_unit(w2)) >= t * t:
+                return R + t, s0, s1, s2, s3
+
+    @numba.njit(nogil=True)
+    def _rare(word, s0, s1, s2, s3, edges, ratios, densities):  # pragma: no cover - compiled
+        """The 1.2% of draws outside their strip's rectangle (kept out of the hot loop): the
+        tail beyond R, by Marsaglia's method, or the wedge under the density; a rejected wedge
+        point starts the draw again. Returns the value and the generator's new state."""
+        while True:
+            i = np.int64(word & _LOW7)
+            u = np.int64(word >> _S11) * (2.0 * _TO_UNIT) - 1.0
+            if abs(u) < ratios[i]:
+                return u * edges[i], s0, s1, s2, s3
+            if i == 0:  # the base strip's overhang is the tail beyond R
+                t, s0, s1, s2, s3 = _tail(s0, s1, s2, s3)
+                return (-t if u < 0 else t), s0, s1, s2, s3
+            x = u * edges[i]  # the wedge between the rectangle and the density
+            w1, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+            height = densities[i + 1] + (np.int64(w1 >> _S11) * _TO_UNIT) * (densities[i] - densities[i + 1])
+            if height < math.exp(-0.5 * x * x):
+                return x, s0, s1, s2, s3
+            word, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+
+    @_jit
+    def gaussian_fill(out, sigma, keys, release, c0, c1, edges, ratios, densities):  # pragma: no cover - compiled
+        """out[c * CHUNK : (c + 1) * CHUNK] = sigma * N(0, 1) draws for chunks c in [c0, c1)."""
+        n = out.shape[0]
+        for c in range(c0, c1):
+            m = _splitmix((np.uint64(release) << _S32) | np.uint64(c))  # distinct per (buffer, chunk)
+            s0, s1, s2, s3 = (_splitmix(keys[0] ^ m), _splitmix(keys[1] ^ m),
+                              _splitmix(keys[2] ^ m), _splitmix(keys[3] ^ m))
+            if (s0 | s1 | s2 | s3) == 0:  # the one state xoshiro cannot leave
+                s0 = _GOLDEN
+            for k in range(c * CHUNK, min((c + 1) * CHUNK, n)):
+                word, s0, s1, s2, s3 = _next(s0, s1, s2, s3)
+                i = np.int64(word & _LOW7)
+                u = np.int64(word >> _S11) * (2.0 * _TO_UNIT) - 1.0  # [-1, 1), 53 bits
+                if abs(u) < ratios[i]:  # inside strip i's rectangle: 98.8% of draws
+                    out[k] = u * edges[i] * sigma
+                else:
+                    v, s0, s1, s2, s3 = _rare(word, s0, s1, s2, s3, edges, ratios, densities)
+                    out[k] = v * sigma
+        return 0
+
+else:  # pragma: no cover - numba missing
+    gaussian_fill = None
+
+_works: dict[np.dtype, bool] = {}
+
+
+def usable(dtype: np.dtype) -> bool:
+    """Whether the compiled sampler runs here for this dtype (checked once per process on a
+    small draw); where it does not, legrace.mechanism falls back to torch's sampler."""
+    if gaussian_fill is None:
+        return False
+    dtype = np.dtype(dtype)
+    if dtype not in _works:
+        try:
+            out = np.empty(4096, dtype)
+            gaussian_fill(out, 1.0, np.arange(1, 5, dtype=np.uint64), 0, 0, 1, EDGES, RATIOS, DENSITIES)
+            _works[dtype] = bool(np.isfinite(out).all() and 0.8 < out.std() < 1.2)
+        except Exception:  # pragma: no cover - depends on the environment
+            _works[dtype] = False
+    return _works[dtype]
