@@ -108,3 +108,11 @@ def test_without_the_sampler_torch_draws_and_says_what_that_costs(monkeypatch):
         z = streams.normal(torch.Size([2 * GaussianStreams.MIN_SPLIT]), torch.float32, 2.0)
     assert z.std().item() == pytest.approx(2.0, rel=0.01)
     streams.close()
+
+
+def test_new_keys_before_the_buffer_counter_could_repeat_a_stream():
+    streams = GaussianStreams(1, seed=9)
+    first = streams.normal(torch.Size([100]), torch.float32, 1.0)
+    streams._buffers = 1 << 32  # as after 2^32 buffers: buffer 0's stream would come again
+    again = streams.normal(torch.Size([100]), torch.float32, 1.0)
+    assert streams._buffers == 1 and not torch.equal(first, again)

@@ -125,15 +125,17 @@ class GaussianStreams:
         self._sampler = sampler
         self._n = max(1, n)
         self._seed = seed
+        self._epoch = 0  # how many times the keys were renewed
         self._keys = self._new_keys()
         self._buffers = 0
+        self._lock = threading.Lock()
         self._generators: list[torch.Generator] = []  # torch's fallback, made on first use
         self._threads: Optional[ThreadPoolExecutor] = None
 
     def _new_keys(self) -> np.ndarray:
         if self._seed is None:
             return np.array([secrets.randbits(64) for _ in range(4)], dtype=np.uint64)
-        rng = np.random.Generator(np.random.SFC64(self._seed))  # reproducible experiments only
+        rng = np.random.Generator(np.random.SFC64([self._seed, self._epoch]))  # reproducible experiments only
         return rng.integers(0, 2**64, size=4, dtype=np.uint64)
 
     def _run(self, jobs: list) -> None:
@@ -156,14 +158,16 @@ class GaussianStreams:
         return out if direct else out.to(dtype)
 
     def _ziggurat(self, flat: np.ndarray, sigma: float) -> None:
-        if self._buffers >= 1 << 32:  # the buffer counter would repeat a stream: new keys
-            self._keys, self._buffers = self._new_keys(), 0
-        release, self._buffers = self._buffers, self._buffers + 1
+        with self._lock:  # a stream is never used twice, even if two threads draw at once
+            if self._buffers >= 1 << 32:  # the buffer counter would repeat a stream: new keys
+                self._epoch, self._buffers = self._epoch + 1, 0
+                self._keys = self._new_keys()
+            keys, release, self._buffers = self._keys, self._buffers, self._buffers + 1
         chunks = -(-flat.size // gaussian.CHUNK)
         parts = 1 if flat.size < self.MIN_SPLIT else min(self._n, chunks)
         bounds = [chunks * p // parts for p in range(parts + 1)]
         tables = gaussian.EDGES, gaussian.RATIOS, gaussian.DENSITIES
-        self._run([functools.partial(gaussian.gaussian_fill, flat, sigma, self._keys, release, a, b, *tables)
+        self._run([functools.partial(gaussian.gaussian_fill, flat, sigma, keys, release, a, b, *tables)
                    for a, b in zip(bounds, bounds[1:])])
 
     def _torch(self, flat: Tensor, sigma: float) -> None:
