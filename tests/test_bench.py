@@ -168,6 +168,7 @@ def test_noise_ceiling_times_the_noise_of_the_released_shapes(monkeypatch, capsy
     model(torch.randn(3, 3, 16, 16))
     assert result["releases"] == len(sizes) == 2 and result["noise_values"] == sum(sizes)
     assert result["ceiling"] == result["tee_only_step_seconds"] / result["noise_seconds"]
+    assert result["torch_sampler_ceiling"] == result["tee_only_step_seconds"] / result["torch_sampler_noise_seconds"]
     assert "ceiling on TEE-only" in capsys.readouterr().out
 
 
