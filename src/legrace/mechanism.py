@@ -2,8 +2,9 @@
 
 X_res~ = clip(X_res, C) + N(0, sigma^2 I), clip(x, C) = x * min(1, C / |x|_2) per sample,
 sigma = z * C (DESIGN section 3). Neighbouring data sets differ in one sample's content, so one
-release has l2 sensitivity 2C. The generator is seeded from the operating system's CSPRNG and
-lives on the trusted side only; a fixed seed is for reproducible experiments, never deployment.
+release has l2 sensitivity 2C. The noise comes from legrace.gaussian's sampler (not torch's,
+whose float32 Gaussians stop at 5.77 sigma), keyed from the operating system's CSPRNG, and lives
+on the trusted side only; a fixed seed is for reproducible experiments, never deployment.
 """
 
 from __future__ import annotations
