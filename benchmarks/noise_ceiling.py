@@ -3,9 +3,10 @@
 Every released residual needs fresh N(0, sigma^2) noise of its own size, drawn inside the TEE
 (DESIGN section 3). This times, in one run: TEE-only training steps, and drawing the noise of one
 legrace step (the residual shapes that step releases, through the mechanism's own sampler and
-threads, and, for comparison, through torch's `normal_` with one generator per thread). TEE-only step ÷ noise time bounds the trusted-time ratio from above on this machine:
-it is what legrace would reach if all its other trusted work (decomposition, low-rank convs,
-ReLU, pooling, the classifier) took no time at all.
+threads, and, for comparison, through torch's `normal_` with one generator per thread). TEE-only
+step ÷ noise time bounds the trusted-time ratio from above on this machine: it is what legrace
+would reach if all its other trusted work (decomposition, low-rank convs, ReLU, pooling, the
+classifier) took no time at all.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
         python benchmarks/noise_ceiling.py --model vgg16 --input-size 224 --batch-size 32

@@ -1,6 +1,6 @@
-"""How fast the trusted side draws Gaussian noise, against how many generator threads it uses.
+"""How fast the trusted side draws Gaussian noise, against how many threads draw it.
 
-Drawing the noise is the largest single piece of the trusted side's work (profile_trusted.py),
+Drawing the noise is one of the largest pieces of the trusted side's work (profile_trusted.py),
 and in that profile on a 16-core GPU host it took as long as on 2 cores. This times the drawing
 alone, side by side in one run, for one buffer of --values float32 values (medians of --repeats,
 after one warm-up that starts the threads and fills the allocator's caches):
@@ -66,7 +66,7 @@ def main() -> None:
                 streams = GaussianStreams(n, seed=0, sampler=sampler)
                 seconds = median_seconds(lambda: streams.normal(shape, torch.float32, 1.0, pinned), args.repeats)
                 streams.close()
-                record(f"{sampler}, {n} threads{', page-locked' if pinned else ''}", seconds,
+                record(f"{sampler}, {n} thread{'s' if n > 1 else ''}{', page-locked' if pinned else ''}", seconds,
                        sampler=sampler, generators=n, pinned=pinned)
     if args.out:
         write_results(args.out, "cuda" if torch.cuda.is_available() else "cpu",
