@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from legrace import gaussian
 from legrace.accountant import epsilon
 from legrace.cli import main
 
@@ -33,6 +34,7 @@ def test_default_job_on_digits_learns_and_reports(tmp_path):
                          summary["delta"], "prv")
     assert recomputed == pytest.approx(summary["epsilon"], rel=0.15)
     assert sum(c["count"] for c in summary["compositions"]) == 3 * summary["releases_per_sample"]
+    assert summary["noise_sampler"] == ("ziggurat" if gaussian.numba is not None else "torch")
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[-1])["epoch"] == 3
 

@@ -108,8 +108,11 @@ def test_dtypes_and_scale():
 
 
 def test_without_the_sampler_torch_draws_and_says_what_that_costs(monkeypatch):
+    assert GaussianStreams(1, seed=3).sampler == "ziggurat"
+    assert GaussianStreams(1, seed=3, sampler="torch").sampler == "torch"
     monkeypatch.setattr(gaussian, "usable", lambda dtype: False)
     streams = GaussianStreams(2, seed=3)
+    assert streams.sampler == "torch"
     with pytest.warns(RuntimeWarning, match="truncated at 5.77 sigma"):
         z = streams.normal(torch.Size([2 * GaussianStreams.MIN_SPLIT]), torch.float32, 2.0)
     assert z.std().item() == pytest.approx(2.0, rel=0.01)

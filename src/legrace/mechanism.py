@@ -86,6 +86,12 @@ class GaussianMechanism:
         return self._streams.normal(shape, dtype, self.sigma, self.pinned_output)
 
     @property
+    def sampler(self) -> str:
+        """Which sampler draws this mechanism's float32 noise: "ziggurat" (legrace.gaussian) or
+        "torch" (truncated at 5.77 sigma; where numba is missing or cannot build the kernel)."""
+        return self._streams.sampler
+
+    @property
     def noise_thread_seconds(self) -> float:
         """Time the background thread has spent drawing noise so far (0 without one)."""
         return self._pool.busy_seconds if self._pool is not None else 0.0
@@ -132,6 +138,12 @@ class GaussianStreams:
         self._lock = threading.Lock()
         self._generators: list[torch.Generator] = []  # torch's fallback, made on first use
         self._threads: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def sampler(self) -> str:
+        """The sampler that draws float32 buffers here (the ziggurat unless asked for torch's or
+        unusable)."""
+        return "ziggurat" if self._sampler == "ziggurat" and gaussian.usable(np.float32) else "torch"
 
     def _new_keys(self) -> np.ndarray:
         if self._seed is None:

@@ -209,6 +209,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
                           "noise_multiplier": engine.noise_multiplier / sens, "count": n * engine.ledger.max_uses}
                          for sens, n in engine.releases_per_use() if n > 0],
         "accountant": cfg.accountant, "sample_rate": 1.0,
+        # the noise's sampler: "torch" means Gaussians truncated at 5.77 sigma (legrace.gaussian)
+        "noise_sampler": engine.mechanism.sampler if engine.mechanism is not None else None,
         "seconds_per_step": statistics.median(step_times) if step_times else None,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "accelerator": cfg.accelerator,
         "decomposition": cfg.decomposition, "wire_dtype": cfg.wire_dtype or "float32",
