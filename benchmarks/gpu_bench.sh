@@ -7,7 +7,8 @@
 #      and gpu_only; VGG-19 inference;
 #   4. then, until the deadline: the trusted side's profile with the GPU as accelerator
 #      (profile_trusted.py); the bound the noise alone puts on the trusted-time ratio
-#      (noise_ceiling.py) and the noise rate per generator thread (noise_rate.py); what one busy
+#      (noise_ceiling.py), the noise rate per generator thread (noise_rate.py) and the bound that
+#      TEE-only's work outside the split convs puts on it (shared_work.py); what one busy
 #      thread costs torch's threads (busy_thread.py); legrace alone on VGG-16 without each default
 #      (pinned copies, inline noise, overlap); the training steps with 3/4 of the cores as torch
 #      threads (FEW) for every mode; OpenMP's wait policy;
@@ -89,6 +90,12 @@ step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$S
 step 60 noise-ceiling $PY benchmarks/noise_ceiling.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
     --out "$RUNS/noise_ceiling_vgg16.json"
 step 40 noise-rate $PY benchmarks/noise_rate.py --out "$RUNS/noise_rate.json"
+# the bound that TEE-only's own work outside the split convs (ReLU, pooling, BatchNorm, the
+# classifier, the first conv), which the trusted side does too, puts on the same ratio
+for m in vgg16 resnet18; do
+  step 45 "shared-work-$m" $PY benchmarks/shared_work.py --model "$m" --input-size "$SIZE" --batch-size "$BATCH" \
+      --out "$RUNS/shared_work_$m.json"
+done
 step 60 busy-thread $PY benchmarks/busy_thread.py --model vgg11 --input-size 112 --batch-size 16 \
     --out "$RUNS/busy_thread.json"
 # legrace alone on VGG-16 against its defaults: pageable copies, noise drawn ahead, legs in turn

@@ -214,3 +214,32 @@ def test_trusted_profile_counts_the_step_less_its_waits_and_needs_cuda_for_cuda(
         monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--accelerator", "cuda"])
         with pytest.raises(SystemExit, match="no CUDA GPU"):
             runpy.run_path(str(script), run_name="not_main")["main"]()
+
+
+def test_shared_work_counts_the_first_conv_as_shared_and_bounds_the_ratio(monkeypatch, capsys, tmp_path):
+    import runpy
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    script = Path(__file__).parents[1] / "benchmarks" / "shared_work.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    module = runpy.run_path(str(script), run_name="not_main")
+    image = [4, 3, 16, 16]
+    events = [SimpleNamespace(key="aten::mkldnn_convolution", self_cpu_time_total=1e6, input_shapes=[image, [8, 3, 3, 3]]),
+              SimpleNamespace(key="aten::convolution_backward", self_cpu_time_total=2e6,
+                              input_shapes=[[4, 8, 16, 16], image, [8, 3, 3, 3]]),
+              SimpleNamespace(key="aten::mkldnn_convolution", self_cpu_time_total=5e6,
+                              input_shapes=[[4, 8, 16, 16], [8, 8, 3, 3]]),
+              SimpleNamespace(key="aten::relu", self_cpu_time_total=3e5, input_shapes=[[4, 8, 16, 16]])]
+    assert module["split_step"](events, image) == {"split_conv_seconds": 5.0, "shared_seconds": pytest.approx(3.3)}
+
+    out = tmp_path / "shared.json"
+    monkeypatch.setattr(sys, "argv", ["shared_work.py", "--model", "cnn", "--input-size", "16", "--batch-size", "3",
+                                      "--steps", "1", "--out", str(out)])
+    module["main"]()
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["split_conv_seconds"] > 0 and result["shared_seconds"] > 0
+    assert result["profiled_step_seconds"] == pytest.approx(result["split_conv_seconds"] + result["shared_seconds"])
+    assert result["bound"] == result["profiled_step_seconds"] / result["shared_seconds"]
+    assert "cannot pass" in capsys.readouterr().out

@@ -1,0 +1,82 @@
+"""How far below TEE-only a trusted side can get while it does TEE-only's work outside the convs.
+
+legrace's trusted side runs the same ReLU, pooling, BatchNorm, classifier and loss as TEE-only
+(the same layers), and the first conv whole (R covers its input channels). Only the other convs
+are split. So even if decomposition, noise and the low-rank convs took no time at all, the
+trusted side would still spend TEE-only's time outside its split convs: TEE-only's step ÷ that
+time bounds TEE-only ÷ trusted time from above, on this machine, for any split.
+
+This profiles a TEE-only training step with torch.profiler (self CPU time per operator) and
+splits it into the convolutions legrace splits and the rest ("shared": the rest includes the
+first conv, recognised by the image batch among its operators' inputs).
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
+        python benchmarks/shared_work.py --model vgg16 --input-size 224 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_common import add_threads_argument, apply_threads, median_seconds, write_results
+
+from legrace.bench import _ModeRun
+from legrace.models import build_model
+
+
+def split_step(events, image_shape: list[int]) -> dict[str, float]:
+    """Self CPU seconds of one profiled step: the convs legrace splits, and the rest."""
+    split = shared = 0.0
+    for e in events:
+        seconds = e.self_cpu_time_total / 1e6
+        if "conv" in e.key.lower() and image_shape not in e.input_shapes:
+            split += seconds
+        else:
+            shared += seconds
+    return {"split_conv_seconds": split, "shared_seconds": shared}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vgg16")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="timed plain TEE-only steps (after one warm-up)")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    add_threads_argument(p)
+    args = p.parse_args()
+    apply_threads(args)
+
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=10, image_size=args.input_size)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
+    y = torch.randint(0, 10, (args.batch_size,))
+    tee = _ModeRun("tee_only", model, x, y, train=True, rank=8, accelerator="cpu", iters=2)
+    step = median_seconds(tee.step, args.steps)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        tee.step()
+    events = prof.key_averages(group_by_input_shape=True)
+    parts = split_step(events, list(x.shape))
+    profiled = parts["split_conv_seconds"] + parts["shared_seconds"]
+    result = {"model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
+              "threads": torch.get_num_threads(), "tee_only_step_seconds": step,
+              "profiled_step_seconds": profiled, **parts, "bound": profiled / parts["shared_seconds"]}
+    print(f"{args.model} {args.input_size}x{args.input_size} batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads: TEE-only step {step:.3f} s (median of {args.steps}); profiled "
+          f"{profiled:.3f} s, of which split convs {parts['split_conv_seconds']:.3f} s and the rest "
+          f"{parts['shared_seconds']:.3f} s: TEE-only ÷ trusted time cannot pass {result['bound']:.1f}x")
+    shared = {}
+    for e in events:
+        if not ("conv" in e.key.lower() and list(x.shape) not in e.input_shapes):
+            shared[e.key] = shared.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
+    for key, seconds in sorted(shared.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {seconds * 1e3:8.1f} ms  {key}")
+    if args.out:
+        write_results(args.out, "none", [result])
+
+
+if __name__ == "__main__":
+    main()
