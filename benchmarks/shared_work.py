@@ -6,9 +6,10 @@ are split. So even if decomposition, noise and the low-rank convs took no time a
 trusted side would still spend TEE-only's time outside its split convs: TEE-only's step ÷ that
 time bounds TEE-only ÷ trusted time from above, on this machine, for any split.
 
-This profiles a TEE-only training step with torch.profiler (self CPU time per operator) and
-splits it into the convolutions legrace splits and the rest ("shared": the rest includes the
-first conv, recognised by the image batch among its operators' inputs).
+This profiles a TEE-only training (or, with --infer, inference) step with torch.profiler (self
+CPU time per operator) and splits it into the convolutions legrace splits and the rest
+("shared": the rest includes the first conv, recognised by the image batch among its
+operators' inputs).
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
         python benchmarks/shared_work.py --model vgg16 --input-size 224 --batch-size 32
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed plain TEE-only steps (after one warm-up)")
+    p.add_argument("--infer", action="store_true", help="inference (no_grad forward) instead of training")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(p)
     args = p.parse_args()
@@ -54,7 +56,7 @@ def main() -> None:
     model = build_model(args.model, num_classes=10, image_size=args.input_size)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
     y = torch.randint(0, 10, (args.batch_size,))
-    tee = _ModeRun("tee_only", model, x, y, train=True, rank=8, accelerator="cpu", iters=2)
+    tee = _ModeRun("tee_only", model, x, y, train=not args.infer, rank=8, accelerator="cpu", iters=2)
     step = median_seconds(tee.step, args.steps)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         tee.step()
@@ -62,9 +64,10 @@ def main() -> None:
     parts = split_step(events, list(x.shape))
     profiled = parts["split_conv_seconds"] + parts["shared_seconds"]
     result = {"model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
-              "threads": torch.get_num_threads(), "tee_only_step_seconds": step,
+              "train": not args.infer, "threads": torch.get_num_threads(), "tee_only_step_seconds": step,
               "profiled_step_seconds": profiled, **parts, "bound": profiled / parts["shared_seconds"]}
-    print(f"{args.model} {args.input_size}x{args.input_size} batch {args.batch_size}, "
+    print(f"{args.model} {'inference' if args.infer else 'training'} {args.input_size}x{args.input_size} "
+          f"batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads: TEE-only step {step:.3f} s (median of {args.steps}); profiled "
           f"{profiled:.3f} s, of which split convs {parts['split_conv_seconds']:.3f} s and the rest "
           f"{parts['shared_seconds']:.3f} s: TEE-only ÷ trusted time cannot pass {result['bound']:.1f}x")

@@ -242,4 +242,8 @@ def test_shared_work_counts_the_first_conv_as_shared_and_bounds_the_ratio(monkey
     assert result["split_conv_seconds"] > 0 and result["shared_seconds"] > 0
     assert result["profiled_step_seconds"] == pytest.approx(result["split_conv_seconds"] + result["shared_seconds"])
     assert result["bound"] == result["profiled_step_seconds"] / result["shared_seconds"]
-    assert "cannot pass" in capsys.readouterr().out
+    assert result["train"] and "training" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--infer"])
+    module["main"]()
+    (result,) = json.loads(out.read_text())["results"]
+    assert not result["train"] and "inference" in capsys.readouterr().out and result["bound"] > 1
