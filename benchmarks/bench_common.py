@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from legrace.models import build_model
+
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
@@ -22,6 +24,21 @@ def apply_threads(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the worker processes
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
+    """--model, --input-size and --batch-size: the synthetic batch of `model_and_batch`."""
+    parser.add_argument("--model", default="vgg16")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def model_and_batch(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The model and a synthetic batch (images and labels, 10 classes) that args name, seeded."""
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=10, image_size=args.input_size)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
+    return model, x, torch.randint(0, 10, (args.batch_size,))
 
 
 def median_seconds(work: Callable[[], object], repeats: int) -> float:

@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from bench_common import add_threads_argument, apply_threads, write_results
+from bench_common import (add_model_arguments, add_threads_argument, apply_threads, model_and_batch,
+                          write_results)
 
 from legrace.bench import _ModeRun
 from legrace.mechanism import GaussianMechanism, GaussianStreams
-from legrace.models import build_model
 
 
 def released_shapes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Size]:
@@ -40,19 +40,14 @@ def released_shapes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vgg16")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_model_arguments(p)
     p.add_argument("--steps", type=int, default=3, help="timed TEE-only steps and noise draws (after one warm-up)")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(p)
     args = p.parse_args()
     apply_threads(args)
 
-    torch.manual_seed(0)
-    model = build_model(args.model, num_classes=10, image_size=args.input_size)
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
-    y = torch.randint(0, 10, (args.batch_size,))
+    model, x, y = model_and_batch(args)
     shapes = released_shapes(model, x, y)
 
     mechanism = GaussianMechanism(clip=1.0, noise_multiplier=1.0)

@@ -23,14 +23,13 @@ import time
 
 import torch
 
-from bench_common import add_threads_argument, apply_threads
+from bench_common import add_model_arguments, add_threads_argument, apply_threads, model_and_batch
 
 import legrace.boundary as boundary
 import legrace.compact as compact
 import legrace.split_conv as split_conv
 from legrace.bench import _ModeRun
 from legrace.mechanism import GaussianMechanism
-from legrace.models import build_model
 
 seconds: collections.Counter = collections.Counter()
 _originals: list[tuple[object, str, object]] = []
@@ -77,9 +76,7 @@ def restore() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vgg16")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=8)
+    add_model_arguments(p, batch_size=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--infer", action="store_true", help="time inference (no_grad forward) instead of training")
     p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
@@ -96,10 +93,7 @@ def main() -> None:
 
 
 def profile(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
-    model = build_model(args.model, num_classes=10, image_size=args.input_size)
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
-    y = torch.randint(0, 10, (args.batch_size,))
+    model, x, y = model_and_batch(args)
     run = _ModeRun("legrace", model, x, y, train=not args.infer, rank=8, accelerator=args.accelerator, iters=2)
     for _ in range(2):  # warm-up
         run.step()

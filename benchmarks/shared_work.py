@@ -22,29 +22,27 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_common import add_threads_argument, apply_threads, median_seconds, write_results
+from bench_common import (add_model_arguments, add_threads_argument, apply_threads, median_seconds, model_and_batch,
+                          write_results)
 
 from legrace.bench import _ModeRun
-from legrace.models import build_model
+
+
+def is_split_conv(event, image_shape: list[int]) -> bool:
+    """A conv operator of a conv legrace splits: any but the first, whose input is the image."""
+    return "conv" in event.key.lower() and image_shape not in event.input_shapes
 
 
 def split_step(events, image_shape: list[int]) -> dict[str, float]:
     """Self CPU seconds of one profiled step: the convs legrace splits, and the rest."""
-    split = shared = 0.0
-    for e in events:
-        seconds = e.self_cpu_time_total / 1e6
-        if "conv" in e.key.lower() and image_shape not in e.input_shapes:
-            split += seconds
-        else:
-            shared += seconds
+    split = sum(e.self_cpu_time_total for e in events if is_split_conv(e, image_shape)) / 1e6
+    shared = sum(e.self_cpu_time_total for e in events if not is_split_conv(e, image_shape)) / 1e6
     return {"split_conv_seconds": split, "shared_seconds": shared}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vgg16")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_model_arguments(p)
     p.add_argument("--steps", type=int, default=3, help="timed plain TEE-only steps (after one warm-up)")
     p.add_argument("--infer", action="store_true", help="inference (no_grad forward) instead of training")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
@@ -52,10 +50,7 @@ def main() -> None:
     args = p.parse_args()
     apply_threads(args)
 
-    torch.manual_seed(0)
-    model = build_model(args.model, num_classes=10, image_size=args.input_size)
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
-    y = torch.randint(0, 10, (args.batch_size,))
+    model, x, y = model_and_batch(args)
     tee = _ModeRun("tee_only", model, x, y, train=not args.infer, rank=8, accelerator="cpu", iters=2)
     step = median_seconds(tee.step, args.steps)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -73,7 +68,7 @@ def main() -> None:
           f"{parts['shared_seconds']:.3f} s: TEE-only ÷ trusted time cannot pass {result['bound']:.1f}x")
     shared = {}
     for e in events:
-        if not ("conv" in e.key.lower() and list(x.shape) not in e.input_shapes):
+        if not is_split_conv(e, list(x.shape)):
             shared[e.key] = shared.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
     for key, seconds in sorted(shared.items(), key=lambda kv: -kv[1])[:8]:
         print(f"  {seconds * 1e3:8.1f} ms  {key}")
