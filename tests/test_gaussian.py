@@ -94,7 +94,8 @@ def test_a_buffer_depends_on_the_keys_not_on_the_thread_count():
     assert not torch.equal(a[:1000], a[c:c + 1000])
     assert abs(torch.corrcoef(torch.stack([a[:c], a[c:2 * c]]))[0, 1].item()) < 5 / math.sqrt(c)
     assert not torch.equal(a, GaussianStreams(1, seed=6).normal(shape, torch.float32, 2.0))
-    one.close(), three.close()
+    one.close()
+    three.close()
 
 
 def test_dtypes_and_scale():

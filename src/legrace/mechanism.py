@@ -136,14 +136,17 @@ class GaussianStreams:
         self._keys = self._new_keys()
         self._buffers = 0
         self._lock = threading.Lock()
-        self._generators: list[torch.Generator] = []  # torch's fallback, made on first use
+        self._generators: list[torch.Generator] = []  # torch's sampler, made on first use
         self._threads: Optional[ThreadPoolExecutor] = None
 
     @property
     def sampler(self) -> str:
         """The sampler that draws float32 buffers here (the ziggurat unless asked for torch's or
         unusable)."""
-        return "ziggurat" if self._sampler == "ziggurat" and gaussian.usable(np.float32) else "torch"
+        return "ziggurat" if self._ziggurat_draws(torch.float32) else "torch"
+
+    def _ziggurat_draws(self, dtype: torch.dtype) -> bool:
+        return self._sampler == "ziggurat" and gaussian.usable(np.float32 if dtype == torch.float32 else np.float64)
 
     def _new_keys(self) -> np.ndarray:
         if self._seed is None:
@@ -164,7 +167,7 @@ class GaussianStreams:
         direct = dtype in (torch.float32, torch.float64)
         out = torch.empty(shape, dtype=dtype if direct else torch.float32, pin_memory=pinned)
         flat = out.view(-1)
-        if self._sampler == "ziggurat" and gaussian.usable(np.float32 if flat.dtype == torch.float32 else np.float64):
+        if self._ziggurat_draws(flat.dtype):
             self._ziggurat(flat.numpy(), float(sigma))
         else:
             self._torch(flat, float(sigma))
@@ -184,11 +187,11 @@ class GaussianStreams:
                    for a, b in zip(bounds, bounds[1:])])
 
     def _torch(self, flat: Tensor, sigma: float) -> None:
-        if not self._generators and self._sampler == "ziggurat":
-            warnings.warn("legrace.gaussian's sampler is unavailable (numba missing or broken): drawing noise "
-                          "with torch, whose float32 Gaussians are truncated at 5.77 sigma, which adds to delta "
-                          "(see legrace.gaussian)", RuntimeWarning, stacklevel=3)
-        if not self._generators:
+        if not self._generators:  # made on first use
+            if self._sampler == "ziggurat":  # asked for, but it cannot run here
+                warnings.warn("legrace.gaussian's sampler is unavailable (numba missing or broken): drawing noise "
+                              "with torch, whose float32 Gaussians are truncated at 5.77 sigma, which adds to "
+                              "delta (see legrace.gaussian)", RuntimeWarning, stacklevel=3)
             for i in range(self._n):
                 g = torch.Generator(device="cpu")
                 seed = secrets.randbits(63) if self._seed is None else (self._seed + 1_000_003 * i) % (1 << 63)
