@@ -113,8 +113,12 @@ def test_other_modes_are_exact_without_noise(mode):
     assert logit_err <= 1e-6 and grad_err <= 1e-6
 
 
-def test_conv_hyperparameters():
-    # stride, padding (int, tuple, 'same', 'valid'), dilation, with and without bias, non-square
+@pytest.mark.parametrize("lowrank_path", ["grouped", "unfold"])
+def test_conv_hyperparameters(lowrank_path, monkeypatch):
+    # stride, padding (int, tuple, 'same', 'valid'), dilation, with and without bias, non-square,
+    # through either way of computing the low-rank conv (split_conv.unfold_is_faster picks by shape)
+    from legrace import split_conv
+    monkeypatch.setattr(split_conv, "UNFOLD_MIN_OUT_CHANNELS", 1 if lowrank_path == "unfold" else 10**9)
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
