@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmark of issue 4 (no GPU needed, about 10 minutes on 2 cores): training steps of
-# VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in tee_only and legrace (trusted side and an
+# VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in two TEE-only baselines (legrace's own, and
+# plain PyTorch in channels_last: the ratios use the faster) and legrace (trusted side and an
 # in-process accelerator on the same CPU), plus VGG-19 inference. JSON, PNG charts and a summary
 # table go under $OUT (default runs/cpu-bench).
 #   OUT=/tmp/out BATCH=32 bash benchmarks/cpu_bench.sh
@@ -13,9 +14,9 @@ BATCH=${BATCH:-32}
 PY=${PYTHON:-.venv/bin/python}
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}
 for m in vgg16 vgg19 resnet18 resnet34; do
-  $PY -m legrace.cli bench --model "$m" --input-size 224 --batch-size "$BATCH" --modes tee_only,legrace \
+  $PY -m legrace.cli bench --model "$m" --input-size 224 --batch-size "$BATCH" --modes tee_only,tee_only_channels_last,legrace \
       --warmup 1 --repeats 3 --out "$OUT/$m-train"
 done
-$PY -m legrace.cli bench --model vgg19 --input-size 224 --batch-size "$BATCH" --modes tee_only,legrace \
+$PY -m legrace.cli bench --model vgg19 --input-size 224 --batch-size "$BATCH" --modes tee_only,tee_only_channels_last,legrace \
     --infer --warmup 1 --repeats 3 --out "$OUT/vgg19-infer"
 $PY benchmarks/summarize_bench.py "$OUT"

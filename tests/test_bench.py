@@ -30,6 +30,35 @@ def test_bench_smoke(tmp_path):
     assert (out / "step_times.png").stat().st_size > 1000 and (out / "layers_legrace.png").exists()
 
 
+def test_ratios_use_the_fastest_tee_only_for_time_and_the_leanest_for_memory(tmp_path, capsys):
+    from legrace.bench import _ratios, _tee_baselines
+
+    def run(mode, step, trusted, saved):
+        return {"mode": mode, "step_seconds": step, "trusted_seconds": trusted, "trusted_macs": 100,
+                "trusted_saved_bytes": saved, "noise_thread_seconds": 0.0}
+
+    results = [run("tee_only", 10.0, 10.0, 100), run("tee_only_channels_last", 8.0, 8.0, 400),
+               run("legrace", 4.0, 2.0, 10)]
+    assert _tee_baselines(results) == {"time": "tee_only_channels_last", "memory": "tee_only"}
+    ratios = _ratios(results)
+    assert ratios["tee_only_step / legrace_trusted"] == 4.0 and ratios["tee_only_step / legrace_step"] == 2.0
+    assert ratios["tee_only_memory / legrace_trusted_memory"] == 10.0
+    assert _tee_baselines(results[::-1][:2]) == {"time": "tee_only_channels_last", "memory": "tee_only_channels_last"}
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
+                 "--warmup", "0", "--modes", "tee_only,tee_only_channels_last,legrace", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    modes = {m["mode"]: m for m in report["modes"]}
+    assert modes["tee_only_channels_last"]["trusted_macs"] == modes["tee_only"]["trusted_macs"]
+    assert modes["tee_only_channels_last"]["accelerator_macs"] == 0
+    # plain PyTorch keeps whole ReLU outputs where legrace's tee_only keeps bit-packed masks
+    assert modes["tee_only_channels_last"]["trusted_saved_bytes"] > modes["tee_only"]["trusted_saved_bytes"]
+    assert report["tee_only_baselines"]["memory"] == "tee_only"
+    assert main(["bench", "--modes", "tee_only,fast", "--out", str(tmp_path / "x")]) != 0
+    assert "unknown mode(s) ['fast']" in capsys.readouterr().err
+
+
 def test_summary_table_of_bench_runs(tmp_path, capsys):
     import runpy
     from pathlib import Path
