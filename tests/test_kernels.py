@@ -51,6 +51,41 @@ def test_fused_max_pool_keeps_the_torch_paths_bytes(monkeypatch, shape, dtype, t
         torch.set_num_threads(before)
 
 
+WINDOWS = [dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), ceil_mode=False),  # ResNet's stem
+           dict(kernel=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1), ceil_mode=False),
+           dict(kernel=(2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1), ceil_mode=False),
+           dict(kernel=(3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 1), ceil_mode=False),
+           dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 2), ceil_mode=True),
+           dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), ceil_mode=True)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: "-".join(f"{v}" for v in w.values()))
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_max_pool_of_any_window_keeps_the_torch_paths_bytes(monkeypatch, window, threads):
+    monkeypatch.setattr(compact, "BLOCK", 16)
+    monkeypatch.setattr(kernels, "enabled", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    args = tuple(window.values())
+    try:
+        torch.manual_seed(0)
+        nan = torch.randn(2, 3, 8, 9)
+        nan[0, 0, 1, 1] = nan[1, 2, 4, 5] = nan[1, 2, 4, 6] = float("nan")
+        for x in (torch.randn(2, 3, 11, 12, dtype=torch.float64), torch.randint(-1, 2, (2, 3, 9, 10)).float(),
+                  torch.full((1, 2, 5, 7), float("-inf")), nan, torch.randn(1, 1, 3, 3)):
+            ctx, ctx_ref = _Ctx(), _Ctx()
+            y = compact._CompactMaxPool.forward(ctx, x, *args)
+            y_ref = _torch_path(compact._CompactMaxPool.forward, ctx_ref, x, *args)
+            assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
+            assert torch.equal(ctx.saved[0], ctx_ref.saved[0])
+            ctx.args, ctx.x_shape = ctx_ref.args, ctx_ref.x_shape
+            grad = torch.randn(y.shape, dtype=x.dtype)
+            assert torch.equal(compact._CompactMaxPool.backward(ctx, grad)[0],
+                               _torch_path(compact._CompactMaxPool.backward, ctx_ref, grad)[0])
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Ctx:
     """Stands in for autograd's context object when calling a Function's forward and backward directly."""
 

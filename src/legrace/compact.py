@@ -7,10 +7,10 @@ Results and gradients are exactly those of nn.ReLU and nn.MaxPool2d (inputs with
 
 Speed matters as much as memory here: these passes run over the largest activations on the
 trusted side. Bits are packed with numpy's packbits on CPU, in cache-sized blocks shared between
-torch's threads (numpy itself uses one). On CPU with numba installed, the 2x2 max-pool's forward
-and backward are each one fused pass over those blocks (legrace.kernels); otherwise its winner is
-found by comparing the four window positions rather than by decoding int64 indices (integer
-division over every output was slower than the pooling itself). Both keep the same packed bytes.
+torch's threads (numpy itself uses one). On CPU with numba installed, each max-pool's forward and
+backward are one fused pass (legrace.kernels); otherwise the 2x2 pool's winner is found by
+comparing the four window positions rather than by decoding int64 indices (integer division over
+every output was slower than the pooling itself). Both paths keep the same bytes.
 """
 
 from __future__ import annotations
@@ -35,16 +35,18 @@ _helpers: Optional[ThreadPoolExecutor] = None
 _helper_count = 0
 
 
-def _in_blocks(n: int, work: Callable[[int, int], None]) -> None:
-    """work(a, b) for consecutive blocks [a, b) covering [0, n), on up to torch.get_num_threads() threads."""
+def _in_blocks(n: int, work: Callable[[int, int], None], block: Optional[int] = None) -> None:
+    """work(a, b) for consecutive blocks [a, b) of `block` (default BLOCK) covering [0, n), on up
+    to torch.get_num_threads() threads."""
     global _helpers, _helper_count
-    parts = max(1, min(torch.get_num_threads(), -(-n // BLOCK)))
+    block = block or BLOCK
+    parts = max(1, min(torch.get_num_threads(), -(-n // block)))
     span = -(-n // parts)
-    span += -span % BLOCK
+    span += -span % block
 
     def run(start: int) -> None:
-        for a in range(start, min(start + span, n), BLOCK):
-            work(a, min(a + BLOCK, start + span, n))
+        for a in range(start, min(start + span, n), block):
+            work(a, min(a + block, start + span, n))
 
     if parts - 1 > _helper_count:
         _helpers, _helper_count = ThreadPoolExecutor(parts - 1, thread_name_prefix="legrace-bits"), parts - 1
@@ -222,6 +224,12 @@ class _CompactMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> Tensor:
+        ctx.args, ctx.x_shape = (kernel, stride, padding, dilation, ceil_mode), x.shape
+        fused = _max_pool_window_fused(x.detach(), kernel, stride, padding, dilation, ceil_mode)
+        if fused is not None:
+            y, code = fused
+            ctx.save_for_backward(code)
+            return y
         y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         w = x.shape[-1]
         rows = idx.div(w, rounding_mode="floor")
@@ -232,13 +240,15 @@ class _CompactMaxPool(torch.autograd.Function):
             code = (rows - top).div(dilation[0], rounding_mode="floor") * kernel[1] \
                 + (idx - rows * w - left).div(dilation[1], rounding_mode="floor")
         ctx.save_for_backward(code.to(torch.uint8))
-        ctx.args, ctx.x_shape = (kernel, stride, padding, dilation, ceil_mode), x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (code,) = ctx.saved_tensors
         kernel, stride, padding, dilation, ceil_mode = ctx.args
+        if grad.dim() == 4 and _fused(grad):
+            return (_max_unpool_window_fused(grad, code, ctx.x_shape, kernel, stride, padding, dilation),
+                    None, None, None, None, None)
         top, left = _window_origins(grad.shape[-2:], stride, padding, grad.device)
         w = ctx.x_shape[-1]
         # the input index of each window code, looked up in a 256-entry table (no integer division
@@ -250,6 +260,46 @@ class _CompactMaxPool(torch.autograd.Function):
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
             grad.contiguous(), shape_only, kernel, stride, padding, dilation, ceil_mode, idx)
         return grad_x, None, None, None, None, None
+
+
+def _pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """Output length of a max-pool along one dimension, as PyTorch computes it."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside the input or left padding
+        out -= 1
+    return out
+
+
+def _max_pool_window_fused(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> Optional[tuple[Tensor, Tensor]]:
+    """y and the one-byte window codes of the torch path, in one pass (legrace.kernels), or None
+    where the kernel does not apply; invalid arguments are left to torch's own errors."""
+    if x.dim() != 4 or not _fused(x) or any(2 * p > k for p, k in zip(padding, kernel)):
+        return None
+    B, C, h, w = x.shape
+    oh, ow = (_pool_output_size(n, k, s, p, d, ceil_mode)
+              for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+    if oh < 1 or ow < 1:
+        return None
+    n = B * C * oh * ow
+    flat = _flat(x)
+    y, code = np.empty(n, flat.dtype), np.empty(n, np.uint8)
+    _in_blocks(n, lambda a, b: kernels.max_pool_window(flat, y, code, a, b, oh, ow, h, w, *kernel, *stride,
+                                                       *padding, *dilation))
+    return torch.from_numpy(y).view(B, C, oh, ow), torch.from_numpy(code).view(B, C, oh, ow)
+
+
+def _max_unpool_window_fused(grad: Tensor, code: Tensor, x_shape: torch.Size, kernel, stride, padding,
+                             dilation) -> Tensor:
+    """dL/dx from the window codes in one pass (legrace.kernels), whole planes per thread."""
+    B, C, oh, ow = grad.shape
+    h, w = x_shape[-2:]
+    g, codes = _flat(grad), code.contiguous().numpy().reshape(-1)
+    out = np.empty(x_shape.numel(), g.dtype)
+    planes = B * C
+    _in_blocks(planes, lambda a, b: kernels.max_unpool_window(g, codes, out, a, b, oh, ow, h, w, *kernel, *stride,
+                                                              *padding, *dilation),
+               block=-(-planes // torch.get_num_threads()))
+    return torch.from_numpy(out).view(x_shape)
 
 
 def _window_origins(out_hw, stride, padding, device) -> tuple[Tensor, Tensor]:

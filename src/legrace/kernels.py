@@ -1,18 +1,22 @@
-"""Fused CPU passes for the compact 2x2 max-pool, compiled by numba when it is installed.
+"""Fused CPU passes for the compact max-pools, compiled by numba when it is installed.
 
 The trusted side's element-wise work is bound by memory traffic, and torch runs each operation
 as its own pass over memory: the compact 2x2 max-pool's forward takes seven (two maxima, three
-comparisons, their packing, a third maximum) and its backward four. Each kernel here does the
-layer's work in one pass and writes exactly the bytes legrace.compact's torch path writes (the
-same values, the same packed row and column bits), so either path can consume what the other
-produced. (The ReLU has no kernel: torch's ReLU and numpy's SIMD packbits over cache-sized
-blocks were faster than a numba loop, whose bit packing does not vectorise.)
+comparisons, their packing, a third maximum) and its backward four; the compact pool of any other
+window (ResNet's 3x3 stem) takes torch's pool with int64 indices and four passes turning them into
+window codes, and its backward decodes them again. Each kernel here does the layer's work in one
+pass and writes exactly the bytes legrace.compact's torch path writes (the same values, the same
+packed row and column bits or window codes), so either path can consume what the other produced.
+(The ReLU has no kernel: torch's ReLU and numpy's SIMD packbits over cache-sized blocks were
+faster than a numba loop, whose bit packing does not vectorise.)
 
-Kernels work on a flat range [k0, k1) of pool outputs whose start is a multiple of 8, so every
-packed byte belongs to one range; legrace.compact cuts the work into such ranges and shares them
-between torch's threads. They release the GIL and start no threads of their own. Without numba,
-or with LEGRACE_FUSED_KERNELS=0 in the environment, `enabled` is False and legrace.compact uses
-its torch passes; so it does, with a warning, where numba is present but cannot build them.
+Kernels work on a flat range [k0, k1) of pool outputs (for the 2x2 pool starting at a multiple of
+8, so every packed byte belongs to one range; the window pool's backward on whole planes, since
+overlapping windows add into shared inputs); legrace.compact cuts the work into such ranges and
+shares them between torch's threads. They release the GIL and start no threads of their own.
+Without numba, or with LEGRACE_FUSED_KERNELS=0 in the environment, `enabled` is False and
+legrace.compact uses its torch passes; so it does, with a warning, where numba is present but
+cannot build them.
 """
 
 from __future__ import annotations
@@ -112,6 +116,87 @@ def max_unpool_2x2(grad, row_bits, col_bits, out, k0, k1, oh, ow, h, w):  # prag
     return 0
 
 
+@_jit
+def max_pool_window(x, y, code, k0, k1, oh, ow, h, w, kh, kw, sh, sw, ph, pw, dh, dw):  # pragma: no cover - compiled
+    """Any max-pool window (kh x kw, stride, padding, dilation) over outputs [k0, k1): y and the
+    winner's position in its window, a·kw + b for window row a and column b, counted from the
+    window's unclamped origin, as legrace.compact's torch path codes it.
+
+    As in PyTorch's CPU kernel: positions outside the input are skipped, a later value wins only
+    if strictly larger or NaN, and the first position inside the input is the winner when none is
+    larger than -inf.
+    """
+    plane = k0 // (oh * ow)
+    rest = k0 - plane * oh * ow
+    i = rest // ow
+    j = rest - i * ow
+    for k in range(k0, k1):
+        base = plane * h * w
+        top = i * sh - ph
+        left = j * sw - pw
+        if top >= 0 and left >= 0 and top + (kh - 1) * dh < h and left + (kw - 1) * dw < w:
+            # inside the input (all but the border outputs): no bounds to check
+            origin = base + top * w + left
+            best = x[origin]
+            win = 0
+            for a in range(kh):
+                row = origin + a * dh * w
+                for b in range(kw):
+                    v = x[row + b * dw]
+                    if v > best or v != v:
+                        best = v
+                        win = a * kw + b
+        else:
+            a0 = 0
+            while top + a0 * dh < 0:
+                a0 += 1
+            b0 = 0
+            while left + b0 * dw < 0:
+                b0 += 1
+            best = -np.inf
+            win = a0 * kw + b0
+            for a in range(a0, kh):
+                r = top + a * dh
+                if r >= h:
+                    break
+                row = base + r * w
+                for b in range(b0, kw):
+                    c = left + b * dw
+                    if c >= w:
+                        break
+                    v = x[row + c]
+                    if v > best or v != v:
+                        best = v
+                        win = a * kw + b
+        y[k] = best
+        code[k] = win
+        j += 1
+        if j == ow:
+            j, i = 0, i + 1
+            if i == oh:
+                i, plane = 0, plane + 1
+    return 0
+
+
+@_jit
+def max_unpool_window(grad, code, out, p0, p1, oh, ow, h, w, kh, kw, sh, sw, ph, pw, dh, dw):  # pragma: no cover - compiled
+    """max_pool_window's backward for planes [p0, p1): out is zeroed there, then each output's
+    gradient is added to its winner, in output order as PyTorch's CPU kernel adds them (windows
+    that overlap can share a winner). Whole planes per call, so no two calls touch one element."""
+    out[p0 * h * w:p1 * h * w] = 0.0
+    for plane in range(p0, p1):
+        base = plane * h * w
+        k = plane * oh * ow
+        for i in range(oh):
+            for j in range(ow):
+                win = code[k]
+                a = win // kw
+                b = win - a * kw
+                out[base + (i * sh - ph + a * dh) * w + j * sw - pw + b * dw] += grad[k]
+                k += 1
+    return 0
+
+
 def usable(dtype: np.dtype) -> bool:
     """Whether the kernels run here for this dtype: built (or loaded from the cache) and checked
     on a 4x4 plane once per process. A numba that cannot build them turns them off with a
@@ -125,7 +210,13 @@ def usable(dtype: np.dtype) -> bool:
             y, rows, cols, grad = np.empty(4, dtype), np.empty(1, np.uint8), np.empty(1, np.uint8), np.empty(16, dtype)
             max_pool_2x2(x, y, rows, cols, 0, 4, 2, 2, 4, 4)
             max_unpool_2x2(y, rows, cols, grad, 0, 4, 2, 2, 4, 4)
-            _works[dtype] = y.tolist() == [5, 9, 7, 8] and np.array_equal(grad != 0, x >= 5)
+            ok = y.tolist() == [5, 9, 7, 8] and np.array_equal(grad != 0, x >= 5)
+            # ResNet's stem window (3x3, stride 2, padding 1) on the same plane
+            code = np.empty(4, np.uint8)
+            max_pool_window(x, y, code, 0, 4, 2, 2, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1)
+            max_unpool_window(np.ones(4, dtype), code, grad, 0, 1, 2, 2, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1)
+            ok = ok and y.tolist() == [5, 9, 7, 9] and code.tolist() == [8, 8, 7, 2] and grad[7] == 2 and grad.sum() == 4
+            _works[dtype] = ok
         except Exception as e:  # pragma: no cover - depends on the environment
             warnings.warn(f"legrace.kernels: numba could not run the fused max-pool ({type(e).__name__}: {e}); "
                           "using the torch path", RuntimeWarning, stacklevel=2)
