@@ -3,8 +3,8 @@
 #   1. the CUDA tests (tests/test_cuda.py: the split stays exact with a CUDA accelerator);
 #   2. host <-> GPU copy rates, pageable against pinned (benchmarks/cuda_transfers.py);
 #   3. training steps of VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in tee_only and
-#      tee_only_channels_last (CPU, the same trusted runtime and threads), legrace (trusted side on the CPU, accelerator on the GPU)
-#      and gpu_only; VGG-19 inference;
+#      tee_only_channels_last (CPU, the same trusted runtime and threads), legrace (trusted side
+#      on the CPU, accelerator on the GPU) and gpu_only; VGG-19 inference;
 #   4. then, until the deadline: the trusted side's profile with the GPU as accelerator
 #      (profile_trusted.py); the bound the noise alone puts on the trusted-time ratio
 #      (noise_ceiling.py), the noise rate per generator thread (noise_rate.py) and the bound that

@@ -31,7 +31,8 @@ def main(folder: str) -> None:
             str(r.get("threads", "")),
         ])
         machine = f"{r.get('cpu', '?')}, torch {r['torch']}, accelerator {r['accelerator']}"
-    head = ["run", "model", "batch", "tee_only step s", "tee_only_channels_last step s", "legrace step s", "legrace trusted s", "gpu_only step s",
+    head = ["run", "model", "batch", "tee_only step s", "tee_only_channels_last step s", "legrace step s",
+            "legrace trusted s", "gpu_only step s",
             "tee / legrace trusted", "tee / legrace step", "legrace / gpu_only step", "tee / legrace trusted MACs",
             "tee / legrace trusted memory", "overlap", "threads"]
     print("| " + " | ".join(head) + " |")

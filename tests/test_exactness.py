@@ -142,6 +142,14 @@ def test_conv_hyperparameters(lowrank_path, monkeypatch):
     assert logit_err <= 1e-6 and grad_err <= 1e-6
 
 
+def test_an_unknown_lowrank_path_is_refused():
+    from legrace.split_conv import lowrank_conv
+
+    A, V, weight = torch.randn(1, 4, 2), torch.randn(1, 2, 25), torch.randn(3, 4, 3, 3)
+    with pytest.raises(ValueError, match="unknown low-rank conv path 'gemm'"):
+        lowrank_conv(A, V, weight, (5, 5), 1, 1, 1, path="gemm")
+
+
 SLOW_ARCHS = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
               "resnet18", "resnet34", "resnet50"]
 

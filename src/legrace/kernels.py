@@ -215,7 +215,8 @@ def usable(dtype: np.dtype) -> bool:
             code = np.empty(4, np.uint8)
             max_pool_window(x, y, code, 0, 4, 2, 2, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1)
             max_unpool_window(np.ones(4, dtype), code, grad, 0, 1, 2, 2, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1)
-            ok = ok and y.tolist() == [5, 9, 7, 9] and code.tolist() == [8, 8, 7, 2] and grad[7] == 2 and grad.sum() == 4
+            ok = (ok and y.tolist() == [5, 9, 7, 9] and code.tolist() == [8, 8, 7, 2]
+                  and grad[7] == 2 and grad.sum() == 4)
             _works[dtype] = bool(ok)  # not numpy.bool_: it goes into JSON reports
         except Exception as e:  # pragma: no cover - depends on the environment
             warnings.warn(f"legrace.kernels: numba could not run the fused max-pool ({type(e).__name__}: {e}); "

@@ -67,8 +67,8 @@ def direct_is_cheaper(N: int, R: int, hw: int) -> bool:
 # with benchmarks/lowrank_paths.py (docs/bench/lowrank_paths: batch 32 and 8, 2 cores): at M >= 128
 # on maps up to 56x56 the GEMM is 0.90-2.0x as fast forward and 0.97-1.7x for the weight gradient
 # (the 0.9x: forward on 56x56 maps, whose weight gradient gains 1.2x); at M = 64 and on 112x112
-# and larger maps it loses (0.6-0.95x). With this rule, one forward and weight gradient of
-# every split conv takes 1.05x less time than the grouped conv alone on VGG-16, 1.11x on ResNet-18.
+# and larger maps it loses (0.6-0.95x). With this rule, one forward and weight gradient of every
+# split conv run 1.05x faster than with the grouped conv alone on VGG-16, 1.11x on ResNet-18.
 UNFOLD_MIN_OUT_CHANNELS = 128
 UNFOLD_MAX_PIXELS = 56 * 56
 
@@ -95,6 +95,12 @@ def lowrank_path(N: int, R: int, M: int, hw: int) -> str:
     return "unfold" if unfold_is_faster(M, hw) else "grouped"
 
 
+def _checked_path(path: Optional[str]) -> Optional[str]:
+    if path is not None and path not in LOWRANK_PATHS:
+        raise ValueError(f"unknown low-rank conv path {path!r}; choose one of {LOWRANK_PATHS}")
+    return path
+
+
 def lowrank_conv(A: Tensor, V: Tensor, weight: Tensor, hw: tuple[int, int], stride, padding, dilation,
                  bias: Optional[Tensor] = None, path: Optional[str] = None) -> Tensor:
     """conv(A·V, W) (+ bias), computed as conv(V, W') with only R input channels per sample where
@@ -103,7 +109,7 @@ def lowrank_conv(A: Tensor, V: Tensor, weight: Tensor, hw: tuple[int, int], stri
     B, N, R = A.shape
     M, _, kh, kw = weight.shape
     V = V.to(A.dtype)  # V may be stored in a smaller dtype (SplitConfig.basis_dtype)
-    path = path or lowrank_path(N, R, M, hw[0] * hw[1])
+    path = _checked_path(path) or lowrank_path(N, R, M, hw[0] * hw[1])
     if path == "direct":
         return F.conv2d((A @ V).reshape(B, N, *hw), weight, bias, stride, padding, dilation)
     w_prime = torch.einsum("bnr,mnkl->bmrkl", A, weight)
@@ -124,7 +130,7 @@ def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, strid
     B, N, R = A.shape
     M, _, kh, kw = w_shape
     V = V.to(A.dtype)
-    path = path or lowrank_path(N, R, M, hw[0] * hw[1])
+    path = _checked_path(path) or lowrank_path(N, R, M, hw[0] * hw[1])
     if path == "direct":
         return conv2d_weight((A @ V).reshape(B, N, *hw), w_shape, grad_y, stride, padding, dilation)
     if path == "unfold":
