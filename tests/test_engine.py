@@ -274,3 +274,55 @@ def test_engine_draws_noise_inline_unless_asked_to_draw_ahead():
     finally:
         inline.close()
         ahead.close()
+
+
+class SameInput(nn.Module):
+    """Two convs read one activation, as a ResNet block's first conv and its downsample do."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.down = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(torch.relu(self.a(h)) + self.down(h), 1), 1))
+
+
+def test_convs_that_read_one_input_release_it_once():
+    torch.manual_seed(0)
+    module, x, y = SameInput(), torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    engine = LegRace(rank=2, noise_multiplier=1.0, clip=0.5)
+    model = engine.convert(copy.deepcopy(module))
+    assert (model.a.same_as, model.down.same_as, model.a.reused) == (None, 1, True)
+    assert engine.releases_per_sample == 2  # stem and a; down sends a's noised residual again
+    seen = spy_on_releases(engine)
+    F.cross_entropy(model(x), y).backward()
+    residuals = dict(seen)
+    assert [layer for layer, _ in seen] == [0, 1, 2] and torch.equal(residuals[1], residuals[2])
+    assert not engine._config.shared  # taken by the conv that reused it
+    # the same step without noise is the plain model's, gradients included
+    plain, split = copy.deepcopy(module).double(), LegRace(rank=2, clip=None, noise_multiplier=0.0).convert(
+        copy.deepcopy(module).double())
+    F.cross_entropy(plain(x.double()), y).backward()
+    F.cross_entropy(split(x.double()), y).backward()
+    for (name, p), q in zip(plain.named_parameters(), split.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_convs_that_read_one_input_at_different_ranks_release_it_twice():
+    engine = LegRace(rank=[2, 2, 3], noise_multiplier=1.0, clip=0.5)
+    model = engine.convert(SameInput())
+    assert model.down.same_as is None and not model.a.reused and engine.releases_per_sample == 3
+
+
+def test_a_conv_that_reuses_a_release_refuses_any_other_input():
+    engine = LegRace(rank=2, noise_multiplier=1.0, clip=0.5)
+    model = engine.convert(SameInput())
+    with pytest.raises(RuntimeError, match="a second release of it would not be accounted"):
+        model.down(torch.randn(2, 6, 6, 6))
+    h = torch.randn(2, 6, 6, 6)
+    model.a(h)
+    h.add_(1.0)  # changed in place after conv a released it
+    with pytest.raises(RuntimeError, match="reads the same input as conv layer 1"):
+        model.down(h)

@@ -9,7 +9,7 @@ valid. Everything else (BN, ReLU, pools, adds, the classifier head) runs on the 
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,13 +86,28 @@ def batch_coupled(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[bool]:
     return [any(after_bn[i] for i in n.all_input_nodes) for n in nodes]
 
 
+def same_input(nodes: list[fx.Node]) -> list[Optional[int]]:
+    """For each conv node: the first earlier decomposition point that reads the very same input
+    node (a ResNet block's downsample conv and its first conv), or None."""
+    first: dict[fx.Node, int] = {}
+    out = []
+    for point, node in enumerate(nodes):
+        source = node.args[0] if node.args else None
+        out.append(first.get(source) if isinstance(source, fx.Node) else None)
+        if isinstance(source, fx.Node):
+            first.setdefault(source, point)
+    return out
+
+
 def convert(
-    module: nn.Module, make_split: Callable[[nn.Conv2d, int, int, bool], nn.Module] | None = None,
+    module: nn.Module,
+    make_split: Callable[[nn.Conv2d, int, int, bool, Optional[int]], nn.Module] | None = None,
     compact: bool = True,
 ) -> fx.GraphModule:
-    """Trace, check and rewrite `module`; `make_split(conv, point, n_points, coupled)` replaces
-    each conv (coupled: a BatchNorm comes before it, see batch_coupled). With `compact`, ReLU and
-    2x2 max-pool modules become their memory-light, exactly equivalent forms (legrace.compact).
+    """Trace, check and rewrite `module`; `make_split(conv, point, n_points, coupled, same_as)`
+    replaces each conv (coupled: a BatchNorm comes before it, see batch_coupled; same_as: an
+    earlier point with the same input, see same_input). With `compact`, ReLU and 2x2 max-pool
+    modules become their memory-light, exactly equivalent forms (legrace.compact).
 
     Each call of a conv gets its own decomposition point; a conv module called twice is refused,
     since its two calls would need two different trusted-side stand-ins under one name.
@@ -105,9 +120,9 @@ def convert(
     if reused:
         raise UnsupportedModelError(f"conv layer(s) {sorted(reused)} are called more than once in forward")
     if make_split is not None:
-        coupled = batch_coupled(gm, nodes)
+        coupled, same = batch_coupled(gm, nodes), same_input(nodes)
         for point, node in enumerate(nodes):
-            split = make_split(gm.get_submodule(node.target), point, len(nodes), coupled[point])
+            split = make_split(gm.get_submodule(node.target), point, len(nodes), coupled[point], same[point])
             _set_submodule(gm, node.target, split)
     if compact:
         _compact_layers(gm)

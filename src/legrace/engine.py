@@ -232,13 +232,17 @@ class LegRace:
                                      verifier=FreivaldsVerifier() if self.verify else None, overlap=self.overlap)
             config.boundary = self.boundary
 
-        coupled, silent = [], []
+        coupled, unaccounted, splits = [], [], []
 
-        def make_split(conv: nn.Conv2d, point: int, n_points: int, after_bn: bool) -> SplitConv2d:
+        def make_split(conv: nn.Conv2d, point: int, n_points: int, after_bn: bool,
+                       same_as: Optional[int]) -> SplitConv2d:
             config.n_points = n_points
-            split = SplitConv2d(conv, point, config)
-            silent.append(split.silent)  # releases nothing (see SplitConv2d): not accounted
-            coupled.append(after_bn and not split.silent)
+            split = SplitConv2d(conv, point, config, None if same_as is None else splits[same_as])
+            splits.append(split)
+            # releases nothing of its own (silent, or reusing an earlier conv's release; see
+            # SplitConv2d): not accounted
+            unaccounted.append(split.silent or split.same_as is not None)
+            coupled.append(after_bn and not unaccounted[-1])
             return split
 
         gm = convert(module, make_split)
@@ -247,7 +251,7 @@ class LegRace:
             config.outputs.install(gm)
         self._coupled_points = sum(coupled)
         self._config = config
-        self._releasing_points = config.n_points - sum(silent)
+        self._releasing_points = config.n_points - sum(unaccounted)
         if self._noise_arg is not None and self.mechanism is None:
             self._set_noise(self._noise_arg)
         config.mechanism = self.mechanism

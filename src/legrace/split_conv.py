@@ -16,7 +16,8 @@ same layer and collected after, so with `Boundary(overlap=True)` the two legs ru
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -49,6 +50,9 @@ class SplitConfig:
     boundary: Optional[Boundary] = None
     timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
     outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
+    # point -> (its input, the input's version, its Decomposition, its noised residual), kept by a
+    # conv whose input a later conv reads too (SplitConv2d.reused) until that conv takes it
+    shared: dict = field(default_factory=dict)
 
     @property
     def releases(self) -> bool:
@@ -215,19 +219,38 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
     return rebuild
 
 
+def _take_shared(layer: "SplitConv2d", x: Tensor):
+    """The Decomposition and noised residual that conv `layer.same_as` made of x. Anything else
+    is refused: a fresh release here would not be accounted."""
+    entry = layer.config.shared.pop(layer.same_as, None)
+    if entry is None or entry[0]() is not x or entry[1] != x._version:
+        raise RuntimeError(
+            f"conv layer {layer.point} reads the same input as conv layer {layer.same_as} in the traced model, "
+            "but did not get the tensor that layer split and released: a second release of it would not be "
+            "accounted (was the input changed in place, or the layers called outside the model's forward?)")
+    return entry[2], entry[3]
+
+
 class _SplitConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SplitConv2d") -> Tensor:
         t0 = time.perf_counter()
         cfg = layer.config
-        rank = 0 if cfg.mode == "dp_only" else rank_for_point(cfg.rank, layer.point, cfg.n_points)
-        dec = decompose(x, rank, method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank,
-                        basis_dtype=cfg.basis_dtype)
+        released = None
+        if layer.same_as is not None:  # the earlier conv's split and release of this very input
+            dec, released = _take_shared(layer, x)
+        else:
+            rank = 0 if cfg.mode == "dp_only" else rank_for_point(cfg.rank, layer.point, cfg.n_points)
+            dec = decompose(x, rank, method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank,
+                            basis_dtype=cfg.basis_dtype)
         hw = tuple(x.shape[2:])
         out_shape = (x.shape[0], weight.shape[0], *layer.output_hw(hw))
         pending = y_main = stored = y_res = None
         if layer.sends:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
-            released = cfg.mechanism.release(dec.X_res, cfg.wire_dtype)
+            if released is None:
+                released = cfg.mechanism.release(dec.X_res, cfg.wire_dtype)
+            if layer.reused:
+                cfg.shared[layer.point] = (weakref.ref(x), x._version, dec, released)
             pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
                                   layer.point, released, ctx.needs_input_grad[1], out_shape, wait=False)
         if dec.rank > 0:
@@ -276,7 +299,8 @@ class _SplitConvFunction(torch.autograd.Function):
 class SplitConv2d(nn.Module):
     """Stands in for a user's nn.Conv2d; shares its weight and bias Parameters (same names)."""
 
-    def __init__(self, conv: nn.Conv2d, point: int, config: SplitConfig) -> None:
+    def __init__(self, conv: nn.Conv2d, point: int, config: SplitConfig,
+                 same_as: Optional["SplitConv2d"] = None) -> None:
         super().__init__()
         self.weight = conv.weight
         self.bias = conv.bias
@@ -291,6 +315,14 @@ class SplitConv2d(nn.Module):
         # it crosses: no residual (it would be noise alone), no weight, no dL/dY. It is not accounted.
         R = 0 if config.mode == "dp_only" else rank_for_point(config.rank, point, config.n_points)
         self.silent = config.releases and R != "auto" and R >= conv.in_channels
+        # A conv that reads the same input as an earlier one (a ResNet block's downsample and its
+        # first conv) at the same rank reuses that conv's split and noised residual: the same
+        # release sent twice is post-processing, so the input is released, and accounted, once.
+        self.same_as: Optional[int] = None
+        self.reused = False  # a later conv reuses this one's split (same_as == self.point)
+        if same_as is not None and self.sends and same_as.sends and (
+                R == (0 if config.mode == "dp_only" else rank_for_point(config.rank, same_as.point, config.n_points))):
+            self.same_as, same_as.reused = same_as.point, True
         if self.sends:
             config.boundary.register_conv(point, self.stride, self.padding, self.dilation)
 
