@@ -160,7 +160,8 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
             lowrank = full  # conv(A·V, W), see split_conv.lowrank_conv
         exact = rank != "auto" and R in (N, h * w)  # X_main = X: no decomposition
         silent = getattr(m, "silent", False)  # SplitConv2d.silent: nothing crosses, dL/dX is trusted too
-        decomposition = 0 if exact else B * (2 * iters + 1) * N * h * w * R
+        reuses = getattr(m, "same_as", None) is not None  # an earlier conv's split of the same input
+        decomposition = 0 if exact or reuses else B * (2 * iters + 1) * N * h * w * R
         trusted += lowrank * (1 + (1 if train else 0) + (1 if point in rebuilt else 0)) + decomposition
         if mode == "lowrank_only" or silent:
             trusted += full if train and (mode == "lowrank_only" or point > 0) else 0  # dL/dX stays inside
