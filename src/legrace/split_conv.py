@@ -50,7 +50,7 @@ class SplitConfig:
     boundary: Optional[Boundary] = None
     timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
     outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
-    # point -> (its input, the input's version, its Decomposition, its noised residual), kept by a
+    # point -> (its input, the input's version, its A, V and noised residual), kept by a
     # conv whose input a later conv reads too (SplitConv2d.reused) until that conv takes it
     shared: dict = field(default_factory=dict)
 
@@ -220,15 +220,15 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
 
 
 def _take_shared(layer: "SplitConv2d", x: Tensor):
-    """The Decomposition and noised residual that conv `layer.same_as` made of x. Anything else
-    is refused: a fresh release here would not be accounted."""
+    """A, V and the noised residual that conv `layer.same_as` made of x. Anything else is
+    refused: a fresh release here would not be accounted."""
     entry = layer.config.shared.pop(layer.same_as, None)
     if entry is None or entry[0]() is not x or entry[1] != x._version:
         raise RuntimeError(
             f"conv layer {layer.point} reads the same input as conv layer {layer.same_as} in the traced model, "
             "but did not get the tensor that layer split and released: a second release of it would not be "
             "accounted (was the input changed in place, or the layers called outside the model's forward?)")
-    return entry[2], entry[3]
+    return entry[2:]
 
 
 class _SplitConvFunction(torch.autograd.Function):
@@ -236,31 +236,34 @@ class _SplitConvFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SplitConv2d") -> Tensor:
         t0 = time.perf_counter()
         cfg = layer.config
-        released = None
+        released = X_res = None
         if layer.same_as is not None:  # the earlier conv's split and release of this very input
-            dec, released = _take_shared(layer, x)
+            A, V, released = _take_shared(layer, x)
         else:
             rank = 0 if cfg.mode == "dp_only" else rank_for_point(cfg.rank, layer.point, cfg.n_points)
             dec = decompose(x, rank, method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank,
                             basis_dtype=cfg.basis_dtype)
+            A, V, X_res = dec.A, dec.V, dec.X_res
+            del dec
         hw = tuple(x.shape[2:])
         out_shape = (x.shape[0], weight.shape[0], *layer.output_hw(hw))
         pending = y_main = stored = y_res = None
         if layer.sends:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
             if released is None:
-                released = cfg.mechanism.release(dec.X_res, cfg.wire_dtype)
-            if layer.reused:
-                cfg.shared[layer.point] = (weakref.ref(x), x._version, dec, released)
+                released = cfg.mechanism.release(X_res, cfg.wire_dtype)
+            if layer.reused:  # kept for the later conv without X_res, which it does not need
+                cfg.shared[layer.point] = (weakref.ref(x), x._version, A, V, released)
             pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
                                   layer.point, released, ctx.needs_input_grad[1], out_shape, wait=False)
-        if dec.rank > 0:
-            y_main = lowrank_conv(dec.A, dec.V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
+        X_res = None  # released (or, lowrank_only, dropped): not kept past this point
+        if A.shape[-1] > 0:
+            y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
         if pending is not None:
             y_res, stored = _timed_call(cfg, layer.point, "fwd", pending.result)
         y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
         if cfg.outputs is not None and (stored is not None or pending is None):
-            cfg.outputs.offer(y, _rebuilder(layer, dec.A, dec.V, weight, bias, hw, stored, out_shape))
-        ctx.save_for_backward(dec.A, dec.V, weight)
+            cfg.outputs.offer(y, _rebuilder(layer, A, V, weight, bias, hw, stored, out_shape))
+        ctx.save_for_backward(A, V, weight)
         ctx.layer, ctx.stored, ctx.x_shape = layer, stored, tuple(x.shape)
         if cfg.timings is not None:
             cfg.timings.add(layer.point, "total_fwd", time.perf_counter() - t0)
