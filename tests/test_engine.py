@@ -294,7 +294,7 @@ def test_convs_that_read_one_input_release_it_once():
     module, x, y = SameInput(), torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
     engine = LegRace(rank=2, noise_multiplier=1.0, clip=0.5)
     model = engine.convert(copy.deepcopy(module))
-    assert (model.a.same_as, model.down.same_as, model.a.reused) == (None, 1, True)
+    assert (model.a.same_as, model.down.same_as, model.a.reusers) == (None, 1, 1)
     assert engine.releases_per_sample == 2  # stem and a; down sends a's noised residual again
     seen = spy_on_releases(engine)
     F.cross_entropy(model(x), y).backward()
@@ -313,7 +313,7 @@ def test_convs_that_read_one_input_release_it_once():
 def test_convs_that_read_one_input_at_different_ranks_release_it_twice():
     engine = LegRace(rank=[2, 2, 3], noise_multiplier=1.0, clip=0.5)
     model = engine.convert(SameInput())
-    assert model.down.same_as is None and not model.a.reused and engine.releases_per_sample == 3
+    assert model.down.same_as is None and model.a.reusers == 0 and engine.releases_per_sample == 3
 
 
 def test_a_conv_that_reuses_a_release_refuses_any_other_input():
@@ -326,3 +326,24 @@ def test_a_conv_that_reuses_a_release_refuses_any_other_input():
     h.add_(1.0)  # changed in place after conv a released it
     with pytest.raises(RuntimeError, match="reads the same input as conv layer 1"):
         model.down(h)
+
+
+def test_three_convs_that_read_one_input_release_it_once():
+    class Three(SameInput):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(6, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.a(h) + self.down(h) + self.c(h), 1), 1))
+
+    engine = LegRace(rank=2, noise_multiplier=1.0, clip=0.5)
+    model = engine.convert(Three())
+    assert (model.a.reusers, model.down.same_as, model.c.same_as, engine.releases_per_sample) == (2, 1, 1, 2)
+    seen = spy_on_releases(engine)
+    for _ in range(2):  # the entry is kept for both reusers, then dropped, each step
+        F.cross_entropy(model(torch.randn(4, 3, 6, 6)), torch.randint(0, 3, (4,))).backward()
+        assert not engine._config.shared
+    residuals = dict(seen[-4:])
+    assert torch.equal(residuals[1], residuals[2]) and torch.equal(residuals[1], residuals[3])

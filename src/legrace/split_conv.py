@@ -50,9 +50,13 @@ class SplitConfig:
     boundary: Optional[Boundary] = None
     timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
     outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
-    # point -> (its input, the input's version, its A, V and noised residual), kept by a
-    # conv whose input a later conv reads too (SplitConv2d.reused) until that conv takes it
+    # point -> [its input, the input's version, its A, V and noised residual, reusers left], kept
+    # by a conv whose input later convs read too (SplitConv2d.reusers) until the last takes it
     shared: dict = field(default_factory=dict)
+
+    def point_rank(self, point: int) -> int | str:
+        """R at a decomposition point (0 in dp_only: the whole activation is the residual)."""
+        return 0 if self.mode == "dp_only" else rank_for_point(self.rank, point, self.n_points)
 
     @property
     def releases(self) -> bool:
@@ -222,13 +226,18 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
 def _take_shared(layer: "SplitConv2d", x: Tensor):
     """A, V and the noised residual that conv `layer.same_as` made of x. Anything else is
     refused: a fresh release here would not be accounted."""
-    entry = layer.config.shared.pop(layer.same_as, None)
+    shared = layer.config.shared
+    entry = shared.get(layer.same_as)
     if entry is None or entry[0]() is not x or entry[1] != x._version:
+        shared.pop(layer.same_as, None)
         raise RuntimeError(
             f"conv layer {layer.point} reads the same input as conv layer {layer.same_as} in the traced model, "
             "but did not get the tensor that layer split and released: a second release of it would not be "
             "accounted (was the input changed in place, or the layers called outside the model's forward?)")
-    return entry[2:]
+    entry[5] -= 1
+    if entry[5] == 0:
+        del shared[layer.same_as]
+    return entry[2:5]
 
 
 class _SplitConvFunction(torch.autograd.Function):
@@ -240,8 +249,7 @@ class _SplitConvFunction(torch.autograd.Function):
         if layer.same_as is not None:  # the earlier conv's split and release of this very input
             A, V, released = _take_shared(layer, x)
         else:
-            rank = 0 if cfg.mode == "dp_only" else rank_for_point(cfg.rank, layer.point, cfg.n_points)
-            dec = decompose(x, rank, method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank,
+            dec = decompose(x, cfg.point_rank(layer.point), method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank,
                             basis_dtype=cfg.basis_dtype)
             A, V, X_res = dec.A, dec.V, dec.X_res
             del dec
@@ -251,8 +259,8 @@ class _SplitConvFunction(torch.autograd.Function):
         if layer.sends:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
             if released is None:
                 released = cfg.mechanism.release(X_res, cfg.wire_dtype)
-            if layer.reused:  # kept for the later conv without X_res, which it does not need
-                cfg.shared[layer.point] = (weakref.ref(x), x._version, A, V, released)
+            if layer.reusers:  # kept for the later convs without X_res, which they do not need
+                cfg.shared[layer.point] = [weakref.ref(x), x._version, A, V, released, layer.reusers]
             pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
                                   layer.point, released, ctx.needs_input_grad[1], out_shape, wait=False)
         X_res = None  # released (or, lowrank_only, dropped): not kept past this point
@@ -316,16 +324,16 @@ class SplitConv2d(nn.Module):
         # A fixed R that covers every input channel splits X exactly (X_main = X, X_res = 0): such a
         # conv (a first conv's image, at R >= 3) runs wholly on the trusted side and nothing about
         # it crosses: no residual (it would be noise alone), no weight, no dL/dY. It is not accounted.
-        R = 0 if config.mode == "dp_only" else rank_for_point(config.rank, point, config.n_points)
+        R = config.point_rank(point)
         self.silent = config.releases and R != "auto" and R >= conv.in_channels
         # A conv that reads the same input as an earlier one (a ResNet block's downsample and its
         # first conv) at the same rank reuses that conv's split and noised residual: the same
         # release sent twice is post-processing, so the input is released, and accounted, once.
         self.same_as: Optional[int] = None
-        self.reused = False  # a later conv reuses this one's split (same_as == self.point)
-        if same_as is not None and self.sends and same_as.sends and (
-                R == (0 if config.mode == "dp_only" else rank_for_point(config.rank, same_as.point, config.n_points))):
-            self.same_as, same_as.reused = same_as.point, True
+        self.reusers = 0  # later convs that reuse this one's split (their same_as == self.point)
+        if same_as is not None and self.sends and same_as.sends and R == config.point_rank(same_as.point):
+            self.same_as = same_as.point
+            same_as.reusers += 1
         if self.sends:
             config.boundary.register_conv(point, self.stride, self.padding, self.dilation)
 
