@@ -95,6 +95,17 @@ def test_compact_maxpool_on_an_input_too_small_for_a_window_fails_like_maxpool(s
         assert str(got.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("args", [dict(kernel_size=3, stride=0), dict(kernel_size=3, dilation=0),
+                                  dict(kernel_size=2, padding=2)])
+def test_compact_maxpool_with_invalid_arguments_fails_like_maxpool(args):
+    for x in (torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8, requires_grad=True)):
+        with pytest.raises(RuntimeError) as expected:
+            nn.MaxPool2d(**args)(x)
+        with pytest.raises(RuntimeError) as got:
+            CompactMaxPool2d(**args)(x)
+        assert str(got.value) == str(expected.value)
+
+
 def test_saved_memory_is_small():
     sizes = []
     for layer in (nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)), nn.Sequential(PackedReLU(), CompactMaxPool2d())):

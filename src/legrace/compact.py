@@ -273,7 +273,8 @@ def _pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool
 def _max_pool_window_fused(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> Optional[tuple[Tensor, Tensor]]:
     """y and the one-byte window codes of the torch path, in one pass (legrace.kernels), or None
     where the kernel does not apply; invalid arguments are left to torch's own errors."""
-    if x.dim() != 4 or not _fused(x) or any(2 * p > k for p, k in zip(padding, kernel)):
+    if (x.dim() != 4 or not _fused(x) or any(2 * p > k for p, k in zip(padding, kernel))
+            or min(*stride, *dilation) < 1):
         return None
     B, C, h, w = x.shape
     oh, ow = (_pool_output_size(n, k, s, p, d, ceil_mode)
