@@ -90,6 +90,16 @@ def test_split_equals_plain(name, size, channels, train, dtype, basis):
     if (name, train, dtype) == ("resnet18", False, torch.float32) and grad_err > TOL[dtype]:
         assert_only_boundary_flips(model, x, y, rank=4, train=train, basis=basis)
         pytest.skip(_AT_A_RELU_BOUNDARY)
+    if dtype == torch.float32 and grad_err > TOL[dtype]:
+        # Which of the two float32 models is off? On some CPUs (seen on a Zen 3 host, not on the
+        # host before it, same torch) the *plain* float32 ResNet-18 is 0.56% from float64 in a
+        # BatchNorm gradient at batch 4 while the split is within 7e-6. Judge both against float64:
+        # the split must be as close to the exact gradients as float32 allows.
+        split_err, plain_err = verify.float32_vs_float64(model, x, y, rank=4, train=train,
+                                                         basis_dtype=basis)
+        assert split_err.worst_grad <= max(TOL[dtype], plain_err.worst_grad), (split_err.worst_grad,
+                                                                               plain_err.worst_grad)
+        return
     assert grad_err <= TOL[dtype], grad_err
 
 

@@ -58,7 +58,7 @@ def split_vs_plain(model: nn.Module, x: Tensor, y: Tensor, *, rank=8, train: boo
 
 
 def float32_vs_float64(model: nn.Module, x: Tensor, y: Tensor, *, rank=8, train: bool = True,
-                       seed: int = 1234) -> tuple[Exactness, Exactness]:
+                       seed: int = 1234, basis_dtype: Optional[str] = "bfloat16") -> tuple[Exactness, Exactness]:
     """(split float32, plain float32), each against the plain model in float64.
 
     Where a gradient is ill-conditioned (BatchNorm over tiny maps, a small batch) the plain
@@ -73,7 +73,8 @@ def float32_vs_float64(model: nn.Module, x: Tensor, y: Tensor, *, rank=8, train:
 
     ref = copy.deepcopy(model).double()
     plain = copy.deepcopy(model).float()
-    split = LegRace(rank=rank, clip=None, noise_multiplier=0).convert(copy.deepcopy(model).float())
+    split = LegRace(rank=rank, clip=None, noise_multiplier=0,
+                    basis_dtype=basis_dtype).convert(copy.deepcopy(model).float())
     truth = run(ref, torch.float64)
     results = []
     for net in (split, plain):
