@@ -104,6 +104,47 @@ def test_fused_max_pool_passes_nan_on_like_maxpool(monkeypatch):
     assert torch.equal(CompactMaxPool2d()(x.requires_grad_()).isnan(), nn.MaxPool2d(2)(x).isnan())
 
 
+def _special(shape, dtype, seed=0):
+    """Values that only exact selects keep: NaN (with distinct payloads), ±inf, ±0 and ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    pick = torch.randint(0, 8, shape, generator=g)
+    x[pick == 0] = float("nan")
+    x[pick == 1] = float("inf")
+    x[pick == 2] = float("-inf")
+    x[pick == 3] = 0.0
+    x[pick == 4] = -0.0
+    x[pick == 5] = 1.0
+    flat = x.view(-1).view(torch.int32 if dtype == torch.float32 else torch.int64)
+    flat[pick.view(-1) == 0] += torch.arange(int((pick == 0).sum()))  # NaNs that differ in payload
+    return x
+
+
+POOLS = [dict(kernel_size=2)] + [dict(kernel_size=w["kernel"], stride=w["stride"], padding=w["padding"],
+                                      dilation=w["dilation"], ceil_mode=w["ceil_mode"]) for w in WINDOWS]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", POOLS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_fused_max_pools_copy_the_winners_bits_like_maxpool(monkeypatch, dtype, options):
+    # The kernels select by masking integer bits: the winner must come out bit for bit as
+    # nn.MaxPool2d copies it (NaN payloads, the sign of a zero, the first of equal values, -inf),
+    # and the gradient must reach the same input, with blocks cut mid-row and mid-plane.
+    monkeypatch.setattr(compact, "BLOCK", 16)
+    monkeypatch.setattr(kernels, "enabled", True)
+    ints = torch.int32 if dtype == torch.float32 else torch.int64
+    for shape in [(2, 3, 10, 13), (1, 2, 7, 6), (1, 1, 9, 40)]:
+        x = _special(shape, dtype)
+        x_c, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = CompactMaxPool2d(**options)(x_c), nn.MaxPool2d(**options)(x_ref)
+        assert torch.equal(y.detach().view(ints), y_ref.detach().view(ints))
+        grad = _special(y.shape, dtype, seed=1)
+        y.backward(grad)
+        y_ref.backward(grad)
+        assert torch.equal(x_c.grad.isnan(), x_ref.grad.isnan())
+        assert torch.equal(x_c.grad.nan_to_num(), x_ref.grad.nan_to_num())
+
+
 def test_fused_kernels_work_where_numba_cannot_cache_them():
     # A read-only install with no writable cache directory: numba refuses cache=True at import.
     code = ("import numba.core.caching as c\n"

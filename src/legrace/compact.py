@@ -172,7 +172,8 @@ def _max_pool_2x2_fused(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     flat = _flat(x)
     y = np.empty(n, flat.dtype)
     row, col = np.empty(-(-n // 8), np.uint8), np.empty(-(-n // 8), np.uint8)
-    _in_blocks(n, lambda a, b: kernels.max_pool_2x2(flat, y, row, col, a, b, oh, ow, h, w))
+    flat_bits, y_bits = kernels.bits(flat), kernels.bits(y)
+    _in_blocks(n, lambda a, b: kernels.max_pool_2x2(flat, flat_bits, y_bits, row, col, a, b, oh, ow, h, w))
     return torch.from_numpy(y).view(B, C, oh, ow), torch.from_numpy(row), torch.from_numpy(col)
 
 
@@ -181,7 +182,8 @@ def _max_unpool_2x2_fused(grad: Tensor, row: Tensor, col: Tensor, x_shape: torch
     h, w = x_shape[-2:]
     g, rows, cols = _flat(grad), row.numpy(), col.numpy()
     out = np.empty(x_shape.numel(), g.dtype)
-    _in_blocks(g.size, lambda a, b: kernels.max_unpool_2x2(g, rows, cols, out, a, b, oh, ow, h, w))
+    g_bits, out_bits = kernels.bits(g), kernels.bits(out)
+    _in_blocks(g.size, lambda a, b: kernels.max_unpool_2x2(g_bits, rows, cols, out_bits, a, b, oh, ow, h, w))
     return torch.from_numpy(out).view(x_shape)
 
 
@@ -284,8 +286,10 @@ def _max_pool_window_fused(x: Tensor, kernel, stride, padding, dilation, ceil_mo
     n = B * C * oh * ow
     flat = _flat(x)
     y, code = np.empty(n, flat.dtype), np.empty(n, np.uint8)
-    _in_blocks(n, lambda a, b: kernels.max_pool_window(flat, y, code, a, b, oh, ow, h, w, *kernel, *stride,
-                                                       *padding, *dilation))
+    flat_bits, y_bits = kernels.bits(flat), kernels.bits(y)
+    neg_inf = kernels.bits(np.array([-np.inf], flat.dtype))[0]
+    _in_blocks(n, lambda a, b: kernels.max_pool_window(flat, flat_bits, y_bits, code, neg_inf, a, b, oh, ow, h, w,
+                                                       *kernel, *stride, *padding, *dilation))
     return torch.from_numpy(y).view(B, C, oh, ow), torch.from_numpy(code).view(B, C, oh, ow)
 
 
