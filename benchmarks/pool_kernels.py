@@ -17,6 +17,7 @@ import statistics
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,7 +71,7 @@ def main() -> None:
     if args.batch_size < 1 or args.rounds < 1:
         raise SystemExit("--batch-size and --rounds must be at least 1")
     apply_threads(args)
-    if not kernels.usable(torch.zeros(0).numpy().dtype):
+    if not kernels.usable(np.float32):
         raise SystemExit("legrace.kernels cannot run here (numba missing, or LEGRACE_FUSED_KERNELS=0)")
     cases = [("2x2", c, s, dict(kernel_size=2)) for c, s in VGG16_POOLS]
     cases.append(("3x3 stride 2 padding 1", *RESNET_STEM_POOL, dict(kernel_size=3, stride=2, padding=1)))

@@ -10,7 +10,8 @@ packed row and column bits or window codes), so either path can consume what the
 (The ReLU has no kernel: torch's ReLU and numpy's SIMD packbits over cache-sized blocks were
 faster than a numba loop, whose bit packing does not vectorise.)
 
-The forward kernels do not branch on the data: a winner's bits are picked by an integer mask
+The forward kernels do not branch on the data (but for the window pool's border windows, a
+small share): a winner's bits are picked by an integer mask
 (xi, yi: the floats' memory viewed as unsigned integers of their width, so NaN payloads and the
 sign of zero pass exactly), while the comparisons read the floats. On activations like the
 benchmark's, random in sign and size, each comparison goes either way at random, which no branch
