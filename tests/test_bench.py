@@ -154,6 +154,38 @@ def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, 
 
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "0"], "batch size must be at least 1, got 0"),
+    (["--repeats", "0"], "repeats must be at least 1, got 0"),
+    (["--warmup", "-1"], "warm-up steps must be at least 0, got -1"),
+    (["--modes", "tee_only,legrace,tee_only"], "['tee_only'] listed more than once"),
+    (["--modes", " , "], "no modes to time"),
+    (["--power-iters", "0"], "power_iters must be an int >= 1, got 0"),
+    (["--noise-ahead", "-2"], "noise_ahead must be an int >= 0, got -2"),
+])
+def test_bench_refuses_settings_that_would_time_nothing_or_something_else(tmp_path, capsys, args, message):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "cnn", "--input-size", "16", "--modes", "tee_only,legrace", *args,
+                 "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "bench.json").exists()
+
+
+def test_bench_refuses_a_bad_output_folder_before_it_times_anything(tmp_path, capsys, monkeypatch):
+    import legrace.bench as bench
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed before checking --out")
+
+    monkeypatch.setattr(bench, "_ModeRun", no_timing)
+    afile = tmp_path / "a-file"
+    afile.write_text("kept")
+    for out, message in ((afile, "is a file"), (afile / "below", "cannot make the output folder")):
+        assert main(["bench", "--model", "cnn", "--input-size", "16", "--modes", "tee_only", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert afile.read_text() == "kept"
+
+
 def test_busy_thread_experiment_times_each_thread_count_alone_and_beside_a_busy_thread(tmp_path, monkeypatch):
     import runpy
     import sys

@@ -159,6 +159,10 @@ def test_bad_arguments_have_clear_messages():
         LegRace(noise_multiplier=1.0, decomposition="qr")
     with pytest.raises(ValueError, match="basis_dtype must be one of"):
         LegRace(noise_multiplier=1.0, basis_dtype="float16")
+    for setting, value in (("power_iters", 0), ("power_iters", 1.5), ("max_rank", 0), ("noise_ahead", -1),
+                           ("power_iters", True)):
+        with pytest.raises(ValueError, match=f"{setting} must be an int >= "):
+            LegRace(noise_multiplier=1.0, **{setting: value})
 
 
 def spy_on_releases(engine):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from legrace.decompose import channel_entropy, decompose
 from legrace.figures import rank_chart
+from legrace.outputs import output_folder
 from legrace.results import text_table, write_csv, write_json
 from legrace.tap import ActivationTap
 from legrace.target import AttackError, Target, load_target, take
@@ -95,7 +96,7 @@ def rank_profile(target: Target, *, samples: int = 256, rank: Optional[int] = No
 
 
 def write_profile(result: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     layers = result["layers"]
     public = [{k: v for k, v in layer.items() if not k.startswith("_")} for layer in layers]
     note = "budget: " + ", ".join(f"{k}={v}" for k, v in result["budget"].items())
@@ -115,6 +116,7 @@ def _rank(args) -> int:
     if args.checkpoint is None:
         config = TrainConfig(model=args.model, data=args.data, max_samples=args.max_samples, seed=args.seed,
                              rank=args.rank or 8, progress=False)
+    output_folder(args.out)  # before the work: a bad --out fails now
     target = load_target(args.checkpoint, config)
     try:
         ranks = tuple(int(r) for r in args.ranks.split(","))

@@ -20,6 +20,7 @@ from legrace.figures import image_grid, roc_chart
 from legrace.gradient_attack import match_gradient, observed_gradient, trusted_gradient_part
 from legrace.inversion import invert, quality
 from legrace.membership import ClassGaussians, confidences, roc, target_model, train_shadow
+from legrace.outputs import output_folder
 from legrace.results import text_table, write_csv, write_json
 from legrace.split_conv import conv_padding
 from legrace.tap import conv_modules
@@ -111,7 +112,7 @@ def inversion_attack(target: Target, views: list[ViewSpec], layers: list[int], *
 
 
 def write_inversion(result: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     rows = result["rows"]
     paths = [write_json(out / "inversion.json", {"attack": "inversion", "budget": result["budget"], "rows": rows}),
              write_csv(out / "inversion.csv", rows, INVERSION_COLUMNS)]
@@ -190,7 +191,7 @@ def gradient_attack(target: Target, views: list[ViewSpec], layer: int = 0, *, n_
 
 
 def write_gradients(result: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     rows = result["rows"]
     grid = [(f"{name}\nSSIM {quality(rec, result['victim_images'])['ssim']:.2f}", rec)
             for name, rec in result["reconstructions"].items()]
@@ -242,7 +243,7 @@ def membership_attack(target: Target, *, n: int = 1000, shadow: bool = True, sha
 
 
 def write_membership(result: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     return [write_json(out / "membership.json", {k: v for k, v in result.items() if k != "curves"}),
             write_csv(out / "membership.csv", result["rows"], ["attack", "auc", "tpr_at_1%_fpr"]),
             roc_chart(out / "membership_roc.png", [(f"{n} (AUC {r['auc']:.2f})", f, t) for (n, f, t), r in
@@ -280,6 +281,7 @@ def _load(args) -> Target:
 
 
 def _start(args) -> None:
+    output_folder(args.out)  # before the attack: a bad --out fails now, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -27,6 +27,7 @@ from torch import nn
 from legrace import kernels
 from legrace.engine import MODES, LegRace
 from legrace.models import build_model
+from legrace.outputs import output_folder
 from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
 
 # A TEE-only baseline that only the benchmark runs: the user's model unconverted, in plain PyTorch with
@@ -255,6 +256,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
               overlap: Optional[bool] = None, pinned: Optional[bool] = None,
               out: Optional[Path] = None, log=print) -> dict:
+    _check_counts(modes, batch_size, warmup, repeats)
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
     x = torch.randn(batch_size, 3, input_size, input_size)
@@ -292,7 +294,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     for k, v in report["ratios"].items():
         log(f"{k}: {v:.2f}")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        out = output_folder(out)
         (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
         _charts(report, out)
     return report
@@ -377,6 +379,21 @@ def _charts(report: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def _check_counts(modes: list[str], batch_size: int, warmup: int, repeats: int) -> None:
+    """Refuse settings that would time nothing or time something else than asked, before the run."""
+    if not modes:
+        raise ValueError("no modes to time: give --modes, e.g. tee_only,legrace")
+    twice = sorted({m for m in modes if modes.count(m) > 1})
+    if twice:
+        raise ValueError(f"mode(s) {twice} listed more than once")
+    bad = [m for m in modes if m not in BENCH_MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(BENCH_MODES)}")
+    for name, value, least in (("batch size", batch_size, 1), ("warm-up steps", warmup, 0), ("repeats", repeats, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+
+
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="time steps of each mode side by side (JSON + PNG charts)")
     b.add_argument("--model", default="vgg16")
@@ -412,16 +429,15 @@ def add_parser(sub) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in BENCH_MODES]
-    if bad:
-        raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(BENCH_MODES)}")
+    _check_counts(modes, args.batch_size, args.warmup, args.repeats)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    out = output_folder(args.out)  # before the run: a bad --out fails now, not after minutes of timing
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
               noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, pinned=args.pinned,
-              out=Path(args.out))
+              out=out)
     print(f"wrote {args.out}/bench.json and charts")
     return 0

@@ -161,6 +161,10 @@ class LegRace:
                 raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
             if clip is None and noise_multiplier != 0:
                 raise ValueError("clip=None (no clipping) is only allowed with noise_multiplier=0")
+        for name, value, least in (("power_iters", power_iters, 1), ("max_rank", max_rank, 1),
+                                   ("noise_ahead", 0 if noise_ahead is None else noise_ahead, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         self.mode = mode
         self.rank = validate_rank(rank)
         self._clip_arg = clip

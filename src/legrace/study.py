@@ -30,6 +30,7 @@ from legrace.attacks import inversion_attack
 from legrace.data import load_data
 from legrace.figures import privacy_utility_chart
 from legrace.models import build_model
+from legrace.outputs import output_folder
 from legrace.results import text_table, write_csv, write_json
 from legrace.target import AttackError, load_target
 from legrace.train import TrainConfig, run_training
@@ -225,7 +226,7 @@ def columns(layers) -> list[str]:
 
 
 def write_study(result: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     layers = result["budget"]["attack_layers"]
     note = "budget: " + ", ".join(f"{k}={v}" for k, v in result["budget"].items()
                                   if k not in ("torch_threads", "runs_reused", "wall_seconds_this_invocation"))
@@ -264,6 +265,7 @@ def _study(args) -> int:
                       clip_rules=tuple(parse_clip_rule(r) for r in args.clip_rules.split(",") if r.strip()),
                       seeds=args.seeds, delta=args.delta, attack_layers=args.attack_layers, aux=args.aux,
                       victims=args.victims, decoder_epochs=args.decoder_epochs, device=args.device, out=args.out)
+    output_folder(cfg.out)  # before the runs: a bad --out fails now, not after them
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = run_study(cfg, log)
     paths = write_study(result, Path(cfg.out))

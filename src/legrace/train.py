@@ -20,6 +20,7 @@ from tqdm import tqdm
 from legrace.data import DataSplit, load_data
 from legrace.engine import LegRace
 from legrace.models import build_model
+from legrace.outputs import output_folder
 
 
 @dataclass
@@ -107,8 +108,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     `secret`: the worker's shared secret for accelerator tcp://... (default $LEGRACE_SECRET); it
     is never written to the checkpoint or the summary.
     """
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(cfg.out)
     ckpt_path, ledger_path = out / "checkpoint.pt", out / "privacy_ledger.json"
     state = None
     if resume:
