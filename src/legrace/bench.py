@@ -256,7 +256,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
               overlap: Optional[bool] = None, pinned: Optional[bool] = None,
               out: Optional[Path] = None, log=print) -> dict:
-    _check_counts(modes, batch_size, warmup, repeats)
+    _check_settings(modes, batch_size, warmup, repeats)
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
     x = torch.randn(batch_size, 3, input_size, input_size)
@@ -379,7 +379,7 @@ def _charts(report: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def _check_counts(modes: list[str], batch_size: int, warmup: int, repeats: int) -> None:
+def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int) -> None:
     """Refuse settings that would time nothing or time something else than asked, before the run."""
     if not modes:
         raise ValueError("no modes to time: give --modes, e.g. tee_only,legrace")
@@ -429,7 +429,7 @@ def add_parser(sub) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    _check_counts(modes, args.batch_size, args.warmup, args.repeats)
+    _check_settings(modes, args.batch_size, args.warmup, args.repeats)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     out = output_folder(args.out)  # before the run: a bad --out fails now, not after minutes of timing
