@@ -15,6 +15,18 @@ import torch
 from legrace.models import build_model
 
 
+def count(text: str) -> int:
+    """argparse type for steps, repeats and sizes: an integer of at least 1, so that a run never
+    ends in an empty median or a division by zero after its model was built."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (a busy machine: 1 avoids OpenMP oversubscription)")
@@ -29,8 +41,8 @@ def apply_threads(args: argparse.Namespace) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
     """--model, --input-size and --batch-size: the synthetic batch of `model_and_batch`."""
     parser.add_argument("--model", default="vgg16")
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--input-size", type=count, default=224)
+    parser.add_argument("--batch-size", type=count, default=batch_size)
 
 
 def model_and_batch(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -57,7 +69,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, models: str) -> None:
     --steps, --out and --threads."""
     parser.add_argument("--models", default=models, help="NAME:INPUT_SIZE:BATCH, comma-separated")
     parser.add_argument("--accelerator", default="process")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=count, default=5)
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(parser)
 
@@ -67,7 +79,7 @@ def model_specs(text: str) -> list[tuple[str, int, int]]:
     specs = []
     for spec in text.split(","):
         parts = spec.split(":")
-        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()) or min(int(parts[1]), int(parts[2])) < 1:
             raise SystemExit(f"--models: {spec!r} is not NAME:INPUT_SIZE:BATCH (e.g. vgg16:112:8)")
         specs.append((parts[0], int(parts[1]), int(parts[2])))
     return specs

@@ -20,7 +20,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from bench_common import median_seconds
+from bench_common import count, median_seconds
 
 from legrace.models import build_model
 
@@ -53,9 +53,9 @@ def _with_busy_thread(fn):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="vgg11")
-    p.add_argument("--input-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--input-size", type=count, default=64)
+    p.add_argument("--batch-size", type=count, default=16)
+    p.add_argument("--steps", type=count, default=5)
     p.add_argument("--out", default=None)
     a = p.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

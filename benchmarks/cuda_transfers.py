@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from bench_common import count
+
 # (name, shape): VGG-16's largest conv input at 224x224 batch 32, and a mid-size one
 SHAPES = (("32x64x224x224", (32, 64, 224, 224)), ("32x256x56x56", (32, 256, 56, 56)),
           ("32x512x14x14", (32, 512, 14, 14)))
@@ -35,7 +37,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=count, default=5)
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if not torch.cuda.is_available():

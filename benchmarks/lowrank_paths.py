@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from bench_common import add_threads_argument, apply_threads, model_specs, write_results
+from bench_common import add_threads_argument, apply_threads, count, model_specs, write_results
 
 from legrace.models import build_model
 from legrace.split_conv import conv_padding, lowrank_conv, lowrank_path, lowrank_weight_grad
@@ -81,13 +81,11 @@ def time_shape(shape: dict, batch: int, rank: int, repeats: int) -> dict[str, fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vgg16:224:32,resnet18:224:32", help="NAME:INPUT_SIZE:BATCH, comma-separated")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rank", type=count, default=8)
+    p.add_argument("--repeats", type=count, default=5)
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(p)
     args = p.parse_args()
-    if args.rank < 1 or args.repeats < 1:
-        raise SystemExit("--rank and --repeats must be at least 1")
     apply_threads(args)
     print(f"{torch.get_num_threads()} threads, rank {args.rank}, medians of {args.repeats} (ms)")
     results = []

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench_common import (add_model_arguments, add_threads_argument, apply_threads, model_and_batch,
+from bench_common import (add_model_arguments, add_threads_argument, apply_threads, count, model_and_batch,
                           write_results)
 
 from legrace.bench import _ModeRun
@@ -41,7 +41,7 @@ def released_shapes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--steps", type=int, default=3, help="timed TEE-only steps and noise draws (after one warm-up)")
+    p.add_argument("--steps", type=count, default=3, help="timed TEE-only steps and noise draws (after one warm-up)")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(p)
     args = p.parse_args()

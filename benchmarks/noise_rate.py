@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from bench_common import add_threads_argument, apply_threads, median_seconds, write_results
+from bench_common import add_threads_argument, apply_threads, count, median_seconds, write_results
 
 from legrace.mechanism import GaussianStreams
 
@@ -36,13 +36,11 @@ def generator_counts(threads: int) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--values", type=int, default=25_690_112, help="values per buffer (default: one 8x64x224x224 map)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--values", type=count, default=25_690_112, help="values per buffer (default: one 8x64x224x224 map)")
+    p.add_argument("--repeats", type=count, default=5)
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(p)
     args = p.parse_args()
-    if args.values < 1 or args.repeats < 1:
-        raise SystemExit("--values and --repeats must be at least 1")
     apply_threads(args)
     threads = torch.get_num_threads()
     shape = torch.Size((args.values,))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench_common import add_threads_argument, apply_threads, write_results
+from bench_common import add_threads_argument, apply_threads, count, write_results
 
 import legrace.kernels as kernels
 from legrace.compact import CompactMaxPool2d
@@ -63,13 +63,11 @@ def _forward_backward(pool: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (after one warm-up)")
+    p.add_argument("--batch-size", type=count, default=32)
+    p.add_argument("--rounds", type=count, default=7, help="interleaved timed rounds (after one warm-up)")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(p)
     args = p.parse_args()
-    if args.batch_size < 1 or args.rounds < 1:
-        raise SystemExit("--batch-size and --rounds must be at least 1")
     apply_threads(args)
     if not kernels.usable(np.float32):
         raise SystemExit("legrace.kernels cannot run here (numba missing, or LEGRACE_FUSED_KERNELS=0)")

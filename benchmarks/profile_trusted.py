@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench_common import add_model_arguments, add_threads_argument, apply_threads, model_and_batch
+from bench_common import add_model_arguments, add_threads_argument, apply_threads, count, model_and_batch
 
 import legrace.boundary as boundary
 import legrace.compact as compact
@@ -77,7 +77,7 @@ def restore() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, batch_size=8)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=count, default=3)
     p.add_argument("--infer", action="store_true", help="time inference (no_grad forward) instead of training")
     p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     add_threads_argument(p)

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_threads_argument, apply_threads
+from bench_common import add_threads_argument, apply_threads, count
 
 from legrace import LegRace
 from legrace.boundary import Free, SetWeight
@@ -104,7 +104,7 @@ def link(accelerator: str, model) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=count, default=10)
     p.add_argument("--device", default="cpu", help="the accelerator's device (all three backends)")
     add_threads_argument(p)
     args = p.parse_args()

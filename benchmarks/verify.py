@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_threads_argument, apply_threads
+from bench_common import add_threads_argument, apply_threads, count
 
 from legrace import LegRace
 from legrace.boundary import BoundaryError
@@ -141,7 +141,7 @@ def detection(calls, trials: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=count, default=5)
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--device", default="cpu", help="the (in-process) accelerator's device")
     add_threads_argument(p)
