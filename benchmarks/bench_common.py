@@ -27,6 +27,11 @@ def count(text: str) -> int:
     return value
 
 
+def counts(text: str) -> list[int]:
+    """argparse type: comma-separated counts, each at least 1 (e.g. sizes or micro-batch counts)."""
+    return [count(part) for part in text.split(",")]
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (a busy machine: 1 avoids OpenMP oversubscription)")

@@ -14,21 +14,35 @@ import time
 import torch
 import torchvision
 
-from legrace.models import TORCHVISION_MODELS, build_model
+from bench_common import counts
+
+from legrace.models import TORCHVISION_MODELS, ModelError, build_model
 from legrace.verify import float32_vs_float64, split_vs_plain
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--archs", default=",".join(TORCHVISION_MODELS))
-    p.add_argument("--sizes", default="32,224")
-    p.add_argument("--rank", default="8")
+    p.add_argument("--sizes", type=counts, default=[32, 224])
+    p.add_argument("--rank", default="8", help="an int >= 0 or auto")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    archs = a.archs.split(",")
+    unknown = [name for name in archs if name not in TORCHVISION_MODELS]
+    if unknown:
+        p.error(f"--archs: unknown {unknown}; choose from {','.join(TORCHVISION_MODELS)}")
+    if not (a.rank == "auto" or a.rank.isdigit()):
+        p.error(f"--rank: an int >= 0 or auto, not {a.rank!r}")
     rank = a.rank if a.rank == "auto" else int(a.rank)
+    try:  # every small size must suit every architecture's CIFAR variant: checked before the long run
+        for name in archs:
+            for size in [s for s in a.sizes if s <= 64]:
+                build_model(name, num_classes=10, image_size=size)
+    except ModelError as err:
+        p.error(f"--sizes: {err}")
     rows = []
-    for name in a.archs.split(","):
-        for size in map(int, a.sizes.split(",")):
+    for name in archs:
+        for size in a.sizes:
             variants = {"torchvision": torchvision.models.get_model(name, weights=None, num_classes=10)}
             if size <= 64:
                 variants["cifar"] = build_model(name, num_classes=10, image_size=size)

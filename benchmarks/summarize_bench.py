@@ -10,7 +10,10 @@ from pathlib import Path
 
 def main(folder: str) -> None:
     rows = []
-    for f in sorted(Path(folder).glob("*/bench.json")):
+    found = sorted(Path(folder).glob("*/bench.json"))
+    if not found:
+        raise SystemExit(f"no bench runs to summarise: {folder!r} holds no */bench.json")
+    for f in found:
         r = json.loads(f.read_text())
         modes = {m["mode"]: m for m in r["modes"]}
         tee, leg, gpu = modes.get("tee_only"), modes.get("legrace"), modes.get("gpu_only")

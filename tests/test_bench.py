@@ -74,6 +74,8 @@ def test_summary_table_of_bench_runs(tmp_path, capsys):
     table = capsys.readouterr().out
     ratio = report["ratios"]["tee_only_step / legrace_trusted"]
     assert f"| cnn train | 2 | {report['modes'][0]['step_seconds']:.3f} |" in table and f"{ratio:.2f}" in table
+    with pytest.raises(SystemExit, match="holds no \\*/bench.json"):  # a wrong folder is said, not an empty table
+        runpy.run_path(str(script), run_name="not_main")["main"](str(tmp_path / "nothing"))
 
 
 def test_bench_with_overlap_times_the_accelerator_on_its_own_thread_and_over_a_worker(tmp_path):
@@ -265,6 +267,7 @@ def test_noise_rate_times_each_sampler_and_thread_count_and_refuses_bad_sizes(mo
     ("overlap.py", ["--steps", "0"]), ("pool_kernels.py", ["--rounds", "0"]),
     ("lowrank_paths.py", ["--repeats", "0"]), ("lowrank_paths.py", ["--models", "vgg16:0:8"]),
     ("busy_thread.py", ["--steps", "x"]), ("transports.py", ["--steps", "0"]), ("verify.py", ["--steps", "0"]),
+    ("micro_batches.py", ["--k", "2,0"]), ("exactness.py", ["--sizes", "32,x"]),
 ])
 def test_benchmark_scripts_refuse_counts_below_one_before_any_work(monkeypatch, capsys, script, args):
     # --steps 0 once ended in an empty median or a division by zero after the model was built
