@@ -12,19 +12,13 @@ from typing import Callable
 
 import torch
 
+from legrace.cli import positive
 from legrace.models import build_model
 
 
-def count(text: str) -> int:
-    """argparse type for steps, repeats and sizes: an integer of at least 1, so that a run never
-    ends in an empty median or a division by zero after its model was built."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+# steps, repeats and sizes: at least 1, so that a run never ends in an empty median or a division
+# by zero after its model was built (legrace's own commands use the same argparse type)
+count = positive(int)
 
 
 def counts(text: str) -> list[int]:

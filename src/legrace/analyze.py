@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from legrace.cli import positive
 from legrace.decompose import channel_entropy, decompose
 from legrace.figures import rank_chart
 from legrace.outputs import output_folder
@@ -137,15 +138,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint", help="checkpoint.pt of a `legrace train` run (default: a fresh model)")
     p.add_argument("--model", default="cnn")
     p.add_argument("--data", default="digits")
-    p.add_argument("--max-samples", type=int, default=None,
+    p.add_argument("--max-samples", type=positive(int), default=None,
                    help="samples a run would use; the analysis reads the others (public) unless --source members")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=None, help="R of the residual norms (default: the run's, else 8)")
     p.add_argument("--ranks", default="1,2,4,8,16", help="R values of the energy-kept curve")
-    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--samples", type=positive(int), default=256)
     p.add_argument("--source", choices=("unused", "members"), default="unused",
                    help="read samples the run left out (public) or its training samples (private)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="runs/analyze-rank")
     p.set_defaults(func=_rank)
 

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from legrace.cli import positive
 from legrace.figures import image_grid, roc_chart
 from legrace.gradient_attack import match_gradient, observed_gradient, trusted_gradient_part
 from legrace.inversion import invert, quality
@@ -253,22 +254,15 @@ def write_membership(result: dict, out: Path) -> list[Path]:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def _target_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--checkpoint", help="checkpoint.pt of a `legrace train` run (its model, data split and weights)")
     p.add_argument("--model", default="cnn", help="without --checkpoint: the model, at its initial weights")
     p.add_argument("--data", default="digits", help="without --checkpoint: digits | npz:PATH | ...")
-    p.add_argument("--max-samples", type=_positive_int, default=None,
+    p.add_argument("--max-samples", type=positive(int), default=None,
                    help="without --checkpoint: samples the 'run' uses; the rest is the adversary's auxiliary data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where the accelerator and the attack's own training run")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
 
 
@@ -339,11 +333,11 @@ def add_parser(subparsers) -> None:
                      help="comma-separated MODE or MODE@EPSILON (inf: no noise); 'own' = the checkpoint's run")
     inv.add_argument("--layers", default=None, help="decomposition points to attack (default: 0, 1 and the last)")
     inv.add_argument("--clip", default="auto", help="clip rule of the views: auto | std:S | a number")
-    inv.add_argument("--epochs", type=_positive_int, default=None,
+    inv.add_argument("--epochs", type=positive(int), default=None,
                      help="passes the views' epsilon is spent over (default: the checkpoint's epochs, else 5)")
-    inv.add_argument("--aux", type=_positive_int, default=2000, help="the adversary's auxiliary images")
-    inv.add_argument("--victims", type=_positive_int, default=128, help="training images to reconstruct")
-    inv.add_argument("--decoder-epochs", type=_positive_int, default=10)
+    inv.add_argument("--aux", type=positive(int), default=2000, help="the adversary's auxiliary images")
+    inv.add_argument("--victims", type=positive(int), default=128, help="training images to reconstruct")
+    inv.add_argument("--decoder-epochs", type=positive(int), default=10)
     inv.set_defaults(func=_inversion)
 
     grad = sub.add_parser("gradients", help="gradient inversion from the weights, dL/dY and residuals")
@@ -352,21 +346,21 @@ def add_parser(subparsers) -> None:
                       help="comma-separated MODE or MODE@EPSILON; 'own' = the checkpoint's run")
     grad.add_argument("--layer", type=int, default=0, help="decomposition point (0: the image itself)")
     grad.add_argument("--clip", default="auto", help="clip rule of the views: auto | std:S | a number")
-    grad.add_argument("--epochs", type=_positive_int, default=None,
+    grad.add_argument("--epochs", type=positive(int), default=None,
                       help="passes the views' epsilon is spent over (default: the checkpoint's epochs, else 5)")
-    grad.add_argument("--batch-size", type=_positive_int, default=1, help="victims per training step")
+    grad.add_argument("--batch-size", type=positive(int), default=1, help="victims per training step")
     grad.add_argument("--lr", type=float, default=0.01, help="learning rate of the victims' SGD steps")
-    grad.add_argument("--iters", type=_positive_int, default=400, help="gradient-matching iterations")
+    grad.add_argument("--iters", type=positive(int), default=400, help="gradient-matching iterations")
     grad.add_argument("--tv", type=float, default=0.2, help="total-variation weight of gradient matching")
-    grad.add_argument("--aux", type=_positive_int, default=1000, help="auxiliary images for the dL/dY decoder")
-    grad.add_argument("--victims", type=_positive_int, default=16)
-    grad.add_argument("--decoder-epochs", type=_positive_int, default=10)
+    grad.add_argument("--aux", type=positive(int), default=1000, help="auxiliary images for the dL/dY decoder")
+    grad.add_argument("--victims", type=positive(int), default=16)
+    grad.add_argument("--decoder-epochs", type=positive(int), default=10)
     grad.set_defaults(func=_gradients)
 
     mem = sub.add_parser("membership", help="membership inference on a trained model (loss threshold, shadow model)")
     _target_args(mem, "runs/attack-membership")
-    mem.add_argument("--samples", type=_positive_int, default=1000, help="members and as many non-members")
+    mem.add_argument("--samples", type=positive(int), default=1000, help="members and as many non-members")
     mem.add_argument("--no-shadow", action="store_true", help="loss-threshold attack only")
-    mem.add_argument("--shadow-samples", type=_positive_int, default=None,
+    mem.add_argument("--shadow-samples", type=positive(int), default=None,
                      help="shadow training set size (default: the target's, as far as unused data allows)")
     mem.set_defaults(func=_membership)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legrace import kernels
+from legrace.cli import positive
 from legrace.engine import MODES, LegRace
 from legrace.models import build_model
 from legrace.outputs import output_folder
@@ -263,6 +264,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     y = torch.randint(0, num_classes, (batch_size,))
     runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
                      noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap, pinned=pinned) for m in modes]
+    if out is not None:  # made before the timing (the engines have checked their settings): a bad path
+        out = output_folder(out)  # fails now, not after minutes of timing
     for run in runs:
         for _ in range(warmup):
             run.step()
@@ -294,7 +297,6 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     for k, v in report["ratios"].items():
         log(f"{k}: {v:.2f}")
     if out is not None:
-        out = output_folder(out)
         (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
         _charts(report, out)
     return report
@@ -398,7 +400,7 @@ def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="time steps of each mode side by side (JSON + PNG charts)")
     b.add_argument("--model", default="vgg16")
     b.add_argument("--input-size", type=int, default=224)
-    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--batch-size", type=positive(int), default=8)
     b.add_argument("--modes", default=f"tee_only,{TEE_CHANNELS_LAST},legrace,gpu_only",
                    help=f"comma-separated, from {', '.join(BENCH_MODES)} ({TEE_CHANNELS_LAST}: the unconverted "
                         "model in plain PyTorch with channels_last tensors, a second TEE-only baseline; ratios "
@@ -409,7 +411,7 @@ def add_parser(sub) -> None:
     b.add_argument("--rank", type=int, default=8)
     b.add_argument("--power-iters", type=int, default=2)
     b.add_argument("--warmup", type=int, default=1)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=positive(int), default=3)
     b.add_argument("--accelerator", default="cpu")
     b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32")
     b.add_argument("--noise-ahead", type=int, default=None,
@@ -429,15 +431,13 @@ def add_parser(sub) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    _check_settings(modes, args.batch_size, args.warmup, args.repeats)
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    out = output_folder(args.out)  # before the run: a bad --out fails now, not after minutes of timing
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
               noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, pinned=args.pinned,
-              out=out)
+              out=Path(args.out))
     print(f"wrote {args.out}/bench.json and charts")
     return 0

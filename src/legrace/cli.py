@@ -40,12 +40,15 @@ def _clip(text: str):
     return value
 
 
-def _positive(kind):
+def positive(kind):
+    """argparse type: a number of `kind` (int or float) > 0, refused at parse time otherwise.
+    Shared by the commands and the benchmark scripts."""
     def parse(text: str):
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message: "invalid int value: 'x'"
     return parse
 
 
@@ -63,26 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model privately (default: a small CNN on scikit-learn's digits)")
     t.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
     t.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR (default digits)")
-    t.add_argument("--epochs", type=_positive(int), default=10)
-    t.add_argument("--batch-size", type=_positive(int), default=64)
-    t.add_argument("--lr", type=_positive(float), default=0.05)
+    t.add_argument("--epochs", type=positive(int), default=10)
+    t.add_argument("--batch-size", type=positive(int), default=64)
+    t.add_argument("--lr", type=positive(float), default=0.05)
     t.add_argument("--mode", choices=MODES, default="legrace")
     t.add_argument("--rank", type=_rank, default=8, help="R per conv: an int, a comma-separated list, or auto")
     t.add_argument("--clip", type=_clip, default="auto",
                    help="C, per-sample l2 bound of a residual; 'auto' (data-independent default) or 'none'")
     noise = t.add_mutually_exclusive_group()
-    noise.add_argument("--target-epsilon", type=_positive(float), default=None,
+    noise.add_argument("--target-epsilon", type=positive(float), default=None,
                        help="calibrate the noise for this epsilon over all epochs (default 8)")
     noise.add_argument("--noise-multiplier", type=float, default=None, help="z: noise std = z * C")
     t.add_argument("--delta", type=float, default=1e-5)
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--seed", type=int, default=0, help="model init, data split and shuffling (noise stays secret)")
     t.add_argument("--noise-seed", type=int, default=None, help="fix the noise generator: experiments only, insecure")
-    t.add_argument("--max-samples", type=_positive(int), default=None, help="use only this many samples")
-    t.add_argument("--image-size", type=_positive(int), default=None, help="resize images (imagefolder default 32)")
+    t.add_argument("--max-samples", type=positive(int), default=None, help="use only this many samples")
+    t.add_argument("--image-size", type=positive(int), default=None, help="resize images (imagefolder default 32)")
     t.add_argument("--download", action="store_true", help="allow downloading cifar10 (needs network)")
     _accelerator_arguments(t)
-    t.add_argument("--accelerator-timeout", type=_positive(float), default=120.0,
+    t.add_argument("--accelerator-timeout", type=positive(float), default=120.0,
                    help="seconds to wait for one answer of a worker before giving up (default 120)")
     t.add_argument("--verify", action="store_true",
                    help="check every answer of the accelerator with a Freivalds test (a few %% more trusted work)")

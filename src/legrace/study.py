@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from legrace.attacks import inversion_attack
+from legrace.cli import positive
 from legrace.data import load_data
 from legrace.figures import privacy_utility_chart
 from legrace.models import build_model
@@ -282,10 +283,10 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("privacy-utility", help="train a grid of modes and epsilons, attack each, chart the result")
     p.add_argument("--model", default="cnn")
     p.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR")
-    p.add_argument("--max-samples", type=int, default=None,
+    p.add_argument("--max-samples", type=positive(int), default=None,
                    help="samples the runs use; the rest is the attacker's auxiliary data (needed for the attacks)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=positive(int), default=5)
+    p.add_argument("--batch-size", type=positive(int), default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--rank", default="8", help="R per conv: an int, a comma-separated list or auto")
     p.add_argument("--epsilons", type=_floats, default=(1.0, 8.0, 64.0, 1000.0))
@@ -296,11 +297,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--attack-layers", type=_ints, default=(0, 1),
                    help="decomposition points to invert (empty string: no attacks)")
-    p.add_argument("--aux", type=int, default=2000, help="the attacker's auxiliary images")
-    p.add_argument("--victims", type=int, default=128)
-    p.add_argument("--decoder-epochs", type=int, default=10)
+    p.add_argument("--aux", type=positive(int), default=2000, help="the attacker's auxiliary images")
+    p.add_argument("--victims", type=positive(int), default=128)
+    p.add_argument("--decoder-epochs", type=positive(int), default=10)
     p.add_argument("--device", default="cpu", help="accelerator of the runs and device of the attacks")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="runs/study")
     p.set_defaults(func=_study)
 
