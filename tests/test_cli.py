@@ -1,5 +1,6 @@
 """The command line as a new user runs it."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 from legrace import gaussian
 from legrace.accountant import epsilon
-from legrace.cli import main
+from legrace.cli import build_parser, main
 
 
 def run_cli(*args):
@@ -141,3 +142,20 @@ def test_resume_with_a_fixed_noise_seed_draws_new_noise(tmp_path, monkeypatch):
     assert main(common + ["--epochs", "1"]) == 0
     assert main(common + ["--epochs", "2", "--resume"]) == 0
     assert seeds[0] == 7 and seeds[1] != 7  # the resumed run never replays the first run's noise
+
+
+def _commands(parser, prefix=()):
+    """(command path, parser) for every command and nested subcommand."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, prefix + (name,))
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    undocumented = [f"legrace {' '.join(path)} {action.option_strings[-1]}"
+                    for path, parser in _commands(build_parser())
+                    for action in parser._actions
+                    if action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help]
+    assert undocumented == []

@@ -136,18 +136,18 @@ def add_parser(subparsers) -> None:
     sub = analyze.add_subparsers(dest="analysis", required=True)
     p = sub.add_parser("rank", help="per-layer SVD-channel entropy, energy kept by R, residual norms")
     p.add_argument("--checkpoint", help="checkpoint.pt of a `legrace train` run (default: a fresh model)")
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--data", default="digits")
+    p.add_argument("--model", default="cnn", help="without --checkpoint: the model, at its initial weights (default cnn)")
+    p.add_argument("--data", default="digits", help="without --checkpoint: digits | npz:PATH | cifar10:DIR | imagefolder:DIR")
     p.add_argument("--max-samples", type=positive(int), default=None,
                    help="samples a run would use; the analysis reads the others (public) unless --source members")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="without --checkpoint: model init and data split (default 0)")
     p.add_argument("--rank", type=int, default=None, help="R of the residual norms (default: the run's, else 8)")
     p.add_argument("--ranks", default="1,2,4,8,16", help="R values of the energy-kept curve")
-    p.add_argument("--samples", type=positive(int), default=256)
+    p.add_argument("--samples", type=positive(int), default=256, help="images whose activations are analysed (default 256)")
     p.add_argument("--source", choices=("unused", "members"), default="unused",
                    help="read samples the run left out (public) or its training samples (private)")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="runs/analyze-rank")
+    p.add_argument("--out", default="runs/analyze-rank", help="output directory (default runs/analyze-rank)")
     p.set_defaults(func=_rank)
 
 

@@ -260,7 +260,8 @@ def _target_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--data", default="digits", help="without --checkpoint: digits | npz:PATH | ...")
     p.add_argument("--max-samples", type=positive(int), default=None,
                    help="without --checkpoint: samples the 'run' uses; the rest is the adversary's auxiliary data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the attack's randomness (and without --checkpoint the model's and the split's) (default 0)")
     p.add_argument("--device", default="cpu", help="where the accelerator and the attack's own training run")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
@@ -337,7 +338,7 @@ def add_parser(subparsers) -> None:
                      help="passes the views' epsilon is spent over (default: the checkpoint's epochs, else 5)")
     inv.add_argument("--aux", type=positive(int), default=2000, help="the adversary's auxiliary images")
     inv.add_argument("--victims", type=positive(int), default=128, help="training images to reconstruct")
-    inv.add_argument("--decoder-epochs", type=positive(int), default=10)
+    inv.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of the decoder (default 10)")
     inv.set_defaults(func=_inversion)
 
     grad = sub.add_parser("gradients", help="gradient inversion from the weights, dL/dY and residuals")
@@ -353,8 +354,8 @@ def add_parser(subparsers) -> None:
     grad.add_argument("--iters", type=positive(int), default=400, help="gradient-matching iterations")
     grad.add_argument("--tv", type=float, default=0.2, help="total-variation weight of gradient matching")
     grad.add_argument("--aux", type=positive(int), default=1000, help="auxiliary images for the dL/dY decoder")
-    grad.add_argument("--victims", type=positive(int), default=16)
-    grad.add_argument("--decoder-epochs", type=positive(int), default=10)
+    grad.add_argument("--victims", type=positive(int), default=16, help="training images to reconstruct (default 16)")
+    grad.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of the dL/dY decoder (default 10)")
     grad.set_defaults(func=_gradients)
 
     mem = sub.add_parser("membership", help="membership inference on a trained model (loss threshold, shadow model)")

@@ -27,7 +27,7 @@ from torch import nn
 from legrace import kernels
 from legrace.cli import positive
 from legrace.engine import MODES, LegRace
-from legrace.models import build_model
+from legrace.models import build_model, model_names
 from legrace.outputs import output_folder
 from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
 
@@ -398,9 +398,10 @@ def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="time steps of each mode side by side (JSON + PNG charts)")
-    b.add_argument("--model", default="vgg16")
-    b.add_argument("--input-size", type=int, default=224)
-    b.add_argument("--batch-size", type=positive(int), default=8)
+    b.add_argument("--model", default="vgg16", help=f"one of {', '.join(model_names())} (default vgg16)")
+    b.add_argument("--input-size", type=int, default=224,
+                   help="side of the synthetic square images in pixels (default 224, the paper's)")
+    b.add_argument("--batch-size", type=positive(int), default=8, help="(default 8; the paper's is 32)")
     b.add_argument("--modes", default=f"tee_only,{TEE_CHANNELS_LAST},legrace,gpu_only",
                    help=f"comma-separated, from {', '.join(BENCH_MODES)} ({TEE_CHANNELS_LAST}: the unconverted "
                         "model in plain PyTorch with channels_last tensors, a second TEE-only baseline; ratios "
@@ -408,12 +409,16 @@ def add_parser(sub) -> None:
     group = b.add_mutually_exclusive_group()
     group.add_argument("--train", dest="train", action="store_true", default=True, help="forward + backward (default)")
     group.add_argument("--infer", dest="train", action="store_false", help="forward only")
-    b.add_argument("--rank", type=int, default=8)
-    b.add_argument("--power-iters", type=int, default=2)
-    b.add_argument("--warmup", type=int, default=1)
-    b.add_argument("--repeats", type=positive(int), default=3)
-    b.add_argument("--accelerator", default="cpu")
-    b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32")
+    b.add_argument("--rank", type=int, default=8, help="R, the rank kept on the trusted side per conv (default 8)")
+    b.add_argument("--power-iters", type=int, default=2, help="power iterations of the light SVD (default 2)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, per mode (default 1)")
+    b.add_argument("--repeats", type=positive(int), default=3, help="timed steps per mode; medians are reported (default 3)")
+    b.add_argument("--accelerator", default="cpu",
+                   help="where legrace's residual convs run: cpu or cuda (in this process), process[:DEVICE] "
+                        "(a worker process) or tcp://HOST:PORT (a `legrace worker`; gpu_only needs a device of "
+                        "this machine) (default cpu)")
+    b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the noised residuals on the wire (bfloat16: half the bytes, no privacy cost)")
     b.add_argument("--noise-ahead", type=int, default=None,
                    help="noise buffers drawn ahead in a thread (default: the engine's, 0: inline)")
     b.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
@@ -425,7 +430,7 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for every mode (default: torch's, one per core). With an "
                         "accelerator on its own thread, leaving cores free can pay: see README")
-    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--out", default="runs/bench", help="folder for bench.json and the charts (default runs/bench)")
     b.set_defaults(func=_cli)
 
 

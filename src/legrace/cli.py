@@ -66,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model privately (default: a small CNN on scikit-learn's digits)")
     t.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
     t.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR (default digits)")
-    t.add_argument("--epochs", type=positive(int), default=10)
-    t.add_argument("--batch-size", type=positive(int), default=64)
-    t.add_argument("--lr", type=positive(float), default=0.05)
-    t.add_argument("--mode", choices=MODES, default="legrace")
+    t.add_argument("--epochs", type=positive(int), default=10, help="passes over the training split (default 10)")
+    t.add_argument("--batch-size", type=positive(int), default=64, help="samples per step (default 64)")
+    t.add_argument("--lr", type=positive(float), default=0.05, help="SGD learning rate, cosine-annealed over the epochs (default 0.05)")
+    t.add_argument("--mode", choices=MODES, default="legrace",
+                   help="legrace (the split), dp_only (the same mechanism on whole activations), lowrank_only (the "
+                        "residual dropped), tee_only (all trusted), gpu_only (no privacy) (default legrace)")
     t.add_argument("--rank", type=_rank, default=8, help="R per conv: an int, a comma-separated list, or auto")
     t.add_argument("--clip", type=_clip, default="auto",
                    help="C, per-sample l2 bound of a residual; 'auto' (data-independent default) or 'none'")
@@ -77,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--target-epsilon", type=positive(float), default=None,
                        help="calibrate the noise for this epsilon over all epochs (default 8)")
     noise.add_argument("--noise-multiplier", type=float, default=None, help="z: noise std = z * C")
-    t.add_argument("--delta", type=float, default=1e-5)
-    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP (default 1e-5)")
+    t.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training data held out for validation (default 0.1)")
     t.add_argument("--seed", type=int, default=0, help="model init, data split and shuffling (noise stays secret)")
     t.add_argument("--noise-seed", type=int, default=None, help="fix the noise generator: experiments only, insecure")
     t.add_argument("--max-samples", type=positive(int), default=None, help="use only this many samples")
@@ -91,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every answer of the accelerator with a Freivalds test (a few %% more trusted work)")
     t.add_argument("--audit", default=None, metavar="FILE",
                    help="write a JSON line per message that crosses the trust boundary")
-    t.add_argument("--decomposition", choices=("light", "deflation", "exact"), default="light")
+    t.add_argument("--decomposition", choices=("light", "deflation", "exact"), default="light",
+                   help="how A and V are found: light (batched power iteration), deflation (the paper's rank-1 "
+                        "steps) or exact (a full SVD) (default light)")
     t.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the noised residuals on the wire (bfloat16: half the bytes, no privacy cost)")
-    t.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    t.add_argument("--accountant", choices=("rdp", "prv"), default="rdp",
+                   help="Opacus accountant for epsilon: rdp or prv (default rdp)")
     t.add_argument("--out", default="runs/legrace", help="output directory (default runs/legrace)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="split inference of a checkpoint; prints accuracy")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by `legrace train`")
     e.add_argument("--data", required=True, help="digits | npz:PATH | cifar10:DIR (its test split) | imagefolder:DIR")
     e.add_argument("--split", choices=("all", "val"), default="all",
                    help="all samples of --data, or the validation split the run held out")

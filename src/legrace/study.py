@@ -30,7 +30,7 @@ from legrace.attacks import inversion_attack
 from legrace.cli import positive
 from legrace.data import load_data
 from legrace.figures import privacy_utility_chart
-from legrace.models import build_model
+from legrace.models import build_model, model_names
 from legrace.outputs import output_folder
 from legrace.results import text_table, write_csv, write_json
 from legrace.target import AttackError, load_target
@@ -281,28 +281,29 @@ def add_parser(subparsers) -> None:
     study = subparsers.add_parser("study", help="privacy-utility study: accuracy and leakage against epsilon")
     sub = study.add_subparsers(dest="study", required=True)
     p = sub.add_parser("privacy-utility", help="train a grid of modes and epsilons, attack each, chart the result")
-    p.add_argument("--model", default="cnn")
+    p.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
     p.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR")
     p.add_argument("--max-samples", type=positive(int), default=None,
                    help="samples the runs use; the rest is the attacker's auxiliary data (needed for the attacks)")
-    p.add_argument("--epochs", type=positive(int), default=5)
-    p.add_argument("--batch-size", type=positive(int), default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=positive(int), default=5, help="training passes of each run (default 5)")
+    p.add_argument("--batch-size", type=positive(int), default=64, help="samples per step (default 64)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of each run (default 0.05)")
     p.add_argument("--rank", default="8", help="R per conv: an int, a comma-separated list or auto")
-    p.add_argument("--epsilons", type=_floats, default=(1.0, 8.0, 64.0, 1000.0))
+    p.add_argument("--epsilons", type=_floats, default=(1.0, 8.0, 64.0, 1000.0),
+                   help="comma-separated target epsilons of the releasing modes (default 1,8,64,1000)")
     p.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     p.add_argument("--clip-rules", default="auto",
                    help="data-independent clip rules, comma-separated: auto (C = 0.05/z), std:S (C = S/z), or a fixed C")
     p.add_argument("--seeds", type=_ints, default=(0,), help="comma-separated seeds; accuracy is averaged over them")
-    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP (default 1e-5)")
     p.add_argument("--attack-layers", type=_ints, default=(0, 1),
                    help="decomposition points to invert (empty string: no attacks)")
     p.add_argument("--aux", type=positive(int), default=2000, help="the attacker's auxiliary images")
-    p.add_argument("--victims", type=positive(int), default=128)
-    p.add_argument("--decoder-epochs", type=positive(int), default=10)
+    p.add_argument("--victims", type=positive(int), default=128, help="training images each attack reconstructs (default 128)")
+    p.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of each attack's decoder (default 10)")
     p.add_argument("--device", default="cpu", help="accelerator of the runs and device of the attacks")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="runs/study")
+    p.add_argument("--out", default="runs/study", help="output directory (default runs/study)")
     p.set_defaults(func=_study)
 
 
