@@ -26,8 +26,7 @@ def _upper_tail(t: float) -> float:
 def _draw(n: int, keys=(1, 2, 3, 4), release: int = 0, dtype=np.float32) -> np.ndarray:
     out = np.empty(n, dtype)
     chunks = -(-n // gaussian.CHUNK)
-    gaussian.gaussian_fill(out, 1.0, np.array(keys, np.uint64), release, 0, chunks,
-                           gaussian.EDGES, gaussian.RATIOS, gaussian.DENSITIES)
+    gaussian.gaussian_fill(out, 1.0, np.array(keys, np.uint64), release, 0, chunks)
     return out
 
 

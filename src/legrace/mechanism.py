@@ -182,8 +182,7 @@ class GaussianStreams:
         chunks = -(-flat.size // gaussian.CHUNK)
         parts = 1 if flat.size < self.MIN_SPLIT else min(self._n, chunks)
         bounds = [chunks * p // parts for p in range(parts + 1)]
-        tables = gaussian.EDGES, gaussian.RATIOS, gaussian.DENSITIES
-        self._run([functools.partial(gaussian.gaussian_fill, flat, sigma, keys, release, a, b, *tables)
+        self._run([functools.partial(gaussian.gaussian_fill, flat, sigma, keys, release, a, b)
                    for a, b in zip(bounds, bounds[1:])])
 
     def _torch(self, flat: Tensor, sigma: float) -> None:
