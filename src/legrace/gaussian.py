@@ -132,8 +132,8 @@ if numba is not None:
         generator's state) and changes no value's law: each one is still one ziggurat draw.
         """
         n = out.shape[0]
-        pending_at = np.empty(CHUNK, np.int64)
-        pending_word = np.empty(CHUNK, np.uint64)
+        pending_at = np.empty(min(CHUNK, n), np.int64)  # at most one per value of a chunk
+        pending_word = np.empty(min(CHUNK, n), np.uint64)
         for c in range(c0, c1):
             m = _splitmix((np.uint64(release) << _S32) | np.uint64(c))  # distinct per (buffer, chunk)
             s0, s1, s2, s3 = (_splitmix(keys[0] ^ m), _splitmix(keys[1] ^ m),
