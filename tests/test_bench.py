@@ -151,8 +151,9 @@ def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, 
         assert report["gomp_spincount"] == os.environ.get("GOMP_SPINCOUNT")
     finally:
         torch.set_num_threads(before)
-    assert main(["bench", "--model", "cnn", "--threads", "0", "--out", str(tmp_path / "x")]) != 0
-    assert "--threads must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused by argparse, before any model is built
+        main(["bench", "--model", "cnn", "--threads", "0", "--out", str(tmp_path / "x")])
+    assert stop.value.code == 2 and "--threads: must be > 0, got 0" in capsys.readouterr().err
 
 
 

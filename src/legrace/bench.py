@@ -427,7 +427,7 @@ def add_parser(sub) -> None:
     b.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None,
                    help="an in-process CUDA accelerator moves requests and answers through page-locked "
                         "host memory (default: on)")
-    b.add_argument("--threads", type=int, default=None,
+    b.add_argument("--threads", type=positive(int), default=None,
                    help="torch CPU threads for every mode (default: torch's, one per core). With an "
                         "accelerator on its own thread, leaving cores free can pay: see README")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and the charts (default runs/bench)")
@@ -437,8 +437,6 @@ def add_parser(sub) -> None:
 def _cli(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
