@@ -1,4 +1,5 @@
-"""One markdown table of every bench.json under a folder (the closing-note table of issue 4).
+"""One markdown table of every bench.json under a folder (the closing-note table of issue 4), and
+a second one checking each run against issue 4's targets.
 
 The ratios against TEE-only are the report's own: against the faster of the TEE-only runs for
 time (legrace's tee_only or plain PyTorch in channels_last), the leaner for memory."""
@@ -8,8 +9,50 @@ import sys
 from pathlib import Path
 
 
-def main(folder: str) -> None:
+# Issue 4's targets (stated for 224x224, batch 32, training): TEE-only step / legrace's trusted time
+TIME_TARGETS = {"vgg16": 15.0, "vgg19": 15.0, "resnet18": 10.0, "resnet34": 10.0}
+MEMORY_TARGET = 8.0  # TEE-only's trusted memory / legrace's, at least
+GPU_STEP_TARGET = 15.0  # with a GPU: TEE-only step / legrace step, at least
+GPU_ONLY_TARGET = 5.0  # with a GPU: legrace step / GPU-only step, at most
+PAPER_VGG19_INFERENCE = 11.2  # the paper's VGG-19 inference speedup: a reference, not a target
+
+
+def _cell(ratio: dict, key: str, digits: int) -> str:
+    """A ratio for the table, empty where the run has none (no gpu_only mode, inference memory)."""
+    return f"{ratio[key]:.{digits}f}" if key in ratio else ""
+
+
+def target_rows(name: str, report: dict) -> list[list[str]]:
+    """[run, target, measured, met] for each of issue 4's targets that this run can be checked against."""
+    ratio, model, train = report["ratios"], report["model"], report["train"]
     rows = []
+
+    def check(target: str, key: str, ok) -> None:
+        if key in ratio:
+            rows.append([name, target, f"{ratio[key]:.2f}x", "yes" if ok(ratio[key]) else "no"])
+
+    gpu = "legrace_step / gpu_only_step" in ratio  # a run with a GPU (gpu_only timed)
+    if train and model in TIME_TARGETS:
+        goal = TIME_TARGETS[model]
+        check(f"TEE-only step / trusted time >= {goal:g}x", "tee_only_step / legrace_trusted", lambda r: r >= goal)
+    if train:
+        check(f"TEE-only memory / trusted memory >= {MEMORY_TARGET:g}x", "tee_only_memory / legrace_trusted_memory",
+              lambda r: r >= MEMORY_TARGET)
+    if train and gpu:
+        check(f"TEE-only step / legrace step >= {GPU_STEP_TARGET:g}x", "tee_only_step / legrace_step",
+              lambda r: r >= GPU_STEP_TARGET)
+        check(f"legrace step / GPU-only step <= {GPU_ONLY_TARGET:g}x", "legrace_step / gpu_only_step",
+              lambda r: r <= GPU_ONLY_TARGET)
+    if not train and model == "vgg19":  # the paper's number is its whole step, with its GPU
+        key = "tee_only_step / legrace_step" if gpu else "tee_only_step / legrace_trusted"
+        what = "legrace step" if gpu else "trusted time"
+        check(f"inference: TEE-only step / {what} (paper: {PAPER_VGG19_INFERENCE}x)", key,
+              lambda r: r >= PAPER_VGG19_INFERENCE)
+    return rows
+
+
+def main(folder: str) -> None:
+    rows, checks, sizes = [], [], set()
     found = sorted(Path(folder).glob("*/bench.json"))
     if not found:
         raise SystemExit(f"no bench runs to summarise: {folder!r} holds no */bench.json")
@@ -25,14 +68,16 @@ def main(folder: str) -> None:
             f"{tee_cl['step_seconds']:.3f}" if tee_cl else "",
             f"{leg['step_seconds']:.3f}" if leg else "", f"{leg['trusted_seconds']:.3f}" if leg else "",
             f"{gpu['step_seconds']:.4f}" if gpu else "",
-            f"{ratio.get('tee_only_step / legrace_trusted', float('nan')):.2f}",
-            f"{ratio.get('tee_only_step / legrace_step', float('nan')):.2f}",
-            f"{ratio.get('legrace_step / gpu_only_step', float('nan')):.2f}",
-            f"{ratio.get('tee_only_macs / legrace_trusted_macs', float('nan')):.1f}",
-            f"{ratio.get('tee_only_memory / legrace_trusted_memory', float('nan')):.1f}",
+            _cell(ratio, "tee_only_step / legrace_trusted", 2),
+            _cell(ratio, "tee_only_step / legrace_step", 2),
+            _cell(ratio, "legrace_step / gpu_only_step", 2),
+            _cell(ratio, "tee_only_macs / legrace_trusted_macs", 1),
+            _cell(ratio, "tee_only_memory / legrace_trusted_memory", 1),
             {True: "on", False: "off"}.get(r.get("overlap"), ""),
             str(r.get("threads", "")),
         ])
+        checks += target_rows(f.parent.name, r)
+        sizes.add((r["input_size"], r["batch_size"]))
         machine = f"{r.get('cpu', '?')}, torch {r['torch']}, accelerator {r['accelerator']}"
     head = ["run", "model", "batch", "tee_only step s", "tee_only_channels_last step s", "legrace step s",
             "legrace trusted s", "gpu_only step s",
@@ -42,8 +87,13 @@ def main(folder: str) -> None:
     print("|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    if rows:
-        print(f"\nmachine: {machine}")
+    print(f"\nmachine: {machine}")
+    if checks:
+        at = ", ".join(f"{size}x{size} batch {batch}" for size, batch in sorted(sizes))
+        print(f"\nIssue 4's targets (stated for 224x224, batch 32; these runs: {at}):\n")
+        print("| run | target | measured | met |\n|---|---|---|---|")
+        for row in checks:
+            print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
