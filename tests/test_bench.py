@@ -74,8 +74,47 @@ def test_summary_table_of_bench_runs(tmp_path, capsys):
     table = capsys.readouterr().out
     ratio = report["ratios"]["tee_only_step / legrace_trusted"]
     assert f"| cnn train | 2 | {report['modes'][0]['step_seconds']:.3f} |" in table and f"{ratio:.2f}" in table
+    assert "nan" not in table  # no gpu_only run: its ratio's cell is empty
+    # the cnn has no time target; its memory is checked against the 1/8 target
+    memory = report["ratios"]["tee_only_memory / legrace_trusted_memory"]
+    met = "yes" if memory >= 8 else "no"
+    assert f"| cnn-train | TEE-only memory / trusted memory >= 8x | {memory:.2f}x | {met} |" in table
+    assert "trusted time >=" not in table
     with pytest.raises(SystemExit, match="holds no \\*/bench.json"):  # a wrong folder is said, not an empty table
         runpy.run_path(str(script), run_name="not_main")["main"](str(tmp_path / "nothing"))
+
+
+def test_target_check_of_a_gpu_run():
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "summarize_bench.py"
+    rows = runpy.run_path(str(script), run_name="not_main")["target_rows"]
+    ratios = {"tee_only_step / legrace_trusted": 16.0, "tee_only_memory / legrace_trusted_memory": 7.9,
+              "tee_only_step / legrace_step": 15.0, "legrace_step / gpu_only_step": 5.5}
+    got = {row[1]: (row[2], row[3]) for row in rows("vgg16-train", {"model": "vgg16", "train": True, "ratios": ratios})}
+    assert got == {"TEE-only step / trusted time >= 15x": ("16.00x", "yes"),
+                   "TEE-only memory / trusted memory >= 8x": ("7.90x", "no"),
+                   "TEE-only step / legrace step >= 15x": ("15.00x", "yes"),
+                   "legrace step / GPU-only step <= 5x": ("5.50x", "no")}
+    inference = rows("vgg19-infer", {"model": "vgg19", "train": False, "ratios": ratios})
+    assert [row[1:] for row in inference] == [["inference: TEE-only step / legrace step (paper: 11.2x)", "15.00x", "yes"]]
+    resnet = rows("r", {"model": "resnet34", "train": True, "ratios": {"tee_only_step / legrace_trusted": 9.99}})
+    assert [row[1:] for row in resnet] == [["TEE-only step / trusted time >= 10x", "9.99x", "no"]]
+
+
+def test_bench_keeps_conv_outputs_when_told(tmp_path):
+    reports = {}
+    for flag in ("--rebuild-outputs", "--no-rebuild-outputs"):
+        out = tmp_path / flag
+        assert main(["bench", "--model", "resnet18", "--input-size", "8", "--batch-size", "2", "--repeats", "1",
+                     "--warmup", "0", "--modes", "legrace", flag, "--out", str(out)]) == 0
+        reports[flag] = json.loads((out / "bench.json").read_text())
+        assert reports[flag]["rebuild_outputs"] is (flag == "--rebuild-outputs")
+    rebuilt, kept = (reports[f]["modes"][0] for f in ("--rebuild-outputs", "--no-rebuild-outputs"))
+    # kept: each BatchNorm's input is held for backward; rebuilt: one more low-rank conv each instead
+    assert kept["trusted_saved_bytes"] > 2 * rebuilt["trusted_saved_bytes"]
+    assert kept["trusted_macs"] < rebuilt["trusted_macs"]
 
 
 def test_bench_with_overlap_times_the_accelerator_on_its_own_thread_and_over_a_worker(tmp_path):
@@ -137,6 +176,27 @@ def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys, inf
     assert "trusted side" in out and "decomposition" in out and "noise and clipping" in out
     assert ("inference" if infer else "training") in out
     assert ("ReLU backward" in out) != infer  # inference keeps no masks: no backward to time
+
+
+def test_keep_outputs_script_trades_memory_for_rebuilds(monkeypatch, capsys, tmp_path):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "keep_outputs.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    monkeypatch.setattr(sys, "argv", ["keep_outputs.py", "--model", "resnet18", "--input-size", "8", "--batch-size",
+                                      "2", "--steps", "1", "--budgets", "0,all", "--out", str(tmp_path / "k.json")])
+    runpy.run_path(str(script), run_name="not_main")["main"]()
+    rows = {r["budget_mib"]: r for r in json.loads((tmp_path / "k.json").read_text())["results"]}
+    assert rows["all"]["trusted_saved_mib"] > 2 * rows["0"]["trusted_saved_mib"]
+    assert rows["all"]["trusted_macs"] < rows["0"]["trusted_macs"]  # no output rebuilt
+    assert "keep   all MiB: trusted" in capsys.readouterr().out
+    for bad in ("0,-1", "some", "0,nan", "inf"):
+        monkeypatch.setattr(sys, "argv", ["keep_outputs.py", "--budgets", bad])
+        with pytest.raises(SystemExit):
+            runpy.run_path(str(script), run_name="not_main")["main"]()
+        assert "a budget is a number of MiB >= 0 or 'all'" in capsys.readouterr().err
 
 
 def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, capsys):
@@ -273,6 +333,7 @@ def test_noise_rate_times_each_sampler_and_thread_count_and_refuses_bad_sizes(mo
     ("lowrank_paths.py", ["--repeats", "0"]), ("lowrank_paths.py", ["--models", "vgg16:0:8"]),
     ("busy_thread.py", ["--steps", "x"]), ("transports.py", ["--steps", "0"]), ("verify.py", ["--steps", "0"]),
     ("micro_batches.py", ["--k", "2,0"]), ("exactness.py", ["--sizes", "32,x"]),
+    ("keep_outputs.py", ["--steps", "0"]),
 ])
 def test_benchmark_scripts_refuse_counts_below_one_before_any_work(monkeypatch, capsys, script, args):
     # --steps 0 once ended in an empty median or a division by zero after the model was built

@@ -85,3 +85,49 @@ def test_a_weight_changed_before_backward_is_a_clear_error():
         next(net.parameters()).add_(1.0)
     with pytest.raises(RuntimeError, match="changed between forward and backward"):
         loss.backward()
+
+
+def test_a_memory_budget_keeps_the_outputs_costliest_to_rebuild():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, image_size=32)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    rebuilt_grads, rebuilt_bytes, _ = run(model, x, y, mode="legrace")
+
+    offers = {}  # point -> (bytes, rebuild cost per element) of what the first step offered
+    probe = LegRace(rank=4, clip=None, noise_multiplier=0, keep_outputs_mb=1e-9)
+    net = probe.convert(copy.deepcopy(model)).train()
+    outputs = probe._config.outputs
+    offer = outputs.offer
+
+    def noting_offer(y, rebuild, point, cost):
+        offers[point] = (y.numel() * y.element_size(), cost)
+        offer(y, rebuild, point, cost)
+
+    outputs.offer = noting_offer
+    F.cross_entropy(net(x), y).backward()
+    # every conv output feeds a BatchNorm, so every offer is saved
+    costliest = sorted(offers, key=lambda p: -offers[p][1])[:3]
+    assert all(offers[p][1] > 1000 for p in costliest)  # layer4's 3x3 convs: forming W' dominates
+    budget = sum(offers[p][0] for p in costliest)
+
+    engine = LegRace(rank=4, clip=None, noise_multiplier=0, keep_outputs_mb=budget / 2**20)
+    net = engine.convert(copy.deepcopy(model)).train()
+    outputs = engine._config.outputs
+    for step in range(2):  # the first step has no plan yet and rebuilds all; the second keeps
+        kept = []
+        outputs.observer = kept.append
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        assert activation_bytes(kept, net) == rebuilt_bytes + (budget if step else 0)
+        assert outputs.planned == frozenset(costliest)
+    for a, b in zip(rebuilt_grads, [p.grad for p in net.parameters()]):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # a forward that saves nothing leaves the plan alone
+        net.eval()(x)
+    assert outputs.planned == frozenset(costliest)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "8", True])
+def test_a_bad_output_budget_is_refused(bad):
+    with pytest.raises(ValueError, match="keep_outputs_mb must be a finite number"):
+        LegRace(rank=4, clip=None, noise_multiplier=0, keep_outputs_mb=bad)

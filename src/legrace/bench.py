@@ -178,13 +178,16 @@ class _ModeRun:
     def __init__(self, mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank,
                  accelerator: str, iters: int, noise_ahead: Optional[int] = None,
                  wire_dtype: Optional[str] = None, overlap: Optional[bool] = None,
-                 pinned: Optional[bool] = None) -> None:
+                 pinned: Optional[bool] = None, rebuild_outputs: Optional[bool] = None,
+                 keep_outputs_mb: float = 0.0) -> None:
         releasing = mode in ("legrace", "dp_only")
         self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
         self.engine = LegRace(mode="tee_only" if mode == TEE_CHANNELS_LAST else mode, rank=rank,
                               accelerator=accelerator, power_iters=iters,
                               **({"noise_multiplier": 1.0, "clip": 1.0, "noise_ahead": noise_ahead,
-                                  "wire_dtype": wire_dtype, "overlap": overlap, "pinned_memory": pinned}
+                                  "wire_dtype": wire_dtype, "overlap": overlap, "pinned_memory": pinned,
+                                  "keep_outputs_mb": keep_outputs_mb,
+                                  **({} if rebuild_outputs is None else {"rebuild_outputs": rebuild_outputs})}
                                  if releasing else {}))
         if mode == TEE_CHANNELS_LAST:
             self.net = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -256,6 +259,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               rank=8, warmup: int = 1, repeats: int = 3, accelerator: str = "cpu", iters: int = 2,
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
               overlap: Optional[bool] = None, pinned: Optional[bool] = None,
+              rebuild_outputs: Optional[bool] = None, keep_outputs_mb: float = 0.0,
               out: Optional[Path] = None, log=print) -> dict:
     _check_settings(modes, batch_size, warmup, repeats)
     torch.manual_seed(0)
@@ -263,7 +267,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
     runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
-                     noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap, pinned=pinned) for m in modes]
+                     noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap, pinned=pinned,
+                     rebuild_outputs=rebuild_outputs, keep_outputs_mb=keep_outputs_mb) for m in modes]
     if out is not None:  # made before the timing (the engines have checked their settings): a bad path
         out = output_folder(out)  # fails now, not after minutes of timing
     for run in runs:
@@ -286,6 +291,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
               "pinned_memory": any(r.engine.pinned_memory for r in runs if r.engine.boundary is not None),
+              "rebuild_outputs": next((r.engine.rebuild_outputs for r in runs if r.engine.boundary is not None), None),
+              "keep_outputs_mb": keep_outputs_mb,
               "threads": torch.get_num_threads(), "fused_kernels": kernels.usable(np.float32),
               "torch": torch.__version__, "glibc_tunables": tunables,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
@@ -427,9 +434,16 @@ def add_parser(sub) -> None:
     b.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None,
                    help="an in-process CUDA accelerator moves requests and answers through page-locked "
                         "host memory (default: on)")
+    b.add_argument("--rebuild-outputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="legrace keeps no conv output for backward (a BatchNorm's input) and rebuilds it from A, V "
+                        "and the accelerator's residual (default: on); --no-rebuild-outputs keeps them, trading "
+                        "trusted memory for time")
+    b.add_argument("--keep-outputs-mb", type=float, default=0.0,
+                   help="with rebuilt outputs, keep up to this many MiB of them per step after all, those that "
+                        "cost most to rebuild per byte first (default 0)")
     b.add_argument("--threads", type=positive(int), default=None,
                    help="torch CPU threads for every mode (default: torch's, one per core). With an "
-                        "accelerator on its own thread, leaving cores free can pay: see README")
+                        "accelerator on its own thread, leaving cores free can pay: see docs/performance.md")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and the charts (default runs/bench)")
     b.set_defaults(func=_cli)
 
@@ -441,6 +455,6 @@ def _cli(args: argparse.Namespace) -> int:
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
               noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, pinned=args.pinned,
-              out=Path(args.out))
+              rebuild_outputs=args.rebuild_outputs, keep_outputs_mb=args.keep_outputs_mb, out=Path(args.out))
     print(f"wrote {args.out}/bench.json and charts")
     return 0

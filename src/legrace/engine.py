@@ -103,12 +103,15 @@ class LegRace:
     sums then round a little differently from the plain model's; None: the activations' dtype).
     rebuild_outputs: keep no conv output for backward (what a BatchNorm after a conv would keep):
     rebuild it from A, V and the accelerator's stored residual when backward needs it.
+    keep_outputs_mb: with rebuild_outputs, keep conv outputs up to this many MiB per step after
+    all, those that cost most to rebuild per byte first (deep layers' small maps, where forming
+    W' = A·W dominates the rebuild): memory traded back for trusted time (legrace.recompute).
     wire_dtype: "bfloat16" sends the noised residuals (and gets Y_res back) in half the bytes.
     Rounding after the noise is post-processing, so it costs no privacy; its accuracy cost is
-    measured in README. dL/dY and the gradients stay in the model's dtype.
+    measured in docs/performance.md. dL/dY and the gradients stay in the model's dtype.
     noise_ahead: draw the noise of this many upcoming releases in a background thread (default 0:
     inline, one generator per torch thread). Measured slower on both machines tried (a 16-core
-    H200 host: VGG-16 step 3.36 s with 2 ahead, 2.22 s inline; README "GPU benchmark"): with
+    H200 host: VGG-16 step 3.36 s with 2 ahead, 2.22 s inline; docs/performance.md, "GPU runs"): with
     overlap the trusted side hardly waits, and the thread's one generator competes for cores.
     overlap: run the two legs of each conv concurrently: send the accelerator its request, compute
     the trusted part of the same layer, then collect the answer (the results are the same bits).
@@ -142,6 +145,7 @@ class LegRace:
         pinned_memory: Optional[bool] = None,
         basis_dtype: Optional[str] = "bfloat16",
         rebuild_outputs: bool = True,
+        keep_outputs_mb: float = 0.0,
         wire_dtype: Optional[str] = None,
         audit: Union[str, Path, None] = None,
         ledger_path: Union[str, Path, None] = None,
@@ -161,6 +165,9 @@ class LegRace:
                 raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
             if clip is None and noise_multiplier != 0:
                 raise ValueError("clip=None (no clipping) is only allowed with noise_multiplier=0")
+        if isinstance(keep_outputs_mb, bool) or not isinstance(keep_outputs_mb, (int, float)) \
+                or not (keep_outputs_mb >= 0 and math.isfinite(keep_outputs_mb)):
+            raise ValueError(f"keep_outputs_mb must be a finite number of MiB >= 0, got {keep_outputs_mb!r}")
         for name, value, least in (("power_iters", power_iters, 1), ("max_rank", max_rank, 1),
                                    ("noise_ahead", 0 if noise_ahead is None else noise_ahead, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -174,6 +181,7 @@ class LegRace:
         self.decomposition, self.power_iters, self.max_rank = decomposition, power_iters, max_rank
         self.basis_dtype = _basis_dtype(basis_dtype)
         self.rebuild_outputs = rebuild_outputs
+        self.keep_outputs_mb = float(keep_outputs_mb)
         self.wire_dtype = _wire_dtype(wire_dtype)
         self.accountant = accountant
         self.noise_seed = noise_seed
@@ -251,7 +259,7 @@ class LegRace:
 
         gm = convert(module, make_split)
         if self.rebuild_outputs:
-            config.outputs = ConvOutputs()
+            config.outputs = ConvOutputs(keep_bytes=int(self.keep_outputs_mb * 2**20))
             config.outputs.install(gm)
         self._coupled_points = sum(coupled)
         self._config = config

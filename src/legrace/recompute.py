@@ -12,6 +12,15 @@ Mechanism: while the converted model runs forward, a `saved_tensors_hooks` pair 
 split conv offers its output Y with a function that rebuilds it; when an op saves exactly that
 tensor (same object, unmodified), it saves a small `_Rebuild` token instead, and backward gets Y
 back from the token. Every other saved tensor is kept as usual.
+
+A memory budget (`keep_bytes`, LegRace's `keep_outputs_mb`) trades some of that memory back for
+time: the outputs that cost most to rebuild per byte are kept for real, up to the budget. The
+cost is the rebuild's multiply-accumulates per output element, which the split conv gives with
+its offer: forming W' = A·W costs N·R·k² per sample whatever the map's size, so on a deep layer's
+small map it dwarfs the low-rank conv (ResNet-18 at R = 8: 824 per element of its 512-channel
+7x7 outputs, 74 of its 64-channel 56x56 ones; split_conv.rebuild_cost). Which outputs a forward
+keeps is planned from the previous forward's saves, so the first training step rebuilds them all;
+within a forward the budget is never exceeded.
 """
 
 from __future__ import annotations
@@ -37,22 +46,49 @@ class ConvOutputs:
     count; the hooks of an outer `saved_tensors_hooks` are shadowed while the model runs).
     """
 
-    def __init__(self) -> None:
-        self._offers: dict[int, tuple[weakref.ref, int, Callable[[], Tensor]]] = {}
+    def __init__(self, keep_bytes: int = 0) -> None:
+        if keep_bytes < 0:
+            raise ValueError(f"the budget for kept conv outputs must be >= 0 bytes, got {keep_bytes}")
+        self.keep_bytes = keep_bytes
+        self._offers: dict[int, tuple[weakref.ref, int, Callable[[], Tensor], int, float]] = {}
         self._contexts: list = []
         self.observer: Optional[Callable[[Tensor], None]] = None
+        self.planned: frozenset[int] = frozenset()  # the points whose outputs a forward keeps
+        self._saved: dict[int, tuple[int, float]] = {}  # this forward's saved outputs: point -> (bytes, cost)
+        self._kept: set[int] = set()
+        self._kept_bytes = 0
 
-    def offer(self, y: Tensor, rebuild: Callable[[], Tensor]) -> None:
+    def offer(self, y: Tensor, rebuild: Callable[[], Tensor], point: int = -1, cost: float = 0.0) -> None:
+        """Offer conv `point`'s output y; `cost`: what rebuilding it costs per element (MACs)."""
         if self._contexts:  # only while a forward of the converted model runs
-            self._offers[id(y)] = (weakref.ref(y), y._version, rebuild)
+            self._offers[id(y)] = (weakref.ref(y), y._version, rebuild, point, cost)
 
     def _pack(self, t: Tensor):
         entry = self._offers.get(id(t))
         if entry is not None and entry[0]() is t and t._version == entry[1]:
-            return _Rebuild(entry[2])
+            point, nbytes = entry[3], t.numel() * t.element_size()
+            self._saved[point] = (nbytes, entry[4])
+            if point in self._kept:  # saved twice: kept once
+                return t
+            if point not in self.planned or self._kept_bytes + nbytes > self.keep_bytes:
+                return _Rebuild(entry[2])
+            self._kept.add(point)
+            self._kept_bytes += nbytes
         if self.observer is not None:
             self.observer(t)
         return t
+
+    def _plan(self) -> None:
+        """Keep, next forward, the outputs this one saved that cost most to rebuild per byte."""
+        if not self._saved:  # a forward without autograd (evaluation) saved nothing: no new plan
+            return
+        planned, total = [], 0
+        for point, (nbytes, cost) in sorted(self._saved.items(), key=lambda item: (-item[1][1], item[0])):
+            if total + nbytes <= self.keep_bytes:
+                planned.append(point)
+                total += nbytes
+        self.planned = frozenset(planned)
+        self._saved, self._kept, self._kept_bytes = {}, set(), 0
 
     @staticmethod
     def _unpack(saved):
@@ -73,3 +109,5 @@ class ConvOutputs:
             self._contexts.pop().__exit__(None, None, None)
         if not self._contexts:
             self._offers.clear()
+            if self.keep_bytes:
+                self._plan()

@@ -103,6 +103,15 @@ def lowrank_path(N: int, R: int, M: int, hw: int) -> str:
     return "unfold" if unfold_is_faster(M, hw) else "grouped"
 
 
+def rebuild_cost(N: int, R: int, M: int, hw_in: int, hw_out: int, k: int) -> float:
+    """Multiply-accumulates per output element of rebuilding a conv's output on the trusted side
+    (one low-rank conv, `lowrank_conv`'s path): k = kh·kw. Forming W' (M·N·R·k per sample) is
+    spread over the M·hw_out outputs, so small deep maps cost the most per byte kept."""
+    if lowrank_path(N, R, M, hw_in) == "direct":
+        return N * k + N * R * hw_in / (M * hw_out)  # conv(A·V, W), and A·V
+    return R * k + N * R * k / hw_out
+
+
 def _checked_path(path: Optional[str]) -> Optional[str]:
     if path is not None and path not in LOWRANK_PATHS:
         raise ValueError(f"unknown low-rank conv path {path!r}; choose one of {LOWRANK_PATHS}")
@@ -270,7 +279,9 @@ class _SplitConvFunction(torch.autograd.Function):
             y_res, stored = _timed_call(cfg, layer.point, "fwd", pending.result)
         y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
         if cfg.outputs is not None and (stored is not None or pending is None):
-            cfg.outputs.offer(y, _rebuilder(layer, A, V, weight, bias, hw, stored, out_shape))
+            cfg.outputs.offer(y, _rebuilder(layer, A, V, weight, bias, hw, stored, out_shape), layer.point,
+                              rebuild_cost(A.shape[1], A.shape[2], weight.shape[0], hw[0] * hw[1],
+                                           out_shape[2] * out_shape[3], weight.shape[2] * weight.shape[3]))
         ctx.save_for_backward(A, V, weight)
         ctx.layer, ctx.stored, ctx.x_shape = layer, stored, tuple(x.shape)
         if cfg.timings is not None:

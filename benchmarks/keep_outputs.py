@@ -1,0 +1,73 @@
+"""Trusted time and memory of legrace with its conv outputs rebuilt, partly kept, or all kept.
+
+A BatchNorm after each conv would keep the conv's output for backward; legrace rebuilds it
+instead (legrace.recompute), and `keep_outputs_mb` keeps the outputs costliest to rebuild up to
+a budget. This script times legrace training steps with each budget, interleaved so that a change
+of machine load hits every setting alike, and reports the median (and least) trusted time and the
+memory the trusted side keeps, as `legrace bench` counts them.
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
+        .venv/bin/python benchmarks/keep_outputs.py --model resnet18 --budgets 0,23,all --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+from bench_common import add_model_arguments, add_threads_argument, apply_threads, count, model_and_batch, \
+    write_results
+
+from legrace.bench import _ModeRun
+
+
+def budgets(text: str) -> list[str]:
+    """argparse type: comma-separated MiB budgets (finite numbers >= 0) or "all" (keep every output)."""
+    parts = [part.strip() for part in text.split(",")]
+    for part in parts:
+        if part != "all":
+            try:
+                ok = math.isfinite(float(part)) and float(part) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise argparse.ArgumentTypeError(f"a budget is a number of MiB >= 0 or 'all', got {part!r}")
+    return parts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--budgets", type=budgets, default=budgets("0,all"),
+                   help="MiB of conv outputs to keep per step, comma-separated; 'all' keeps every one")
+    p.add_argument("--steps", type=count, default=5)
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    add_threads_argument(p)
+    args = p.parse_args()
+    apply_threads(args)
+    model, x, y = model_and_batch(args)
+    runs = {b: _ModeRun("legrace", model, x, y, train=True, rank=8, accelerator="cpu", iters=2,
+                        rebuild_outputs=b != "all", keep_outputs_mb=0.0 if b == "all" else float(b))
+            for b in args.budgets}
+    for run in runs.values():  # warm-up; it also plans which outputs the next steps keep
+        run.step()
+    for _ in range(args.steps):
+        for run in runs.values():
+            run.timed_step()
+    results = []
+    for b, run in runs.items():
+        r = run.result()
+        results.append({"budget_mib": b, "trusted_seconds": statistics.median(run.trusted),
+                        "trusted_seconds_min": min(run.trusted), "trusted_saved_mib": r["trusted_saved_bytes"] / 2**20,
+                        "trusted_macs": r["trusted_macs"]})
+        print(f"keep {b:>5} MiB: trusted {results[-1]['trusted_seconds']:.3f} s (least "
+              f"{results[-1]['trusted_seconds_min']:.3f} s), keeps {results[-1]['trusted_saved_mib']:.1f} MiB, "
+              f"trusted MACs {r['trusted_macs'] / 1e9:.2f}G")
+    if args.out:
+        write_results(args.out, "cpu", [{"model": args.model, "input_size": args.input_size,
+                                         "batch_size": args.batch_size, "steps": args.steps, **r} for r in results])
+
+
+if __name__ == "__main__":
+    main()
