@@ -5,7 +5,7 @@ work never overlaps the accelerator. Cut into k micro-batches, the decomposition
 micro-batch i+1 (and the low-rank conv of micro-batch i) can run while the accelerator convolves
 micro-batch i. This script measures whether that pays, on inference (forward only) steps, by
 swapping in a micro-batched forward for the split conv; it is an experiment, not a feature:
-legrace itself sends whole batches (on this project's 2-core CPU it was slower; see README).
+legrace itself sends whole batches (on this project's 2-core CPU it was slower; see docs/performance.md).
 
     .venv/bin/python benchmarks/micro_batches.py --threads 1 [--models vgg16:112:8,resnet18:112:16] [--k 1,2,4]
 """

@@ -77,8 +77,8 @@ class Accelerator:
     pinned: move requests and answers through page-locked host memory (DMA at full bus speed,
     instead of the driver staging each pageable copy through a small buffer). Default: on for
     CUDA. Measured on an H200 host with pinned answers alone: 55 GB/s against 15 GB/s pageable,
-    VGG-16 legrace step 3.36 s against 4.17 s, ResNet-18 1.16 s against 1.63 s (README "GPU
-    benchmark"). Pinned requests (the engine draws noise straight into pinned memory; dL/dY
+    VGG-16 legrace step 3.36 s against 4.17 s, ResNet-18 1.16 s against 1.63 s (docs/performance.md,
+    "GPU runs"). Pinned requests (the engine draws noise straight into pinned memory; dL/dY
     goes through a pinned buffer) and the sleeping wait came later: each copy was timed there on
     its own, the whole step with them not yet."""
 

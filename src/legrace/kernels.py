@@ -16,7 +16,7 @@ small share): a winner's bits are picked by an integer mask
 sign of zero pass exactly), while the comparisons read the floats. On activations like the
 benchmark's, random in sign and size, each comparison goes either way at random, which no branch
 predictor learns, and the branching kernels ran slower than the torch path
-(benchmarks/pool_kernels.py, README).
+(benchmarks/pool_kernels.py, docs/performance.md).
 
 Kernels work on a flat range [k0, k1) of pool outputs (for the 2x2 pool starting at a multiple of
 8, so every packed byte belongs to one range; the window pool's backward on whole planes, since
