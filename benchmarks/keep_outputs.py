@@ -40,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--budgets", type=budgets, default=budgets("0,all"),
-                   help="MiB of conv outputs to keep per step, comma-separated; 'all' keeps every one")
+                   help="MiB of conv outputs to keep per forward, comma-separated; 'all' keeps every one")
     p.add_argument("--steps", type=count, default=5)
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(p)

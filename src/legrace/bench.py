@@ -439,7 +439,7 @@ def add_parser(sub) -> None:
                         "and the accelerator's residual (default: on); --no-rebuild-outputs keeps them, trading "
                         "trusted memory for time")
     b.add_argument("--keep-outputs-mb", type=float, default=0.0,
-                   help="with rebuilt outputs, keep up to this many MiB of them per step after all, those that "
+                   help="with rebuilt outputs, keep up to this many MiB of them per forward after all, those that "
                         "cost most to rebuild per byte first (default 0)")
     b.add_argument("--threads", type=positive(int), default=None,
                    help="torch CPU threads for every mode (default: torch's, one per core). With an "

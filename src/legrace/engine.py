@@ -103,9 +103,11 @@ class LegRace:
     sums then round a little differently from the plain model's; None: the activations' dtype).
     rebuild_outputs: keep no conv output for backward (what a BatchNorm after a conv would keep):
     rebuild it from A, V and the accelerator's stored residual when backward needs it.
-    keep_outputs_mb: with rebuild_outputs, keep conv outputs up to this many MiB per step after
-    all, those that cost most to rebuild per byte first (deep layers' small maps, where forming
-    W' = A·W dominates the rebuild): memory traded back for trusted time (legrace.recompute).
+    keep_outputs_mb: with rebuild_outputs, keep conv outputs up to this many MiB per forward pass
+    after all, those that cost most to rebuild per byte first (deep layers' small maps, where
+    forming W' = A·W dominates the rebuild): memory traded back for trusted time. Planned from
+    the previous forward, so the first rebuilds all; gradient accumulation over k forwards keeps
+    up to k budgets until backward (legrace.recompute).
     wire_dtype: "bfloat16" sends the noised residuals (and gets Y_res back) in half the bytes.
     Rounding after the noise is post-processing, so it costs no privacy; its accuracy cost is
     measured in docs/performance.md. dL/dY and the gradients stay in the model's dtype.
