@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legrace import kernels
-from legrace.cli import positive
+from legrace.cli import mebibytes, positive
 from legrace.engine import MODES, LegRace
 from legrace.models import build_model, model_names
 from legrace.outputs import output_folder
@@ -438,7 +438,7 @@ def add_parser(sub) -> None:
                    help="legrace keeps no conv output for backward (a BatchNorm's input) and rebuilds it from A, V "
                         "and the accelerator's residual (default: on); --no-rebuild-outputs keeps them, trading "
                         "trusted memory for time")
-    b.add_argument("--keep-outputs-mb", type=float, default=0.0,
+    b.add_argument("--keep-outputs-mb", type=mebibytes, default=0.0,
                    help="with rebuilt outputs, keep up to this many MiB of them per forward after all, those that "
                         "cost most to rebuild per byte first (default 0)")
     b.add_argument("--threads", type=positive(int), default=None,

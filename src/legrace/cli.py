@@ -52,6 +52,17 @@ def positive(kind):
     return parse
 
 
+def mebibytes(text: str) -> float:
+    """argparse type: a memory budget in MiB, a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of MiB >= 0, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of MiB >= 0, got {text}")
+    return value
+
+
 def _accelerator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerator", default="cpu",
                    help="cpu or cuda (in this process), process[:DEVICE] (a private worker process), "
@@ -99,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps) or exact (a full SVD) (default light)")
     t.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the noised residuals on the wire (bfloat16: half the bytes, no privacy cost)")
+    t.add_argument("--keep-outputs-mb", type=mebibytes, default=0.0,
+                   help="MiB of conv outputs (BatchNorm's inputs) kept per forward instead of rebuilt in "
+                        "backward, those costliest to rebuild first: memory for speed (default 0)")
     t.add_argument("--accountant", choices=("rdp", "prv"), default="rdp",
                    help="Opacus accountant for epsilon: rdp or prv (default rdp)")
     t.add_argument("--out", default="runs/legrace", help="output directory (default runs/legrace)")
@@ -150,7 +164,8 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed, noise_seed=args.noise_seed, max_samples=args.max_samples,
         image_size=args.image_size, download=args.download, accelerator=args.accelerator,
         accelerator_timeout=args.accelerator_timeout, verify=args.verify, audit=args.audit,
-        decomposition=args.decomposition, wire_dtype=args.wire_dtype, accountant=args.accountant, out=args.out,
+        decomposition=args.decomposition, wire_dtype=args.wire_dtype, keep_outputs_mb=args.keep_outputs_mb,
+        accountant=args.accountant, out=args.out,
         progress=not args.no_progress,
     )
     summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr), secret=args.secret)

@@ -50,13 +50,15 @@ class TrainConfig:
     audit: Optional[str] = None
     decomposition: str = "light"
     wire_dtype: Optional[str] = None  # "bfloat16": noised residuals cross in half the bytes
+    keep_outputs_mb: float = 0.0  # conv outputs kept per forward instead of rebuilt (LegRace)
     accountant: str = "rdp"
     out: str = "runs/legrace"
     progress: bool = True
 
 
 # On --resume these come from the command, not the checkpoint: where and how to run, not what to train.
-RUN_SETTINGS = ("epochs", "out", "progress", "accelerator", "accelerator_timeout", "verify", "audit", "wire_dtype")
+RUN_SETTINGS = ("epochs", "out", "progress", "accelerator", "accelerator_timeout", "verify", "audit", "wire_dtype",
+                "keep_outputs_mb")
 
 
 class TrainError(RuntimeError):
@@ -72,7 +74,8 @@ def _engine(cfg: TrainConfig, noise_multiplier: Optional[float], clip, ledger_pa
         target_epsilon=cfg.target_epsilon if releasing and noise_multiplier is None else None,
         target_delta=cfg.delta, accelerator=cfg.accelerator, secret=secret,
         accelerator_timeout=cfg.accelerator_timeout, verify=cfg.verify, decomposition=cfg.decomposition,
-        wire_dtype=cfg.wire_dtype, accountant=cfg.accountant, noise_seed=cfg.noise_seed, audit=audit, ledger_path=ledger_path,
+        wire_dtype=cfg.wire_dtype, keep_outputs_mb=cfg.keep_outputs_mb, accountant=cfg.accountant,
+        noise_seed=cfg.noise_seed, audit=audit, ledger_path=ledger_path,
     )
 
 
@@ -214,6 +217,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         "seconds_per_step": statistics.median(step_times) if step_times else None,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "accelerator": cfg.accelerator,
         "decomposition": cfg.decomposition, "wire_dtype": cfg.wire_dtype or "float32",
+        "keep_outputs_mb": cfg.keep_outputs_mb,
     }
     (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
     return summary
