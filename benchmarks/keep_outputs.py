@@ -13,13 +13,13 @@ memory the trusted side keeps, as `legrace bench` counts them.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 
 from bench_common import add_model_arguments, add_threads_argument, apply_threads, count, model_and_batch, \
     write_results
 
 from legrace.bench import _ModeRun
+from legrace.cli import mebibytes
 
 
 def budgets(text: str) -> list[str]:
@@ -28,11 +28,9 @@ def budgets(text: str) -> list[str]:
     for part in parts:
         if part != "all":
             try:
-                ok = math.isfinite(float(part)) and float(part) >= 0
-            except ValueError:
-                ok = False
-            if not ok:
-                raise argparse.ArgumentTypeError(f"a budget is a number of MiB >= 0 or 'all', got {part!r}")
+                mebibytes(part)
+            except argparse.ArgumentTypeError as err:
+                raise argparse.ArgumentTypeError(f"a budget {err} (or 'all')")
     return parts
 
 
