@@ -96,7 +96,12 @@ def test_npz_data_and_other_modes(tmp_path):
             assert 0 < s["epsilon"] <= 8.0
 
 
-def test_train_keeps_conv_outputs_up_to_a_budget(tmp_path):
+def test_train_keeps_conv_outputs_up_to_a_budget(tmp_path, monkeypatch):
+    import legrace.train
+
+    budgets = []  # what each engine the run builds is given
+    engine = legrace.train.LegRace
+    monkeypatch.setattr(legrace.train, "LegRace", lambda **kw: budgets.append(kw["keep_outputs_mb"]) or engine(**kw))
     g = np.random.default_rng(0)
     path = tmp_path / "tiny.npz"
     np.savez(path, x=g.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8), y=g.integers(0, 2, size=40))
@@ -104,10 +109,10 @@ def test_train_keeps_conv_outputs_up_to_a_budget(tmp_path):
               "--noise-multiplier", "20"]
     out = tmp_path / "run"
     assert main(common + ["--epochs", "1", "--keep-outputs-mb", "0.5", "--out", str(out)]) == 0
-    assert json.loads((out / "summary.json").read_text())["keep_outputs_mb"] == 0.5
+    assert json.loads((out / "summary.json").read_text())["keep_outputs_mb"] == 0.5 and set(budgets) == {0.5}
     # how to run, not what to train: a resumed run takes the budget from its command
     assert main(common + ["--epochs", "2", "--resume", "--out", str(out)]) == 0
-    assert json.loads((out / "summary.json").read_text())["keep_outputs_mb"] == 0.0
+    assert json.loads((out / "summary.json").read_text())["keep_outputs_mb"] == 0.0 and budgets[-1] == 0.0
     for bad in ("-1", "nan", "lots"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(common + ["--keep-outputs-mb", bad])

@@ -57,7 +57,7 @@ def mebibytes(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of MiB >= 0, got {text}")
+        value = math.nan
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a number of MiB >= 0, got {text}")
     return value

@@ -47,9 +47,7 @@ class ConvOutputs:
     """
 
     def __init__(self, keep_bytes: int = 0) -> None:
-        if keep_bytes < 0:
-            raise ValueError(f"the budget for kept conv outputs must be >= 0 bytes, got {keep_bytes}")
-        self.keep_bytes = keep_bytes
+        self.keep_bytes = keep_bytes  # checked by LegRace (keep_outputs_mb)
         self._offers: dict[int, tuple[weakref.ref, int, Callable[[], Tensor], int, float]] = {}
         self._contexts: list = []
         self.observer: Optional[Callable[[Tensor], None]] = None
@@ -70,12 +68,11 @@ class ConvOutputs:
                 return _Rebuild(entry[2])
             point, nbytes = entry[3], t.numel() * t.element_size()
             self._saved[point] = (nbytes, entry[4])
-            if point in self._kept:  # saved twice: kept once
-                return t
-            if point not in self.planned or self._kept_bytes + nbytes > self.keep_bytes:
-                return _Rebuild(entry[2])
-            self._kept.add(point)
-            self._kept_bytes += nbytes
+            if point not in self._kept:  # (an output saved twice is counted once)
+                if point not in self.planned or self._kept_bytes + nbytes > self.keep_bytes:
+                    return _Rebuild(entry[2])
+                self._kept.add(point)
+                self._kept_bytes += nbytes
         if self.observer is not None:
             self.observer(t)
         return t
