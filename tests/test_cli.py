@@ -68,13 +68,45 @@ def test_crash_mid_epoch_is_still_accounted(tmp_path):
     assert json.loads((out / "summary.json").read_text())["uses_per_sample"] == 3
 
 
+def test_a_crash_in_the_first_epoch_can_be_resumed_and_its_pass_is_accounted(tmp_path, monkeypatch):
+    import legrace.train
+
+    real, calls = legrace.train.F.cross_entropy, []
+
+    def crashes_on_the_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the machine went down")
+        return real(*args, **kwargs)
+
+    out = tmp_path / "run"
+    common = ["train", "--noise-multiplier", "20", "--out", str(out), "--no-progress", "--epochs", "1"]
+    monkeypatch.setattr(legrace.train.F, "cross_entropy", crashes_on_the_second_step)
+    with pytest.raises(RuntimeError, match="went down"):
+        main(common)
+    monkeypatch.setattr(legrace.train.F, "cross_entropy", real)
+    assert json.loads((out / "privacy_ledger.json").read_text())["uses"] == {"train": 1}
+    assert main(common + ["--resume"]) == 0  # from the checkpoint saved before the first release
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["uses_per_sample"] == 2  # the crashed pass counts
+
+
 def test_evaluate_runs_split_inference(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
+    trained = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "privacy_ledger.json").read_text())["uses"] == {"train": 2, "validation": 2}
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", "--split", "val"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 180 and result["accuracy"] > 0.7 and result["epsilon_of_this_pass"] > 0
+    # the pass released the validation samples' residuals a third time: the run's ledger says so
+    assert result["uses"] == {"train": 2, "validation": 3} == json.loads((out / "privacy_ledger.json").read_text())["uses"]
+    assert result["epsilon"] > trained["epsilon"] > result["epsilon_of_this_pass"]
+    # all of digits holds the run's train and validation samples: a use of both
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 1797 and result["uses"] == {"train": 3, "validation": 4}
 
 
 def test_npz_data_and_other_modes(tmp_path):
@@ -164,6 +196,9 @@ def test_resume_with_a_fixed_noise_seed_draws_new_noise(tmp_path, monkeypatch):
     assert main(common + ["--epochs", "1"]) == 0
     assert main(common + ["--epochs", "2", "--resume"]) == 0
     assert seeds[0] == 7 and seeds[1] != 7  # the resumed run never replays the first run's noise
+    for _ in range(2):  # nor does an evaluation (its noise would cancel against training's), twice
+        assert main(["evaluate", "--checkpoint", f"{out}/checkpoint.pt", "--data", "digits", "--split", "val"]) == 0
+    assert len(set(seeds)) == 4
 
 
 def _commands(parser, prefix=()):

@@ -50,8 +50,11 @@ def test_opacus_shaped_api_trains_and_accounts():
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert engine.sigma == pytest.approx(AUTO_NOISE_STD)
     assert engine.clip == pytest.approx(AUTO_NOISE_STD / engine.noise_multiplier)
-    assert engine.sensitivity == pytest.approx(2 * engine.clip)
-    assert engine.epsilon_per_release() < eps1
+    # both releases follow a BatchNorm: a batch's residuals move together, sensitivity 2C*sqrt(B)
+    assert engine.sensitivity == pytest.approx(2 * engine.clip * math.sqrt(engine.batch_size))
+    one = epsilon(engine.noise_multiplier, [(2 * math.sqrt(engine.batch_size), 1)], 1e-5)
+    assert engine.epsilon_per_release() == pytest.approx(one)
+    assert one > epsilon(engine.noise_multiplier, [(2, 1)], 1e-5) and one < eps1
     # every stored residual was consumed or freed
     assert engine.boundary.transport.accelerator._stored == {}
 
@@ -59,7 +62,8 @@ def test_opacus_shaped_api_trains_and_accounts():
 def test_given_noise_multiplier_and_clip():
     engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
     engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(), epochs=1)
-    assert engine.sigma == 1.5 and engine.sensitivity == 1.0 and engine.noise_multiplier == 3.0
+    assert engine.sigma == 1.5 and engine.noise_multiplier == 3.0
+    assert engine.sensitivity == pytest.approx(1.0 * math.sqrt(8))  # 2C*sqrt(B): after a BatchNorm, batches of 8
 
 
 def test_noise_off_means_infinite_epsilon_after_a_pass():

@@ -94,3 +94,13 @@ def test_large_buffers_are_drawn_by_independent_streams_with_the_right_law():
     assert torch.equal(a, GaussianStreams(2, seed=11).normal(torch.Size([n]), torch.float32, 2.0))
     assert not torch.equal(a, streams.normal(torch.Size([n]), torch.float32, 2.0))  # fresh each call
     streams.close()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_residual_with_nan_or_inf_is_never_released(bad):
+    # inf * (C / inf) = inf * 0 = NaN: the element would cross unclipped as a marker of its place
+    x = torch.ones(3, 2, 4, 4)
+    x[1, 0, 2, 2] = bad
+    for z in (0.0, 1.0):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            GaussianMechanism(clip=1.0, noise_multiplier=z).release(x)

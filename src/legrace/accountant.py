@@ -12,7 +12,8 @@ release there has l2 sensitivity 2C*sqrt(B), and is accounted so.
 
 Uses are counted per data set in a `PrivacyLedger`: a pass over a loader counts as a use of every
 sample in it as soon as it starts. Disjoint data sets (train, validation) compose in parallel, so
-the epsilon reported is that of the most-used one.
+the epsilon reported is that of the most-used one: names must stand for disjoint data, and a pass
+over data that overlaps two of them is recorded under both.
 """
 
 from __future__ import annotations
@@ -93,8 +94,14 @@ class PrivacyLedger:
 
     def record_pass(self, name: str) -> None:
         self.uses[name] = self.uses.get(name, 0) + 1
+        self.save()
+
+    def save(self) -> None:
+        """Write the counts to `path` (if any), replacing the file in one step."""
         if self.path:
-            self.path.write_text(json.dumps(self.state_dict()))
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state_dict()))
+            tmp.replace(self.path)
 
     @property
     def max_uses(self) -> int:

@@ -192,8 +192,16 @@ def describe(s: dict, out: str) -> str:
             f"Privacy: epsilon {s['epsilon']:.3g} at delta {s['delta']:g} ({s['accountant']} accountant): each sample's "
             f"residual was released {s['releases_accounted']} times ({s['releases_per_sample']} conv inputs x "
             f"{s['uses_per_sample']} passes), clipped to C={s['clip']:.3g} with noise std {s['sigma']:.3g} "
-            f"(z={s['noise_multiplier']:.3g}); one release costs epsilon {s['epsilon_per_release']:.3g}."
+            f"(z={s['noise_multiplier']:.3g})."
         )
+        coupled = s["batch_coupled_releases_per_sample"]
+        if coupled:  # the costliest kind of release is what epsilon_per_release and sensitivity report
+            lines.append(
+                f"{coupled} of the {s['releases_per_sample']} follow a BatchNorm, where one sample moves its whole "
+                f"batch of {s['batch_size']}: sensitivity 2C*sqrt({s['batch_size']}) = {s['sensitivity']:.3g}, "
+                f"epsilon {s['epsilon_per_release']:.3g} for one such release.")
+        else:
+            lines.append(f"One release (sensitivity 2C) costs epsilon {s['epsilon_per_release']:.3g}.")
     elif s["mode"] == "gpu_only":
         lines.append("Privacy: none (gpu_only is the unprotected baseline).")
     else:

@@ -318,27 +318,40 @@ class LegRace:
 
     @property
     def sensitivity(self) -> Optional[float]:
-        """l2 sensitivity 2C of one release."""
-        return self.mechanism.sensitivity if self.mechanism else None
+        """The largest l2 sensitivity of one release: 2C, or 2C*sqrt(batch size) if any release
+        follows a BatchNorm in training mode (`releases_per_use` lists each kind)."""
+        if self.mechanism is None or self.mechanism.sensitivity is None:
+            return None
+        return self.clip * self._largest_sensitivity()
+
+    def _largest_sensitivity(self) -> float:
+        """In units of C, over the kinds of release one use of a sample makes."""
+        return max((s for s, n in self.releases_per_use() if n > 0), default=2.0)
 
     def get_epsilon(self, delta: Optional[float] = None) -> float:
         """Epsilon spent so far at `delta` (default target_delta), over every accounted pass."""
         delta = self.target_delta if delta is None else delta
         if self.mode == "gpu_only":
             return math.inf
+        return self.epsilon_of_uses(self.ledger.max_uses, delta)
+
+    def epsilon_of_uses(self, uses: int, delta: Optional[float] = None) -> float:
+        """Epsilon at `delta` of `uses` passes over a data set (what one data set's passes cost)."""
+        delta = self.target_delta if delta is None else delta
+        if self.mode == "gpu_only":
+            return math.inf if uses else 0.0
         if self._releasing_points is None or self.releases_per_sample == 0:
             return 0.0
-        uses = self.ledger.max_uses
         return epsilon(self.noise_multiplier, [(s, n * uses) for s, n in self.releases_per_use()], delta, self.accountant)
 
     def epsilon_per_release(self, delta: Optional[float] = None) -> float:
-        """Epsilon of a single released residual at `delta`."""
+        """Epsilon at `delta` of the costliest single release (of sensitivity `sensitivity`)."""
         delta = self.target_delta if delta is None else delta
         if self.mode == "gpu_only":
             return math.inf
         if self._releasing_points is None or self.releases_per_sample == 0:
             return 0.0
-        return epsilon(self.noise_multiplier, [(2.0, 1)], delta, self.accountant)
+        return epsilon(self.noise_multiplier, [(self._largest_sensitivity(), 1)], delta, self.accountant)
 
     def _transport(self):
         if is_worker(self.accelerator):

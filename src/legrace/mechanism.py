@@ -10,13 +10,14 @@ on the trusted side only; a fixed seed is for reproducible experiments, never de
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import secrets
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -24,6 +25,18 @@ from torch import Tensor
 
 from legrace import gaussian
 from legrace.boundary import NoisedResidual
+
+
+def derive_seed(seed: int, *tags: Union[int, str]) -> int:
+    """A fixed seed for one use of a fixed noise seed (a thread, a resumed run, an evaluation).
+
+    Hashed, not offset: with offsets, one run's seed + k would be another's seed + 0 and replay its
+    noise, which cancels in the difference of two releases. Fixed seeds are for experiments only.
+    """
+    words = [int(seed) % 2**64] + [t % 2**64 if isinstance(t, int)
+                                   else int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
+                                   for t in tags]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class GaussianMechanism:
@@ -66,6 +79,10 @@ class GaussianMechanism:
         scale = None
         if self.clip is not None:
             norms = x_res.reshape(x_res.shape[0], -1).norm(dim=1)
+            if not bool(torch.isfinite(norms).all()):  # inf * 0 is NaN: clipping would not bound it
+                raise ValueError(
+                    "a residual holds NaN or inf values (has training diverged?): clipping cannot bound it, "
+                    "so it is not released; lower the learning rate or check the inputs")
             scale = (self.clip / norms.clamp_min(torch.finfo(x_res.dtype).tiny)).clamp(max=1.0)
             scale = scale.reshape(-1, *([1] * (x_res.dim() - 1)))
         if self.sigma > 0:
@@ -103,7 +120,7 @@ class GaussianMechanism:
         while the trusted side waits for the accelerator. Every buffer is used exactly once.
         """
         if self._pool is None and self.sigma > 0:
-            self._pool = NoisePool(self.sigma, ahead, None if self._seed is None else self._seed + 1)
+            self._pool = NoisePool(self.sigma, ahead, None if self._seed is None else derive_seed(self._seed, "pool"))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -193,7 +210,7 @@ class GaussianStreams:
                               "delta (see legrace.gaussian)", RuntimeWarning, stacklevel=3)
             for i in range(self._n):
                 g = torch.Generator(device="cpu")
-                seed = secrets.randbits(63) if self._seed is None else (self._seed + 1_000_003 * i) % (1 << 63)
+                seed = secrets.randbits(63) if self._seed is None else derive_seed(self._seed, "torch", i)
                 self._generators.append(g.manual_seed(seed))
         if self._n == 1 or flat.numel() < self.MIN_SPLIT:
             flat.normal_(0.0, sigma, generator=self._generators[0])

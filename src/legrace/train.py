@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from legrace.data import DataSplit, load_data
 from legrace.engine import LegRace
+from legrace.mechanism import derive_seed
 from legrace.models import build_model
 from legrace.outputs import output_folder
 
@@ -137,7 +138,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path, secret, audit)
         engine.load_state_dict(state["engine"])
         if cfg.noise_seed is not None:  # never replay the same noise stream after a resume
-            engine.noise_seed = cfg.noise_seed + 1_000_003 * engine.ledger.max_uses
+            engine.noise_seed = derive_seed(cfg.noise_seed, "resume", engine.ledger.max_uses)
     else:
         engine = _engine(cfg, cfg.noise_multiplier, cfg.clip, ledger_path, secret, audit)
     model, optimizer, train_loader = engine.make_private(
@@ -155,6 +156,16 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         torch.set_rng_state(state["rng"])
     if start_epoch >= cfg.epochs:
         log(f"nothing to do: the checkpoint already has {start_epoch} epochs (pass a larger --epochs)")
+
+    def save(epoch: int) -> None:
+        _save(ckpt_path, {"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "engine": engine.state_dict(), "history": history, "step_times": step_times,
+                          "rng": torch.get_rng_state(), "num_classes": data.num_classes,
+                          "in_channels": data.in_channels, "image_size": data.image_size})
+
+    if state is None:  # before the first release: a crash in epoch 1 can then be resumed, its pass accounted
+        save(0)
 
     metrics_file = open(out / "metrics.jsonl", "a" if state is not None else "w")
     try:
@@ -185,11 +196,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
             metrics_file.flush()
             log(f"epoch {epoch + 1}/{cfg.epochs}: train_acc {row['train_acc']:.3f}  val_acc {val_acc:.3f}  "
                 f"epsilon {row['epsilon']:.3g}")
-            _save(ckpt_path, {"config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
-                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "engine": engine.state_dict(), "history": history, "step_times": step_times,
-                              "rng": torch.get_rng_state(), "num_classes": data.num_classes,
-                              "in_channels": data.in_channels, "image_size": data.image_size})
+            save(epoch + 1)
     finally:
         metrics_file.close()
         engine.close()  # hang up on the accelerator even when it failed
@@ -248,16 +255,33 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict, TrainConfig]:
 
 def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print,
                    accelerator: str = "cpu", secret: Optional[str] = None) -> dict:
-    """Split inference of a trained checkpoint on `data_spec`; accuracy and this pass's epsilon.
-    `accelerator` (not the checkpoint's, whose worker may be gone) serves the released residuals."""
+    """Split inference of a trained checkpoint on `data_spec`: accuracy, and the privacy it spends.
+
+    The pass releases residuals as training does, so it is recorded in the run's ledger
+    (privacy_ledger.json beside the checkpoint) as a use of the data it reads: `split="val"`, the
+    run's held-out validation split; `split="all"` on the run's own --data, its train and
+    validation samples (CIFAR-10's test split excepted); any other data, a data set of its own,
+    taken to be disjoint from the training data. `accelerator` (not the checkpoint's, whose worker
+    may be gone) serves the released residuals.
+    """
     path = Path(checkpoint)
     state, cfg = load_checkpoint(path)
     cfg.accelerator = accelerator
     if split not in ("all", "val"):
         raise TrainError(f"--split must be 'all' or 'val', not {split!r}")
-    data = load_data(data_spec, val_fraction=cfg.val_fraction if split == "val" else 0.0, seed=cfg.seed,
-                     max_samples=cfg.max_samples if split == "val" else None,
-                     image_size=state["image_size"], split="test")
+    if split == "val":  # drawn from the training source exactly as the run drew it
+        data = load_data(data_spec, val_fraction=cfg.val_fraction, seed=cfg.seed, max_samples=cfg.max_samples,
+                         image_size=state["image_size"])
+        if data.val is None:
+            raise TrainError("--split val: the run held out no validation split (it trained with --val-fraction 0)")
+        ds, names = data.val, ("validation",)
+    else:
+        data = load_data(data_spec, val_fraction=0.0, image_size=state["image_size"], split="test")
+        ds = data.train
+        if data_spec == cfg.data and not data_spec.startswith("cifar10:"):
+            names = ("train", "validation")
+        else:
+            names = (f"evaluate {data_spec}",)
     if data.in_channels != state["in_channels"] or data.num_classes > state["num_classes"]:
         raise TrainError(
             f"{data_spec} has {data.in_channels} channels and {data.num_classes} classes; the checkpoint "
@@ -265,16 +289,26 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
         )
     model = build_model(cfg.model, num_classes=state["num_classes"], in_channels=state["in_channels"],
                         image_size=state["image_size"])
-    engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], None, secret)
+    ledger_path = path.parent / "privacy_ledger.json"
+    engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path, secret)
+    try:
+        engine.ledger.load_state_dict(state["engine"]["ledger"])  # never forgets a use either way
+        engine.ledger.save()
+    except OSError as err:
+        engine.close()
+        raise TrainError(f"cannot record this evaluation's privacy cost in {ledger_path}: {err}") from err
+    if cfg.noise_seed is not None:  # a stream of its own: replayed noise would cancel against training's
+        engine.noise_seed = derive_seed(cfg.noise_seed, "evaluate", sum(engine.ledger.uses.values()))
     model = engine.convert(model)
     model.load_state_dict(state["model"])
-    ds = data.val if split == "val" else data.train
-    loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), "evaluation")
+    loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), names[0])
     try:
+        for name in names[1:]:
+            engine.ledger.record_pass(name)
         loss, acc = _evaluate(model, loader)
     finally:
         engine.close()
-    result = {"checkpoint": str(path), "data": data_spec, "split": split, "samples": len(ds), "mode": cfg.mode,
-              "accuracy": acc, "loss": loss, "epsilon_of_this_pass": engine.get_epsilon(cfg.delta),
-              "delta": cfg.delta}
-    return result
+    return {"checkpoint": str(path), "data": data_spec, "split": split, "samples": len(ds), "mode": cfg.mode,
+            "accuracy": acc, "loss": loss, "epsilon_of_this_pass": engine.epsilon_of_uses(1, cfg.delta),
+            "accounted_as": list(names), "uses": dict(engine.ledger.uses),
+            "epsilon": engine.get_epsilon(cfg.delta), "ledger": str(ledger_path), "delta": cfg.delta}
