@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import legrace.compact as compact
@@ -192,3 +193,70 @@ def test_without_backward_nothing_is_packed_and_the_values_are_the_same(monkeypa
     assert not packed
     y = mine(x.requires_grad_())
     assert packed and torch.equal(y, ref(x))  # backward will come: the packing path
+
+
+class InPlace(nn.Module):
+    """conv -> BN -> an in-place ReLU, called as `body` says."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 2)
+        self.body = body
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.body(self, x), 1), 1))
+
+
+def _seen_after(self, x):
+    h = self.bn(self.conv(x))
+    self.relu(h)  # in place: h is now relu(h)
+    return h
+
+
+def _seen_through_a_view(self, x):
+    h = self.bn(self.conv(x))
+    view = h.view(h.shape)
+    self.relu(h)
+    return view
+
+
+def _model_input(self, x):
+    self.relu(x)  # the caller's tensor changes too
+    return self.bn(self.conv(x))
+
+
+def _result_only(self, x):
+    h = self.bn(self.conv(x))
+    h += 1.0  # an in-place add first, as in ResNet's blocks
+    return self.relu(h)
+
+
+@pytest.mark.parametrize("body,packed", [(_seen_after, False), (_seen_through_a_view, False), (_model_input, False),
+                                         (_result_only, True)])
+def test_inplace_relu_becomes_packed_only_where_nothing_sees_its_input_change(body, packed):
+    from legrace.convert import convert
+
+    torch.manual_seed(0)
+    model = InPlace(body)
+    gm = convert(copy.deepcopy(model))
+    assert isinstance(gm.relu, PackedReLU) is packed
+    x = torch.randn(2, 3, 8, 8)
+    a, b = x.clone(), x.clone()
+    assert torch.equal(gm(a), model(b)) and torch.equal(a, b)
+
+
+def test_layers_with_hooks_keep_their_hooks():
+    from legrace.convert import convert
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.ReLU(), nn.MaxPool2d(2))
+    calls = []
+    for i in (1, 2):
+        model[i].register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    gm = convert(model)
+    assert gm.get_submodule("1") is model[1] and gm.get_submodule("2") is model[2]
+    assert isinstance(gm.get_submodule("4"), nn.Sequential)  # the hook-free ReLU -> pool still moves
+    gm(torch.randn(1, 3, 8, 8))
+    assert calls == ["ReLU", "MaxPool2d"]

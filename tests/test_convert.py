@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from legrace import LegRace
+from legrace.compact import PackedReLU
 from legrace.convert import UnsupportedModelError, batch_coupled, conv_nodes, convert, trace
 from legrace.split_conv import SplitConv2d
 
@@ -99,3 +102,145 @@ def test_decomposition_points_in_forward_order_and_coupling():
     assert len(nodes) == 20 and nodes[0].target == "conv1"
     coupled = batch_coupled(gm, nodes)
     assert coupled[0] is False and all(coupled[1:])
+
+
+class Head(nn.Module):
+    """conv -> pooled features -> a dropout given by `drop` -> linear."""
+
+    def __init__(self, drop):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+        self.drop = drop
+
+    def forward(self, x):
+        return self.fc(self.drop(self, torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1)))
+
+
+def _split(model):
+    return LegRace(rank=2, clip=None, noise_multiplier=0, basis_dtype="float32").convert(model)
+
+
+@pytest.mark.parametrize("train_at_convert", [True, False])
+def test_functional_dropout_follows_train_and_eval(train_at_convert):
+    torch.manual_seed(0)
+    model = Head(lambda self, h: F.dropout(h, 0.5, training=self.training)).train(train_at_convert)
+    split, x = _split(model), torch.randn(4, 3, 8, 8)
+    split.eval()
+    assert torch.equal(split(x), split(x))  # off in eval, whatever the mode at conversion
+    assert torch.allclose(split(x), model.eval()(x), atol=1e-5)
+    split.train()
+    assert not torch.equal(split(x), split(x))  # on in training
+
+
+def test_dropout_that_ignores_the_mode_is_kept_as_written():
+    always = Head(lambda self, h: F.dropout(h, 0.5)).eval()  # F.dropout's training defaults to True
+    split, x = _split(always), torch.randn(4, 3, 8, 8)
+    assert not torch.equal(split(x), split(x)) and not torch.equal(always(x), always(x))
+
+
+def test_forward_that_branches_on_the_mode_is_refused():
+    model = Head(lambda self, h: torch.relu(h) if self.training else h)
+    with pytest.raises(UnsupportedModelError, match="changes with train/eval mode"):
+        convert(model)
+    assert model.training  # the flags set for tracing are restored
+
+
+@pytest.mark.parametrize("wrap,message", [
+    (lambda c: torch.nn.utils.parametrizations.weight_norm(c), "parametrized weights"),
+    (lambda c: torch.nn.utils.parametrizations.spectral_norm(c), "parametrized weights"),
+    (lambda c: torch.nn.utils.spectral_norm(c), "not an nn.Parameter"),
+    (lambda c: c.register_forward_hook(lambda m, i, o: o * 0.5) and c, "hooks"),
+    (lambda c: c.register_forward_pre_hook(lambda m, i: (i[0] * 2,)) and c, "hooks"),
+    (lambda c: c.register_full_backward_hook(lambda m, gi, go: None) and c, "hooks"),
+])
+def test_conv_the_stand_in_cannot_follow_is_refused(wrap, message):
+    model = Head(lambda self, h: h)
+    model.conv = wrap(model.conv)
+    with pytest.raises(UnsupportedModelError, match=f"layer 'conv' .*{message}"):
+        _split(model)
+    x, model = torch.randn(2, 3, 8, 8), model.eval()  # eval: spectral_norm's power iteration holds still
+    assert torch.equal(convert(model)(x), model(x))  # kept as is (tee_only), it runs as written
+
+
+def test_hooks_the_traced_model_would_not_run_are_refused():
+    model = Head(lambda self, h: h)
+    model.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(UnsupportedModelError, match="Head has forward or backward hooks"):
+        convert(model)
+    seen = []
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), nn.Flatten())
+    model[0].register_forward_pre_hook(lambda m, i: seen.append(i))  # traced through: would run once, at trace
+    with pytest.raises(UnsupportedModelError, match="layer '0' \\(Sequential\\) has forward or backward hooks"):
+        convert(model)
+
+
+def test_modes_are_kept_per_module_and_the_users_modules_left_alone():
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.body = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.body(self.conv(x)), 1), 1))
+
+    torch.manual_seed(0)
+    model = Frozen().train()
+    model.body.eval()  # a frozen BatchNorm (and its block)
+    plain = copy.deepcopy(model)
+    split = _split(model)
+    assert [m.training for m in model.modules()] == [m.training for m in plain.modules()]
+    assert split.training and split.conv.training
+    assert not split.body.training and not any(m.training for m in split.body.modules())
+    assert isinstance(split.get_submodule("body.2"), SplitConv2d)
+    assert isinstance(split.get_submodule("body.1"), PackedReLU)
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(split(x), plain(x), atol=1e-5)
+
+
+def test_unused_parameters_and_buffers_are_kept_in_the_original_order():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.gamma = nn.Parameter(torch.ones(1))  # used
+            self.aux = nn.Parameter(torch.zeros(3))  # never used in forward
+            self.register_buffer("steps", torch.zeros(()))  # never used in forward
+            self.register_buffer("scratch", torch.zeros(2), persistent=False)  # never used, not saved
+            self.register_buffer("scale", torch.ones(1), persistent=False)  # used, not saved
+            self.shift = torch.zeros(1)  # a plain tensor attribute: not saved
+
+        def forward(self, x):
+            return self.conv(x) + self.scale + self.gamma + self.shift
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)  # registered first, called last
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = Block()
+
+        def forward(self, x):
+            return self.head(torch.flatten(F.adaptive_avg_pool2d(self.block(self.stem(x)), 1), 1))
+
+    model = Net()
+    for split in (convert(model), _split(model)):
+        assert list(split.state_dict()) == list(model.state_dict())
+        assert [n for n, _ in split.named_parameters()] == [n for n, _ in model.named_parameters()]
+        assert {n for n, _ in split.named_buffers()} >= {n for n, _ in model.named_buffers()}
+        assert split.block.aux is model.block.aux and split.block.steps is model.block.steps
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.allclose(split(x), model(x), atol=1e-5)
+
+
+def test_keyword_input_call_runs():
+    class Keyword(Head):
+        def forward(self, x):
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(input=x), 1), 1))
+
+    torch.manual_seed(0)
+    model = Keyword(lambda self, h: h)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(_split(model)(x), model(x), atol=1e-5)

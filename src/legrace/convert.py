@@ -8,12 +8,14 @@ valid. Everything else (BN, ReLU, pools, adds, the classifier head) runs on the 
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from legrace.compact import PackedReLU, compact_equivalent
 
@@ -69,6 +71,30 @@ def check_supported(gm: fx.GraphModule) -> None:
             raise UnsupportedModelError(f"tensor method '.{node.target}()' (node '{node.name}') is not supported by legrace")
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether forward or backward hooks are registered on `module` itself (a stand-in would drop them)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
+
+
+def check_replaceable(name: str, conv: nn.Conv2d) -> None:
+    """Refuse a conv that a SplitConv2d cannot stand in for: the stand-in shares the conv's weight
+    and bias Parameters once, at conversion, and runs none of the conv's hooks."""
+    how = "before make_private (or convert)"
+    if parametrize.is_parametrized(conv):
+        raise UnsupportedModelError(
+            f"layer '{name}' has parametrized weights (torch.nn.utils.parametrize, e.g. weight_norm or "
+            f"spectral_norm), which legrace does not support: remove the parametrization {how}")
+    if not isinstance(conv.weight, nn.Parameter) or not (conv.bias is None or isinstance(conv.bias, nn.Parameter)):
+        raise UnsupportedModelError(
+            f"layer '{name}' has a weight or bias that is not an nn.Parameter (torch.nn.utils.weight_norm and "
+            f"spectral_norm compute it in a hook), which legrace does not support: remove it {how}")
+    if has_hooks(conv):
+        raise UnsupportedModelError(
+            f"layer '{name}' has forward or backward hooks, which legrace's stand-in for the conv would not "
+            f"run: remove them {how}")
+
+
 def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The Conv2d calls in forward order: the decomposition points."""
     modules = dict(gm.named_modules())
@@ -111,35 +137,165 @@ def convert(
 
     Each call of a conv gets its own decomposition point; a conv module called twice is refused,
     since its two calls would need two different trusted-side stand-ins under one name.
+    The user's modules are shared, never changed (not even their train/eval mode).
     """
     gm = trace(module)
     check_supported(gm)
+    _check_hooks(module, gm)
+    _follow_mode(module, gm)
+    _positional_inputs(gm)
     nodes = conv_nodes(gm)
     targets = [n.target for n in nodes]
     reused = {t for t in targets if targets.count(t) > 1}
     if reused:
         raise UnsupportedModelError(f"conv layer(s) {sorted(reused)} are called more than once in forward")
     if make_split is not None:
+        for node in nodes:
+            check_replaceable(node.target, gm.get_submodule(node.target))
         coupled, same = batch_coupled(gm, nodes), same_input(nodes)
         for point, node in enumerate(nodes):
             split = make_split(gm.get_submodule(node.target), point, len(nodes), coupled[point], same[point])
             _set_submodule(gm, node.target, split)
     if compact:
         _compact_layers(gm)
-    _keep_unused(module, gm)
-    gm.train(module.training)
+    _match_original(module, gm)
     gm.recompile()
     return gm
 
 
+def _check_hooks(module: nn.Module, gm: fx.GraphModule) -> None:
+    """Refuse hooks that the GraphModule would not run: those of the model itself and of modules
+    fx traced through (their hooks ran once, at trace time). Leaf modules are kept with theirs."""
+    kept = set(map(id, gm.modules()))
+    for name, m in module.named_modules():
+        if has_hooks(m) and id(m) not in kept:
+            what = f"layer '{name}' ({type(m).__name__})" if name else type(m).__name__
+            raise UnsupportedModelError(f"{what} has forward or backward hooks, which the converted model would "
+                                        "not run: remove them before make_private (or convert)")
+
+
+def _trace_in_mode(module: nn.Module, training: bool) -> fx.GraphModule:
+    """`module` traced with every submodule in train (or eval) mode; the flags are restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in flags:
+            m.training = training  # not .train(): a user's override of train() may do more
+        return trace(module)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{err} (tracing in {'train' if training else 'eval'} mode)") from err
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _call_key(node: fx.Node) -> tuple:
+    return node.op, node.target, node.name, repr(node.args), repr(node.kwargs)
+
+
+def _dropout_args(node: fx.Node) -> dict:
+    bound = inspect.signature(F.dropout).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _follow_mode(module: nn.Module, gm: fx.GraphModule) -> None:
+    """fx records forward for the train/eval flags at trace time: `F.dropout(h, training=self.training)`
+    would keep that flag forever. Traced again in train and in eval mode, a call that differs only
+    in F.dropout's `training` becomes an nn.Dropout module (which follows .train()/.eval()); any
+    other difference (an `if self.training:` branch) is refused."""
+    nodes, varies = list(gm.graph.nodes), set()
+    flags = {m.training for m in module.modules()}
+    for training in [mode for mode in (True, False) if flags != {mode}]:  # gm is the trace in a uniform mode
+        other = list(_trace_in_mode(module, training).graph.nodes)
+        if len(other) != len(nodes):
+            raise _mode_error(module)
+        for mine, theirs in zip(nodes, other):
+            if _call_key(mine) == _call_key(theirs):
+                continue
+            if mine.target is F.dropout and theirs.target is F.dropout:
+                a, b = _dropout_args(mine), _dropout_args(theirs)
+                if a.pop("training") != b.pop("training") and repr(a) == repr(b):
+                    varies.add(mine)
+                    continue
+            raise _mode_error(module, f" at node '{mine.name}'")
+    for node in [n for n in nodes if n in varies]:
+        args = _dropout_args(node)
+        if not isinstance(args["p"], (int, float)) or not isinstance(args["inplace"], bool):
+            raise UnsupportedModelError(f"dropout '{node.name}' needs a constant p and inplace to follow train/eval mode")
+        name = f"legrace_{node.name}"
+        while hasattr(gm, name) or hasattr(module, name):
+            name += "_"
+        dropout = nn.Dropout(args["p"], args["inplace"])
+        dropout.training = bool(args["training"])  # the mode it was traced in
+        gm.add_module(name, dropout)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (args["input"],))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+
+
+def _mode_error(module: nn.Module, where: str = "") -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{type(module).__name__}'s forward changes with train/eval mode{where} (e.g. an `if self.training:` "
+        "branch), which legrace's traced graph cannot follow: use an nn.Dropout module or "
+        "F.dropout(..., training=self.training), or remove the branch")
+
+
+def _positional_inputs(gm: fx.GraphModule) -> None:
+    """`self.conv(input=x)` as `self.conv(x)`: the stand-ins name their argument otherwise."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and not node.args and set(node.kwargs) == {"input"}:
+            node.args, node.kwargs = (node.kwargs["input"],), {}
+
+
 def _compact_layers(gm: fx.GraphModule) -> None:
     _pool_before_relu(gm)
-    # Each call gets its own stand-in (stateless), so a ReLU module used twice stays correct.
+    # A module called twice gets one stand-in (stateless); it is swapped only if every call allows it.
+    keep = set()
     for node in gm.graph.nodes:
-        if node.op == "call_module":
+        if node.op == "call_module" and not _compactable(gm, node):
+            keep.add(node.target)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in keep:
             new = compact_equivalent(gm.get_submodule(node.target))
             if new is not None:
                 _set_submodule(gm, node.target, new)
+
+
+def _compactable(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the module of this call may become its (out-of-place, hook-free) compact stand-in."""
+    module = gm.get_submodule(node.target)
+    return not has_hooks(module) and not (isinstance(module, nn.ReLU) and module.inplace and _inplace_seen(gm, node))
+
+
+# Calls whose result may be (a view of) their first argument; any other supported call makes a new tensor.
+_ALIAS_FUNCTIONS = {operator.iadd, torch.relu_, F.relu, torch.flatten, F.dropout, operator.getitem}
+_ALIAS_METHODS = {"add_", "relu_", "flatten", "view", "reshape", "contiguous"}
+
+
+def _aliases_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, (nn.Identity, nn.Flatten, nn.Dropout)) or (
+            isinstance(module, nn.ReLU) and module.inplace)
+    return (node.op == "call_function" and node.target in _ALIAS_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ALIAS_METHODS)
+
+
+def _inplace_seen(gm: fx.GraphModule, relu: fx.Node) -> bool:
+    """Whether anything but the ReLU's own result could see the change an in-place ReLU makes to
+    its input (read later, through an alias, or the model's input or a buffer); if nothing can, an
+    out-of-place ReLU is the same."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    child, node = relu, relu.args[0] if relu.args else None
+    while True:
+        if not isinstance(node, fx.Node) or node.op not in ("call_module", "call_function", "call_method"):
+            return True
+        if any(u is not child and (order[u] > order[relu] or _aliases_input(gm, u)) for u in node.users):
+            return True
+        if not _aliases_input(gm, node):
+            return False
+        child, node = node, node.args[0] if node.args else None
 
 
 def _pool_before_relu(gm: fx.GraphModule) -> None:
@@ -157,29 +313,63 @@ def _pool_before_relu(gm: fx.GraphModule) -> None:
         pool, (source,) = next(iter(node.users)), node.args
         if not (pool.op == "call_module" and type(gm.get_submodule(pool.target)) is nn.MaxPool2d
                 and calls[pool.target] == 1 and pool.args == (node,) and not pool.kwargs
-                and isinstance(source, fx.Node) and len(source.users) == 1):
+                and isinstance(source, fx.Node) and len(source.users) == 1
+                and _compactable(gm, node) and _compactable(gm, pool)):
             continue
-        module = gm.get_submodule(pool.target)
+        module, relu = gm.get_submodule(pool.target), gm.get_submodule(node.target)
         if module.return_indices:
             continue
         pool.replace_input_with(node, source)
         gm.graph.erase_node(node)
-        _set_submodule(gm, pool.target, nn.Sequential(compact_equivalent(module) or module, PackedReLU()))
+        first, second = compact_equivalent(module) or module, PackedReLU()
+        if first is not module:
+            first.training = module.training
+        second.training = relu.training
+        _set_submodule(gm, pool.target, nn.Sequential(first, second))
     gm.graph.lint()
 
 
 def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
+    """Put `new` in place of the module at `target`, in that module's train/eval mode."""
+    new.training = root.get_submodule(target).training
     parent, _, name = target.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def _keep_unused(original: nn.Module, gm: fx.GraphModule) -> None:
-    # fx drops submodules that forward never calls; keep them so no parameter or buffer of the
-    # user's model silently disappears from state_dict or checkpoints.
-    have = dict(gm.named_modules())
-    for name, mod in original.named_modules():
-        if name and name not in have:
+def _match_original(original: nn.Module, gm: fx.GraphModule) -> None:
+    """fx builds the GraphModule from what forward uses: new containers along module paths holding
+    only the modules, parameters and buffers forward reads, in forward order, all in train mode (and
+    a tensor attribute becomes a persistent buffer). Give it the original's form: every module,
+    parameter and buffer under its own name and in the original's order (so no state_dict entry is
+    lost or added and an optimizer built from either model sees one order), and every module convert
+    made the train/eval mode of the one it stands for. The user's own modules are shared, unchanged."""
+    for name, orig in original.named_modules(remove_duplicate=False):
+        try:
+            mine = gm.get_submodule(name)
+        except AttributeError:  # never called in forward: keep it (its parent came earlier)
             parent, _, leaf = name.rpartition(".")
-            if not parent or parent in have:
-                (gm.get_submodule(parent) if parent else gm).add_module(leaf, mod)
-                have = dict(gm.named_modules())
+            gm.get_submodule(parent).add_module(leaf, orig)
+            continue
+        if mine is orig:
+            continue
+        mine.training = orig.training
+        for key, param in orig._parameters.items():
+            if _free(mine, key):
+                mine.register_parameter(key, param)
+        for key, buf in orig._buffers.items():
+            if _free(mine, key):
+                mine.register_buffer(key, buf, persistent=key not in orig._non_persistent_buffers_set)
+        for key in mine._buffers:
+            if key not in orig._buffers or key in orig._non_persistent_buffers_set:
+                mine._non_persistent_buffers_set.add(key)
+        for own, like in ((mine._parameters, orig._parameters), (mine._buffers, orig._buffers),
+                          (mine._modules, orig._modules)):
+            items = [(k, own[k]) for k in like if k in own] + [(k, v) for k, v in own.items() if k not in like]
+            own.clear()
+            own.update(items)
+
+
+def _free(module: nn.Module, key: str) -> bool:
+    """Whether `key` names nothing on `module` yet (a stand-in may hold it as a plain attribute)."""
+    return not (key in module._parameters or key in module._buffers or key in module._modules
+                or key in vars(module) or hasattr(type(module), key))
