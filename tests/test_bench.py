@@ -154,7 +154,7 @@ def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch, rank, sen
             model(x)
     engine.close()
     torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
-    assert engine.boundary.crossings - sent_before == sending * 3  # 3 requests per conv that sends
+    assert engine.boundary.crossings - sent_before == sending * (3 + 1)  # per conv that sends: W, 3 requests
 
 
 @pytest.mark.parametrize("infer", [False, True])

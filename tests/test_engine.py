@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from legrace import LegRace
 from legrace.accountant import epsilon
-from legrace.boundary import ConvForward, InProcessTransport
+from legrace.boundary import ConvForward, InProcessTransport, SetWeight
 from legrace.engine import AUTO_NOISE_STD
-from legrace.models import SmallCNN
+from legrace.models import SmallCNN, build_model
 
 
 def tiny_loader(n=32, batch=8, size=8, channels=1, seed=0):
@@ -199,6 +199,30 @@ def test_first_release_of_a_sample_depends_only_on_that_sample():
     assert torch.equal(first[0][0], first[1][0]) and not torch.equal(first[0][1], first[1][1])
 
 
+def test_a_weight_changed_through_data_reaches_a_remote_accelerator():
+    # .data.mul_() moves no version counter; an accelerator elsewhere holds a copy of W
+    torch.manual_seed(0)
+    module = SmallCNN(3, 3).eval()
+    engine = LegRace(rank=1, clip=None, noise_multiplier=0)
+    twin = copy.deepcopy(module)
+    model = engine.convert(twin)  # shares twin's Parameters
+    transport = engine.boundary.transport
+
+    class Remote(InProcessTransport):
+        def request(self, message):
+            if isinstance(message, SetWeight):
+                message = SetWeight(message.layer, message.weight.clone())
+            return transport.request(message)
+
+    engine.boundary.transport = Remote(transport.accelerator)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), module(x))
+        for m in (module, twin):
+            m.features[4].weight.data.mul_(-2.0)
+        torch.testing.assert_close(model(x), module(x))
+
+
 def test_every_crossing_is_audited_and_residuals_are_noised(tmp_path):
     audit = tmp_path / "audit.jsonl"
     engine = LegRace(rank=2, noise_multiplier=2.0, clip=0.1, audit=audit)
@@ -355,3 +379,88 @@ def test_three_convs_that_read_one_input_release_it_once():
         assert not engine._config.shared
     residuals = dict(seen[-4:])
     assert torch.equal(residuals[1], residuals[2]) and torch.equal(residuals[1], residuals[3])
+
+
+def test_inference_mode_and_no_grad_keep_nothing_on_the_accelerator():
+    torch.manual_seed(0)
+    module = build_model("resnet18", num_classes=3, in_channels=3, image_size=16).eval()
+    engine = LegRace(rank=2, clip=None, noise_multiplier=0)
+    model = engine.convert(module)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():  # its tensors keep no version counter (Lightning validates so)
+        torch.testing.assert_close(model(x), expected)
+    # no backward will come: the accelerator was never asked to keep a residual
+    assert engine.boundary.transport.accelerator._stored == {}
+
+
+def test_a_map_no_larger_than_the_rank_is_split_exactly_and_releases_nothing():
+    # a deep layer of a small image: A = X, V = I, X_res = 0, so a release would be noise alone
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(8 * 4, 3))
+    plain = copy.deepcopy(model)
+    engine = LegRace(rank=4, clip=0.1, noise_multiplier=1.0)
+    split = engine.convert(model)
+    seen = spy_on_releases(engine)
+    x, y = torch.randn(3, 16, 2, 2), torch.randint(0, 3, (3,))
+    F.cross_entropy(split(x), y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    assert seen == []  # 4 pixels, R = 4: nothing crossed
+    for a, b in zip(split.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    with torch.no_grad():
+        split.get_submodule("0")(torch.randn(3, 16, 2, 3))  # 6 pixels > R: released
+    assert len(seen) == 1
+
+
+def test_autocast_runs_the_trusted_side_in_float32():
+    torch.manual_seed(0)
+    module, x, y = SmallCNN(3, 3), torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    plain = copy.deepcopy(module)
+    model = LegRace(rank=2, clip=None, noise_multiplier=0).convert(module)
+    for net in (model, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad, b.grad, atol=0.1, rtol=0.1)  # the plain model's convs round to bf16
+
+
+def test_releases_outside_a_private_loader_are_accounted_as_the_worst_case():
+    import warnings
+
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inside a pass: accounted, no warning
+        with torch.no_grad():
+            for x, _ in loader:
+                model(x)
+    assert engine.ledger.uses == {"train": 1}
+    one_pass = engine.get_epsilon()
+    x = next(iter(loader.loader))[0]
+    with torch.no_grad(), pytest.warns(UserWarning, match="outside a pass over a private loader"):
+        for _ in range(3):  # the same data fed to the model directly: each forward one more use
+            model(x)
+    assert engine.ledger.uses["outside a private loader"] == 3
+    assert engine.get_epsilon() == pytest.approx(engine.epsilon_of_uses(3)) and engine.get_epsilon() > one_pass
+    with torch.no_grad(), engine.unaccounted():  # declared not private (synthetic, an attack's own data)
+        model(torch.zeros_like(x))
+    assert engine.ledger.uses["outside a private loader"] == 3
+
+
+def test_make_private_plans_map_sizes_and_refuses_an_input_that_would_release_unaccounted():
+    # SmallCNN on 8x8: its convs see 8x8, 4x4 and 2x2 maps; R = 4 covers the last (and layer 0's channel)
+    engine = LegRace(rank=4, clip=0.5, noise_multiplier=3.0)
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    assert engine.releases_per_sample == 1 and engine.batch_coupled_releases_per_sample == 1
+    seen = spy_on_releases(engine)
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+        assert {layer for layer, _ in seen} == {1}
+        with pytest.raises(RuntimeError, match="planned to release nothing"):
+            model(torch.randn(2, 1, 16, 16))  # layer 2 would see 4x4 = 16 > R pixels

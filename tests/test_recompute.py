@@ -131,3 +131,14 @@ def test_a_memory_budget_keeps_the_outputs_costliest_to_rebuild():
 def test_a_bad_output_budget_is_refused(bad):
     with pytest.raises(ValueError, match="keep_outputs_mb must be a finite number"):
         LegRace(rank=4, clip=None, noise_multiplier=0, keep_outputs_mb=bad)
+
+
+def test_a_bias_changed_before_backward_is_a_clear_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 64, 3))
+    net = LegRace(rank=2, clip=None, noise_multiplier=0).convert(model)
+    loss = F.cross_entropy(net(torch.randn(2, 3, 8, 8)), torch.randint(0, 3, (2,)))
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # BatchNorm's backward would read a Y made with the new bias
+    with pytest.raises(RuntimeError, match="weight or bias of conv layer 0 changed"):
+        loss.backward()

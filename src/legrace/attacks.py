@@ -9,6 +9,7 @@ with its budget, a CSV and PNG figures under --out.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from legrace.cli import positive
 from legrace.figures import image_grid, roc_chart
 from legrace.gradient_attack import match_gradient, observed_gradient, trusted_gradient_part
 from legrace.inversion import invert, quality
-from legrace.membership import ClassGaussians, confidences, roc, target_model, train_shadow
+from legrace.membership import ClassGaussians, confidences, engine_for, roc, train_shadow
 from legrace.outputs import output_folder
 from legrace.results import text_table, write_csv, write_json
 from legrace.split_conv import conv_padding
@@ -55,6 +56,13 @@ def _layers(text: Optional[str], n_points: int) -> list[int]:
         raise AttackError(f"layer(s) {bad or text!r} do not exist: the model has {n_points} decomposition points "
                           f"(0-{n_points - 1})")
     return layers
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _budget(target: Target, **extra) -> dict:
@@ -215,9 +223,11 @@ def membership_attack(target: Target, *, n: int = 1000, shadow: bool = True, sha
     outsiders = target.held_out + target.unused
     members = take(target.members, n, "members")
     nonmembers = take(outsiders, n, "non-members (validation and unused samples)")
-    model = target_model(target)
-    loss_in, phi_in, y_in, right_in = confidences(model, target.subset(members))
-    loss_out, phi_out, y_out, right_out = confidences(model, target.subset(nonmembers))
+    engine = engine_for(target)
+    model = engine.convert(target.fresh_model())  # the target as trained, under its own engine
+    with engine.unaccounted():  # the attack's own queries of the trained model
+        loss_in, phi_in, y_in, right_in = confidences(model, target.subset(members))
+        loss_out, phi_out, y_out, right_out = confidences(model, target.subset(nonmembers))
     attacks = {"loss threshold": roc(-loss_in, -loss_out)}
     budget = _budget(target, members=n, nonmembers=n)
     if shadow:
@@ -228,9 +238,10 @@ def membership_attack(target: Target, *, n: int = 1000, shadow: bool = True, sha
                               "(lower the run's --max-samples, or pass --no-shadow)")
         shadow_in, shadow_out = target.subset(pool[:m]), target.subset(pool[m:2 * m])
         log(f"training a shadow model on {m} auxiliary samples like the target ({target.config.epochs} epochs)")
-        shadow_model = train_shadow(target, shadow_in, log=log)
-        _, s_phi_in, s_y_in, _ = confidences(shadow_model, shadow_in)
-        _, s_phi_out, s_y_out, _ = confidences(shadow_model, shadow_out)
+        shadow_model, shadow_engine = train_shadow(target, shadow_in, log=log)
+        with shadow_engine.unaccounted():  # the adversary's own data
+            _, s_phi_in, s_y_in, _ = confidences(shadow_model, shadow_in)
+            _, s_phi_out, s_y_out, _ = confidences(shadow_model, shadow_out)
         fitted = ClassGaussians(s_phi_in, s_y_in, s_phi_out, s_y_out)
         attacks["shadow model (likelihood ratio)"] = roc(fitted.score(phi_in, y_in), fitted.score(phi_out, y_out))
         budget["shadow_samples"] = m
@@ -350,9 +361,9 @@ def add_parser(subparsers) -> None:
     grad.add_argument("--epochs", type=positive(int), default=None,
                       help="passes the views' epsilon is spent over (default: the checkpoint's epochs, else 5)")
     grad.add_argument("--batch-size", type=positive(int), default=1, help="victims per training step")
-    grad.add_argument("--lr", type=float, default=0.01, help="learning rate of the victims' SGD steps")
+    grad.add_argument("--lr", type=positive(float), default=0.01, help="learning rate of the victims' SGD steps")
     grad.add_argument("--iters", type=positive(int), default=400, help="gradient-matching iterations")
-    grad.add_argument("--tv", type=float, default=0.2, help="total-variation weight of gradient matching")
+    grad.add_argument("--tv", type=_non_negative, default=0.2, help="total-variation weight of gradient matching")
     grad.add_argument("--aux", type=positive(int), default=1000, help="auxiliary images for the dL/dY decoder")
     grad.add_argument("--victims", type=positive(int), default=16, help="training images to reconstruct (default 16)")
     grad.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of the dL/dY decoder (default 10)")

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -20,6 +22,7 @@ from legrace.accelerator import Accelerator, local_device
 from legrace.accountant import PrivacyLedger, calibrate_noise_multiplier, epsilon
 from legrace.boundary import AuditLog, Boundary, InProcessTransport
 from legrace.convert import convert
+from legrace.tap import conv_modules
 from legrace.recompute import ConvOutputs
 from legrace.decompose import METHODS, Rank, validate_rank
 from legrace.freivalds import FreivaldsVerifier
@@ -36,17 +39,32 @@ MODES = ("legrace", "dp_only", "lowrank_only", "tee_only", "gpu_only")
 AUTO_NOISE_STD = 0.05
 
 
+# The ledger's name for data released outside any private loader's pass (see LegRace._released).
+OUTSIDE_A_LOADER = "outside a private loader"
+
+
 class PrivateDataLoader:
     """Wraps a DataLoader of private data: records each pass in the ledger, moves batches."""
 
-    def __init__(self, loader: Any, ledger: PrivacyLedger, name: str, device: Optional[torch.device] = None) -> None:
-        self.loader, self.ledger, self.name, self.device = loader, ledger, name, device
+    def __init__(self, loader: Any, engine: "LegRace", name: str, device: Optional[torch.device] = None) -> None:
+        self.loader, self.engine, self.name, self.device = loader, engine, name, device
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        return self.engine.ledger
 
     def __iter__(self) -> Iterator:
-        for i, batch in enumerate(self.loader):
-            if i == 0:  # accounted before the first release of the pass
-                self.ledger.record_pass(self.name)
-            yield _to_device(batch, self.device) if self.device is not None else batch
+        opened = False
+        try:
+            for i, batch in enumerate(self.loader):
+                if i == 0:  # accounted before the first release of the pass
+                    self.ledger.record_pass(self.name)
+                    self.engine._open_passes += 1
+                    opened = True
+                yield _to_device(batch, self.device) if self.device is not None else batch
+        finally:
+            if opened:
+                self.engine._open_passes -= 1
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -201,6 +219,11 @@ class LegRace:
         self._config: Optional[SplitConfig] = None
         self._coupled_points = 0
         self.batch_size = 1
+        self._open_passes = 0  # private loaders iterating now
+        self._splits: list[tuple[SplitConv2d, bool]] = []  # each split conv, and whether it follows a BatchNorm
+        self._unplanned: Optional[nn.Module] = None  # the user's model, until a loader plans its map sizes
+        self._outside: dict[int, int] = {}  # releases per point made outside any of their passes
+        self._outside_uses = 0  # forwards among them (the most releases at one point)
 
     # ---- wrapping the user's objects ----------------------------------------------------------
 
@@ -212,7 +235,7 @@ class LegRace:
         The returned model shares its Parameters with `module`, so `optimizer` works unchanged.
         """
         model = self.convert(module)
-        loader = self.private_loader(data_loader, name="train")
+        loader = self.private_loader(data_loader, name="train")  # (plans the map sizes, before calibrating)
         if self.target_epsilon is not None and self.releases_per_sample > 0 and self.mechanism is None:
             if epochs is None or epochs < 1:
                 raise ValueError("target_epsilon needs epochs (how many times each sample is used)")
@@ -221,14 +244,27 @@ class LegRace:
         return model, optimizer, loader
 
     def private_loader(self, data_loader: Any, name: str = "validation") -> PrivateDataLoader:
-        """Wrap another loader of private data (e.g. validation): its passes are accounted too."""
+        """Wrap another loader of private data (e.g. validation): its passes are accounted too.
+
+        Each name stands for one data set, and the ledger composes different names in parallel:
+        give data that overlaps another loader's the same name. One forward per batch: a pass is
+        one use of its samples.
+        """
         batch_size = getattr(data_loader, "batch_size", None)
         if batch_size is None and not isinstance(data_loader, (list, tuple)):
             raise ValueError("cannot tell the loader's batch size (needed to account BatchNorm's batch coupling); "
                              "use a DataLoader with batch_size set")
+        if batch_size is not None and hasattr(data_loader, "dataset"):
+            try:  # a batch never holds more than the data set
+                batch_size = min(batch_size, len(data_loader.dataset))
+            except TypeError:  # an iterable-style data set has no length
+                pass
         self.batch_size = max(self.batch_size, batch_size or _longest_batch(data_loader))
         device = self.device if self.mode == "gpu_only" else None
-        return PrivateDataLoader(data_loader, self.ledger, name, device)
+        if self._unplanned is not None:  # the first loader's samples tell each conv's map size
+            self._plan_map_sizes(self._unplanned, data_loader)
+            self._unplanned = None
+        return PrivateDataLoader(data_loader, self, name, device)
 
     def convert(self, module: nn.Module) -> nn.Module:
         """The split model for this engine's mode (the plain model on the accelerator for gpu_only)."""
@@ -245,31 +281,90 @@ class LegRace:
             self.boundary = Boundary(self._transport(), audit=self.audit,
                                      verifier=FreivaldsVerifier() if self.verify else None, overlap=self.overlap)
             config.boundary = self.boundary
+            config.on_release = self._released
 
-        coupled, unaccounted, splits = [], [], []
+        splits, after_bns = [], []
 
         def make_split(conv: nn.Conv2d, point: int, n_points: int, after_bn: bool,
                        same_as: Optional[int]) -> SplitConv2d:
             config.n_points = n_points
             split = SplitConv2d(conv, point, config, None if same_as is None else splits[same_as])
             splits.append(split)
-            # releases nothing of its own (silent, or reusing an earlier conv's release; see
-            # SplitConv2d): not accounted
-            unaccounted.append(split.silent or split.same_as is not None)
-            coupled.append(after_bn and not unaccounted[-1])
+            after_bns.append(after_bn)
             return split
 
         gm = convert(module, make_split)
         if self.rebuild_outputs:
             config.outputs = ConvOutputs(keep_bytes=int(self.keep_outputs_mb * 2**20))
             config.outputs.install(gm)
-        self._coupled_points = sum(coupled)
+        self._splits = list(zip(splits, after_bns))
+        self._unplanned = module if config.releases else None
+        self._count_releases()
         self._config = config
-        self._releasing_points = config.n_points - sum(unaccounted)
         if self._noise_arg is not None and self.mechanism is None:
             self._set_noise(self._noise_arg)
         config.mechanism = self.mechanism
         return gm
+
+    def _count_releases(self) -> None:
+        # A conv that releases nothing of its own (silent, split exactly at its map size, or
+        # reusing an earlier conv's release; see SplitConv2d) is not accounted.
+        accounted = [(not split.releases_nothing, after_bn) for split, after_bn in self._splits]
+        self._releasing_points = sum(a for a, _ in accounted)
+        self._coupled_points = sum(a and bn for a, bn in accounted)
+
+    def _plan_map_sizes(self, module: nn.Module, data_loader: Any) -> None:
+        """Find each conv's input size from one sample of the loader (a forward of the user's
+        model in eval mode, without autograd, on zeros: no private value is read), so a conv whose
+        map R covers (R >= h*w) is known to release nothing before the noise is calibrated."""
+        shape = _sample_shape(data_loader)
+        if shape is None:
+            return
+        sizes = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[2:])))
+                 for m in conv_modules(module)]
+        flags = [(m, m.training) for m in module.modules()]
+        try:
+            for m, _ in flags:
+                m.training = False
+            with torch.no_grad():
+                module(torch.zeros(2, *shape[1:]))
+        except Exception:  # the loader's samples are not the model's input: plan nothing
+            return
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, flag in flags:
+                m.training = flag
+        if len(sizes) == len(self._splits):
+            for (split, _), hw in zip(self._splits, sizes):
+                split.plan(hw)
+            self._count_releases()
+
+    @contextlib.contextmanager
+    def unaccounted(self) -> Iterator[None]:
+        """Forwards in this block release data that is not private (synthetic benchmark inputs,
+        an attack's simulated victims): not accounted, and no warning. Grep for it to audit."""
+        self._open_passes += 1
+        try:
+            yield
+        finally:
+            self._open_passes -= 1
+
+    def _released(self, point: int) -> None:
+        """Account a release made outside every private loader's pass (a forward on data fed to
+        the model directly): each such forward is one use of a data set of their own, the same
+        samples every time (the worst case), so `get_epsilon` never understates what crossed."""
+        if self._open_passes:
+            return
+        n = self._outside[point] = self._outside.get(point, 0) + 1
+        if n > self._outside_uses:  # a forward's first release
+            self._outside_uses = n
+            if n == 1:
+                warnings.warn("the model released residuals outside a pass over a private loader (make_private's "
+                              "or private_loader's): each such forward is accounted as one more use of the same "
+                              "samples, the worst case; feed private data through those loaders", stacklevel=5)
+            self.ledger.record_pass(OUTSIDE_A_LOADER)
 
     def _set_noise(self, z: float) -> None:
         clip = self._clip_arg
@@ -377,6 +472,19 @@ class LegRace:
         if state["mode"] != self.mode:
             raise ValueError(f"checkpoint was trained in mode {state['mode']!r}, not {self.mode!r}")
         self.ledger.load_state_dict(state["ledger"])
+
+
+def _sample_shape(data_loader: Any) -> Optional[tuple[int, ...]]:
+    """The shape of a batch of one input, from the loader's data set or first batch (None if
+    neither tells)."""
+    try:
+        dataset = getattr(data_loader, "dataset", None)
+        first = dataset[0] if dataset is not None else data_loader[0]
+        x = first[0] if isinstance(first, (list, tuple)) else first
+        x = x if dataset is None else x.unsqueeze(0)
+        return tuple(x.shape) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+    except Exception:  # an iterable-style data set, or samples of another form
+        return None
 
 
 def _longest_batch(batches) -> int:

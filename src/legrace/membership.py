@@ -92,9 +92,10 @@ class ClassGaussians:
         return out
 
 
-def train_shadow(target: Target, dataset: Dataset, epochs: Optional[int] = None, log=print) -> nn.Module:
+def train_shadow(target: Target, dataset: Dataset, epochs: Optional[int] = None,
+                 log=print) -> tuple[nn.Module, LegRace]:
     """A model trained like the target (same architecture, mode, rank, noise, optimizer and
-    schedule) on the adversary's own data."""
+    schedule) on the adversary's own data, and its engine."""
     cfg = target.config
     epochs = epochs or cfg.epochs
     torch.manual_seed(cfg.seed + 1)
@@ -115,9 +116,4 @@ def train_shadow(target: Target, dataset: Dataset, epochs: Optional[int] = None,
             optimizer.step()
         schedule.step()
         log(f"shadow model: epoch {epoch + 1}/{epochs}")
-    return model
-
-
-def target_model(target: Target) -> nn.Module:
-    """The target as trained: its weights under its own engine."""
-    return engine_for(target).convert(target.fresh_model())
+    return model, engine

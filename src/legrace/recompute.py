@@ -58,7 +58,7 @@ class ConvOutputs:
 
     def offer(self, y: Tensor, rebuild: Callable[[], Tensor], point: int = -1, cost: float = 0.0) -> None:
         """Offer conv `point`'s output y; `cost`: what rebuilding it costs per element (MACs)."""
-        if self._contexts:  # only while a forward of the converted model runs
+        if self._contexts:  # only while a forward of the converted model runs (with autograd)
             self._offers[id(y)] = (weakref.ref(y), y._version, rebuild, point, cost)
 
     def _pack(self, t: Tensor):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ class SplitConfig:
     boundary: Optional[Boundary] = None
     timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
     outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
+    on_release: Optional[Callable[[int], None]] = None  # told the point of each release (accounting)
     # point -> [its input, the input's version, its A, V and noised residual, reusers left], kept
     # by a conv whose input later convs read too (SplitConv2d.reusers) until the last takes it
     shared: dict = field(default_factory=dict)
@@ -207,13 +208,14 @@ def _combine(y_main: Optional[Tensor], y_res: Optional[Tensor], bias: Optional[T
 def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias: Optional[Tensor], hw,
                stored, out_shape):
     """Y again, from the kept A and V and the accelerator's stored residual (legrace.recompute)."""
-    cfg, version = layer.config, weight._version
+    cfg = layer.config
+    versions = [p._version for p in (weight, bias) if p is not None]
 
     def rebuild() -> Tensor:
         t0 = time.perf_counter()
-        if weight._version != version:
-            raise RuntimeError(f"the weight of conv layer {layer.point} changed between forward and backward, "
-                               "so its output cannot be rebuilt; step the optimizer after backward")
+        if [p._version for p in (weight, bias) if p is not None] != versions:
+            raise RuntimeError(f"the weight or bias of conv layer {layer.point} changed between forward and "
+                               "backward, so its output cannot be rebuilt; step the optimizer after backward")
         pending = y_main = y_res = None
         if stored is not None:  # asked for first: the accelerator works while the trusted side does
             pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
@@ -232,12 +234,18 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
     return rebuild
 
 
+def _version(t: Tensor) -> Optional[int]:
+    """t's in-place version counter; None for inference tensors (torch.inference_mode), which
+    keep none."""
+    return None if t.is_inference() else t._version
+
+
 def _take_shared(layer: "SplitConv2d", x: Tensor):
     """A, V and the noised residual that conv `layer.same_as` made of x. Anything else is
     refused: a fresh release here would not be accounted."""
     shared = layer.config.shared
     entry = shared.get(layer.same_as)
-    if entry is None or entry[0]() is not x or entry[1] != x._version:
+    if entry is None or entry[0]() is not x or entry[1] != _version(x):
         shared.pop(layer.same_as, None)
         raise RuntimeError(
             f"conv layer {layer.point} reads the same input as conv layer {layer.same_as} in the traced model, "
@@ -250,12 +258,18 @@ def _take_shared(layer: "SplitConv2d", x: Tensor):
 
 
 class _SplitConvFunction(torch.autograd.Function):
+    # Under autocast the trusted side still computes in float32: the split and the noise are
+    # defined on the activations' own values (and a residual's Y_res must match its dtype).
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SplitConv2d") -> Tensor:
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], layer: "SplitConv2d", sends: bool,
+                grad: bool) -> Tensor:
+        """sends: this call releases (see SplitConv2d.sends_at); grad: autograd records it, so
+        backward will run (the accelerator keeps the residual, the output may be rebuilt)."""
         t0 = time.perf_counter()
         cfg = layer.config
         released = X_res = None
-        if layer.same_as is not None:  # the earlier conv's split and release of this very input
+        if sends and layer.same_as is not None:  # the earlier conv's split and release of this very input
             A, V, released = _take_shared(layer, x)
         else:
             dec = decompose(x, cfg.point_rank(layer.point), method=cfg.method, iters=cfg.iters, max_rank=cfg.max_rank,
@@ -265,30 +279,33 @@ class _SplitConvFunction(torch.autograd.Function):
         hw = tuple(x.shape[2:])
         out_shape = (x.shape[0], weight.shape[0], *layer.output_hw(hw))
         pending = y_main = stored = y_res = None
-        if layer.sends:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
+        if sends:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
             if released is None:
                 released = cfg.mechanism.release(X_res, cfg.wire_dtype)
+                if cfg.on_release is not None:
+                    cfg.on_release(layer.point)
             if layer.reusers:  # kept for the later convs without X_res, which they do not need
-                cfg.shared[layer.point] = [weakref.ref(x), x._version, A, V, released, layer.reusers]
+                cfg.shared[layer.point] = [weakref.ref(x), _version(x), A, V, released, layer.reusers]
             pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
-                                  layer.point, released, ctx.needs_input_grad[1], out_shape, wait=False)
+                                  layer.point, released, grad and weight.requires_grad, out_shape, wait=False)
         X_res = None  # released (or, lowrank_only, dropped): not kept past this point
         if A.shape[-1] > 0:
             y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
         if pending is not None:
             y_res, stored = _timed_call(cfg, layer.point, "fwd", pending.result)
         y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
-        if cfg.outputs is not None and (stored is not None or pending is None):
+        if grad and cfg.outputs is not None and (stored is not None or pending is None):
             cfg.outputs.offer(y, _rebuilder(layer, A, V, weight, bias, hw, stored, out_shape), layer.point,
                               rebuild_cost(A.shape[1], A.shape[2], weight.shape[0], hw[0] * hw[1],
                                            out_shape[2] * out_shape[3], weight.shape[2] * weight.shape[3]))
         ctx.save_for_backward(A, V, weight)
-        ctx.layer, ctx.stored, ctx.x_shape = layer, stored, tuple(x.shape)
+        ctx.layer, ctx.stored, ctx.x_shape, ctx.sent = layer, stored, tuple(x.shape), sends
         if cfg.timings is not None:
             cfg.timings.add(layer.point, "total_fwd", time.perf_counter() - t0)
         return y
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_y: Tensor):
         t0 = time.perf_counter()
         A, V, weight = ctx.saved_tensors
@@ -297,7 +314,7 @@ class _SplitConvFunction(torch.autograd.Function):
         conv_args = (layer.stride, layer.padding, layer.dilation)
         grad_y = grad_y.contiguous()
         grad_x = grad_w = g_main = pending = None
-        if layer.sends:  # sent first: the accelerator works while the trusted side does its part
+        if ctx.sent:  # sent first: the accelerator works while the trusted side does its part
             pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.conv_backward,
                                   layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape),
                                   need_x, need_w, wait=False)
@@ -315,7 +332,7 @@ class _SplitConvFunction(torch.autograd.Function):
                 grad_w = torch.zeros_like(weight)
         if cfg.timings is not None:
             cfg.timings.add(layer.point, "total_bwd", time.perf_counter() - t0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class SplitConv2d(nn.Module):
@@ -331,7 +348,7 @@ class SplitConv2d(nn.Module):
         self.padding = conv_padding(conv)
         self.point = point
         self.config = config
-        self._sent_weight: Optional[tuple] = None
+        self.planned_hw: Optional[tuple[int, int]] = None  # see plan()
         # A fixed R that covers every input channel splits X exactly (X_main = X, X_res = 0): such a
         # conv (a first conv's image, at R >= 3) runs wholly on the trusted side and nothing about
         # it crosses: no residual (it would be noise alone), no weight, no dL/dY. It is not accounted.
@@ -353,23 +370,47 @@ class SplitConv2d(nn.Module):
         """Whether this conv talks to the accelerator at all (releasing modes, not silent)."""
         return self.config.releases and not self.silent
 
+    @property
+    def releases_nothing(self) -> bool:
+        """Not accounted: silent, split exactly at the map size planned, or reusing an earlier
+        conv's release."""
+        return self.silent or self.planned_hw is not None and not self.sends_at(self.planned_hw) \
+            or self.same_as is not None
+
+    def plan(self, hw: tuple[int, int]) -> None:
+        """The input size the noise is calibrated for (LegRace.make_private): if R covers it, this
+        conv is not accounted, and an input on which it would release is refused."""
+        self.planned_hw = tuple(hw)
+
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         return _out_hw(hw, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def sends_at(self, hw: tuple[int, int]) -> bool:
+        """Whether a call on h x w maps releases. A fixed R >= h*w splits X exactly too (A = X,
+        V = I, X_res = 0): such a call (a deep layer of a small image) runs wholly on the trusted
+        side like a silent conv. Shapes are public, so this depends on no private value. Such a
+        point is not accounted once planned (`plan`); unplanned, it stays accounted (epsilon overstated)."""
+        R = self.config.point_rank(self.point)
+        return self.sends and (R == "auto" or R < hw[0] * hw[1])
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"layer {self.point} expects a 4-d N x C x H x W input, got shape {tuple(x.shape)}")
-        if self.sends:
+        sends = self.sends_at(tuple(x.shape[2:]))
+        if sends and self.planned_hw is not None and not self.sends_at(self.planned_hw):
+            raise RuntimeError(
+                f"conv layer {self.point} was planned to release nothing (R covers its {self.planned_hw[0]}x"
+                f"{self.planned_hw[1]} map at the input size the noise was calibrated for), but this input gives "
+                f"{x.shape[2]}x{x.shape[3]}: its release would not be accounted; feed inputs of one size")
+        if sends:
             self._sync_weight()
-        return _SplitConvFunction.apply(x, self.weight, self.bias, self)
+        return _SplitConvFunction.apply(x, self.weight, self.bias, self, sends, torch.is_grad_enabled())
 
     def _sync_weight(self) -> None:
-        # Send W again only when it changed (optimizer step, load_state_dict, dtype change).
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if key != self._sent_weight:
-            self.config.boundary.set_weight(self.point, w)
-            self._sent_weight = key
+        # Every forward: a change through `.data` (weight clipping, pruning masks, EMA swaps) moves
+        # no version counter, and a remote accelerator holds a copy. Training changes W every step
+        # anyway; beside a batch's residuals, W is a small message.
+        self.config.boundary.set_weight(self.point, self.weight)
 
     def extra_repr(self) -> str:
         return (

@@ -95,7 +95,7 @@ def conv_modules(model: nn.Module) -> list[nn.Conv2d]:
 
 class ActivationTap:
     """What a plain accelerator holds when the whole model runs on it (gpu_only): each conv's raw
-    input, its dL/dY and its weight (recorded when it changed), with the same layer numbers as
+    input, its dL/dY and its weight (at every forward), with the same layer numbers as
     the decomposition points."""
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[int]] = None, kinds: Iterable[str] = KINDS) -> None:
@@ -105,7 +105,6 @@ class ActivationTap:
         self.kinds = set(kinds)
         self.view = AcceleratorView()
         self._handles: list = []
-        self._weight_keys: dict[int, tuple] = {}
 
     def _wanted(self, kind: str, layer: int) -> bool:
         return kind in self.kinds and (self.layers is None or layer in self.layers)
@@ -123,12 +122,8 @@ class ActivationTap:
 
     def _pre_hook(self, layer: int):
         def hook(module: nn.Conv2d, args):
-            if self._wanted("weights", layer):
-                w = module.weight
-                key = (w.data_ptr(), w._version)
-                if self._weight_keys.get(layer) != key:
-                    self.view.add("weights", layer, w)
-                    self._weight_keys[layer] = key
+            if self._wanted("weights", layer):  # at every forward, as legrace's SetWeight
+                self.view.add("weights", layer, module.weight)
             if self._wanted("inputs", layer):
                 self.view.add("inputs", layer, args[0])
         return hook

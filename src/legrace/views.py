@@ -201,7 +201,7 @@ class RealRun:
             return AcceleratorView()
         self.tap.view = AcceleratorView()
         self.model.train()
-        with self.tap, torch.no_grad():
+        with self.tap, torch.no_grad(), self.engine.unaccounted():  # the attack simulates the adversary's view
             for x, _ in self._loader(dataset):
                 self.model(x.to(self.input_device))
         return self._remember(self.tap.view)
@@ -220,7 +220,7 @@ class RealRun:
         optimizer = torch.optim.SGD(self.model.parameters(), lr=lr) if lr > 0 else None
         before = {layer: len(ws) for layer, ws in self.sent_weights.items()}
         n_steps = 0
-        with self.tap:
+        with self.tap, self.engine.unaccounted():  # the attack simulates the adversary's view
             for x, y in self._loader(dataset):
                 self.model.zero_grad(set_to_none=True)
                 F.cross_entropy(self.model(x.to(self.input_device)), y.to(self.input_device)).backward()
@@ -234,8 +234,7 @@ class RealRun:
         pairs: dict[int, list[tuple[Tensor, Tensor]]] = {}
         if optimizer is not None:
             for layer, ws in self.sent_weights.items():
-                start = max(before.get(layer, 0) - 1, 0)
-                seq = ws[start:]
+                seq = ws[before.get(layer, 0):]  # W crosses before every forward: one per step, one after
                 if len(seq) != n_steps + 1:
                     raise AttackError(f"layer {layer}: expected {n_steps + 1} weights around {n_steps} steps, "
                                       f"{len(seq)} crossed")
