@@ -107,6 +107,9 @@ def test_evaluate_runs_split_inference(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 1797 and result["uses"] == {"train": 3, "validation": 4}
+    # the validation split of other data is not this run's
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:x.npz", "--split", "val"]) == 2
+    assert "--data digits" in capsys.readouterr().err
 
 
 def test_npz_data_and_other_modes(tmp_path):
@@ -178,6 +181,62 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     assert main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
     assert main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", "digits"]) == 2
+
+
+def test_a_bare_resume_keeps_the_runs_epochs_and_more_epochs_say_they_pass_the_target(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    common = ["train", "--max-samples", "200", "--out", out, "--no-progress"]
+    assert main(common + ["--epochs", "1"]) == 0
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert main(common + ["--resume"]) == 0  # not the default 10 epochs: nothing to do
+    assert "nothing to do" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epsilon"] == first["epsilon"] <= 8
+    assert main(common + ["--resume", "--epochs", "2"]) == 0
+    assert "past the target 8" in capsys.readouterr().err
+
+
+def test_a_checkpoint_never_runs_code_when_loaded(tmp_path):
+    import torch
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("the payload ran",))
+
+    torch.save({"config": Payload()}, tmp_path / "evil.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "evil.pt"), "--data", "digits"]) == 2
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--noise-multiplier", "0"], "Privacy: none (no clipping and no noise"),  # clip auto = 0.05 / 0: none
+    (["--rank", "64"], "nothing left the trusted side"),  # R covers every conv's input
+    (["--val-fraction", "0"], "Trained cnn"),
+])
+def test_every_run_is_described_in_words(tmp_path, capsys, args, line):
+    assert main(["train", "--epochs", "1", "--max-samples", "200", "--out", str(tmp_path / "r"), "--no-progress",
+                 *args]) == 0
+    said = capsys.readouterr().out
+    assert line in said and "nan" not in said
+
+
+def test_the_batch_accounted_is_never_larger_than_the_data(tmp_path):
+    out = tmp_path / "r"
+    assert main(["train", "--epochs", "1", "--max-samples", "100", "--batch-size", "1000", "--out", str(out),
+                 "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["accounted_batch_size"] == s["train_samples"] == 90
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--accelerator-timeout", "inf"], "must be finite"),
+    (["--lr", "nan"], "must be > 0"),
+    (["--audit", "/no/such/dir/audit.jsonl"], "cannot write the audit log"),
+])
+def test_bad_run_settings_get_a_clear_message(tmp_path, args, message):
+    r = run_cli("train", "--epochs", "1", "--max-samples", "100", "--out", str(tmp_path / "r"), "--no-progress", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_resume_with_a_fixed_noise_seed_draws_new_noise(tmp_path, monkeypatch):

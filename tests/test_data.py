@@ -207,6 +207,11 @@ def test_npz_missing_and_corrupt_file(tmp_path):
         load_data(_write_npz(tmp_path / "obj.npz", x=np.zeros((2, 2, 2), np.uint8), y=obj_y))
     _one_line_error(ei, "obj.npz")
 
+    np.save(tmp_path / "plain.npy", np.zeros((2, 2, 2), np.uint8))  # one array, not an archive
+    with pytest.raises(DataError) as ei:
+        load_data(f"npz:{tmp_path / 'plain.npy'}")
+    _one_line_error(ei, "plain.npy", "cannot read as .npz")
+
 
 @pytest.mark.skipif(not CIFAR_NPZ.is_file(), reason=f"{CIFAR_NPZ} not present")
 def test_real_cifar10_npz():
@@ -289,6 +294,14 @@ def test_imagefolder_missing_or_empty(tmp_path):
     with pytest.raises(DataError) as ei:
         load_data(f"imagefolder:{tmp_path / 'empty'}")
     _one_line_error(ei, "empty", "no images")
+
+
+def test_an_unreadable_image_is_a_data_error_naming_it(tmp_path):
+    root = _make_folder(tmp_path / "imgs")
+    (root / "cats" / "broken.png").write_bytes(b"not a png")
+    s = load_data(f"imagefolder:{root}", val_fraction=0)
+    with pytest.raises(DataError, match="broken.png"):
+        [s.train[i] for i in range(len(s.train))]
 
 
 def test_module_constants():

@@ -67,6 +67,25 @@ def test_study_command_runs_a_small_grid(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert "reusing" in capsys.readouterr().err
+    # but never a run trained with other settings
+    other = list(args)
+    other[other.index("--epochs") + 1] = "2"
+    assert main(other) == 2
+    assert "trained with other settings (epochs)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", ","], "the grid is empty"),
+    (["--modes", "legrace", "--clip-rules", ","], "the grid is empty"),
+    (["--attack-layers", "7"], "do not exist"),
+    (["--attack-layers=-1"], "do not exist"),
+])
+def test_a_bad_grid_is_refused_before_any_run_trains(tmp_path, capsys, args, message):
+    assert main(["study", "privacy-utility", "--max-samples", "400", "--out", str(tmp_path / "s"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s" / "runs").exists()
+    with pytest.raises(SystemExit):
+        main(["study", "privacy-utility", "--rank", "abc"])
 
 
 def test_rank_profile_measures_energy_and_residuals(tmp_path):

@@ -122,7 +122,9 @@ def _rank(args) -> int:
     try:
         ranks = tuple(int(r) for r in args.ranks.split(","))
     except ValueError:
-        raise AttackError(f"--ranks must be comma-separated ints, not {args.ranks!r}") from None
+        ranks = ()
+    if not ranks or min(ranks) < 1:
+        raise AttackError(f"--ranks must be comma-separated ints >= 1, not {args.ranks!r}")
     result = rank_profile(target, samples=args.samples, rank=args.rank, ranks=ranks, source=args.source)
     paths = write_profile(result, Path(args.out))
     print(text_table(result["layers"], COLUMNS))
@@ -141,7 +143,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-samples", type=positive(int), default=None,
                    help="samples a run would use; the analysis reads the others (public) unless --source members")
     p.add_argument("--seed", type=int, default=0, help="without --checkpoint: model init and data split (default 0)")
-    p.add_argument("--rank", type=int, default=None, help="R of the residual norms (default: the run's, else 8)")
+    p.add_argument("--rank", type=positive(int), default=None, help="R of the residual norms (default: the run's, else 8)")
     p.add_argument("--ranks", default="1,2,4,8,16", help="R values of the energy-kept curve")
     p.add_argument("--samples", type=positive(int), default=256, help="images whose activations are analysed (default 256)")
     p.add_argument("--source", choices=("unused", "members"), default="unused",

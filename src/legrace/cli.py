@@ -45,8 +45,10 @@ def positive(kind):
     Shared by the commands and the benchmark scripts."""
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
+        if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its message: "invalid int value: 'x'"
     return parse
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model privately (default: a small CNN on scikit-learn's digits)")
     t.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
     t.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR (default digits)")
-    t.add_argument("--epochs", type=positive(int), default=10, help="passes over the training split (default 10)")
+    t.add_argument("--epochs", type=positive(int), default=None,
+                   help="passes over the training split (default 10; with --resume, the checkpoint's)")
     t.add_argument("--batch-size", type=positive(int), default=64, help="samples per step (default 64)")
     t.add_argument("--lr", type=positive(float), default=0.05, help="SGD learning rate, cosine-annealed over the epochs (default 0.05)")
     t.add_argument("--mode", choices=MODES, default="legrace",
@@ -158,7 +161,8 @@ def _train(args: argparse.Namespace) -> int:
     if target is None and args.noise_multiplier is None:
         target = 8.0
     cfg = TrainConfig(
-        model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        model=args.model, data=args.data, epochs=args.epochs,  # None: 10, or the checkpoint's on --resume
+        batch_size=args.batch_size, lr=args.lr,
         mode=args.mode, rank=args.rank, clip=args.clip, target_epsilon=target,
         noise_multiplier=args.noise_multiplier, delta=args.delta, val_fraction=args.val_fraction,
         seed=args.seed, noise_seed=args.noise_seed, max_samples=args.max_samples,
@@ -181,25 +185,35 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: int, one: str, many: Optional[str] = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def describe(s: dict, out: str) -> str:
     """What the run did, in words a newcomer can check against summary.json."""
     lines = [f"Trained {s['model']} on {s['data']} ({s['train_samples']} train / {s['val_samples']} validation "
              f"samples) for {s['epochs']} epochs ({s['steps']} steps) in mode {s['mode']}."]
-    if s["val_acc"] is not None:
+    if s["val_acc"] is not None and not math.isnan(s["val_acc"]):
         lines.append(f"Validation accuracy {s['val_acc']:.1%} (train {s['train_acc']:.1%}).")
-    if s["mode"] in ("legrace", "dp_only"):
+    if s["mode"] in ("legrace", "dp_only") and not s["releases_per_sample"]:
+        lines.append("Privacy: nothing left the trusted side (R covers every conv's input: epsilon 0).")
+    elif s["mode"] in ("legrace", "dp_only") and s["clip"] is None:
+        lines.append(f"Privacy: none (no clipping and no noise: epsilon {s['epsilon']}); each sample's residual was "
+                     f"released {s['releases_accounted']} times.")
+    elif s["mode"] in ("legrace", "dp_only"):
         lines.append(
             f"Privacy: epsilon {s['epsilon']:.3g} at delta {s['delta']:g} ({s['accountant']} accountant): each sample's "
-            f"residual was released {s['releases_accounted']} times ({s['releases_per_sample']} conv inputs x "
-            f"{s['uses_per_sample']} passes), clipped to C={s['clip']:.3g} with noise std {s['sigma']:.3g} "
+            f"residual was released {s['releases_accounted']} times ({_count(s['releases_per_sample'], 'conv input')} x "
+            f"{_count(s['uses_per_sample'], 'pass', 'passes')}), clipped to C={s['clip']:.3g} with noise std {s['sigma']:.3g} "
             f"(z={s['noise_multiplier']:.3g})."
         )
-        coupled = s["batch_coupled_releases_per_sample"]
+        coupled, total, b = s["batch_coupled_releases_per_sample"], s["releases_per_sample"], s["accounted_batch_size"]
         if coupled:  # the costliest kind of release is what epsilon_per_release and sensitivity report
+            which = "It follows" if total == 1 else f"All {total} follow" if coupled == total else \
+                f"{coupled} of the {total} follow"
             lines.append(
-                f"{coupled} of the {s['releases_per_sample']} follow a BatchNorm, where one sample moves its whole "
-                f"batch of {s['batch_size']}: sensitivity 2C*sqrt({s['batch_size']}) = {s['sensitivity']:.3g}, "
-                f"epsilon {s['epsilon_per_release']:.3g} for one such release.")
+                f"{which} a BatchNorm, where one sample moves its whole batch of {b}: sensitivity "
+                f"2C*sqrt({b}) = {s['sensitivity']:.3g}, epsilon {s['epsilon_per_release']:.3g} for one such release.")
         else:
             lines.append(f"One release (sensitivity 2C) costs epsilon {s['epsilon_per_release']:.3g}.")
     elif s["mode"] == "gpu_only":

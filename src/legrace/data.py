@@ -91,6 +91,16 @@ class _PilToNormalised:
         return normalise(self.transform(img.convert("RGB")))
 
 
+def _open_image(path: str):
+    """torchvision's image loader, with a DataError naming a file it cannot read."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except OSError as err:  # PIL.UnidentifiedImageError among them
+        raise DataError(f"imagefolder: cannot read the image {path} ({type(err).__name__})") from err
+
+
 def _as_label(y: int) -> torch.Tensor:
     return torch.tensor(y, dtype=torch.int64)
 
@@ -118,7 +128,8 @@ def _load_npz(path: Path, size: int | None) -> _Loaded:
             names = f["classes"] if "classes" in f.files else None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as err:
+        # (TypeError: a .npy file loads as one array, not an archive of named ones)
         raise DataError(f"npz:{path}: cannot read as .npz ({type(err).__name__}: {err})") from err
 
     if x.dtype != np.uint8:
@@ -181,7 +192,7 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
         raise DataError(f"imagefolder:{root}: directory not found")
     size = size or DEFAULT_FOLDER_SIZE
     try:
-        ds = ImageFolder(str(root), transform=_PilToNormalised(size), target_transform=_as_label)
+        ds = ImageFolder(str(root), transform=_PilToNormalised(size), target_transform=_as_label, loader=_open_image)
     except (OSError, RuntimeError) as err:  # FileNotFoundError: no class folders / no images
         raise DataError(f"imagefolder:{root}: no images found; "
                         f"expected DIR/CLASS/IMAGE files ({err})") from err

@@ -20,21 +20,22 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from legrace.attacks import inversion_attack
-from legrace.cli import positive
+from legrace.cli import _rank, positive
 from legrace.data import load_data
 from legrace.figures import privacy_utility_chart
 from legrace.models import build_model, model_names
 from legrace.outputs import output_folder
 from legrace.results import text_table, write_csv, write_json
+from legrace.tap import conv_modules
 from legrace.target import AttackError, load_target
-from legrace.train import TrainConfig, run_training
+from legrace.train import TrainConfig, load_checkpoint, run_training
 from legrace.views import calibrated_noise, clip_from_rule, own_view, parse_clip_rule
 
 MODES = ("gpu_only", "lowrank_only", "legrace", "dp_only")
@@ -85,7 +86,22 @@ def planned_runs(cfg: StudyConfig) -> list[dict]:
             else:
                 runs.append({"mode": mode, "epsilon": None, "clip_rule": None, "seed": seed,
                              "name": _name(mode, None, None, seed)})
+    if not cfg.seeds or not cfg.modes or (set(cfg.modes) & {"legrace", "dp_only"} and not (cfg.epsilons and cfg.clip_rules)):
+        raise AttackError("the grid is empty: give at least one mode and seed, and for legrace or dp_only at "
+                          "least one epsilon and clip rule")
     return runs
+
+
+def _check_attack_layers(cfg: StudyConfig) -> None:
+    """Before any run trains: every attacked layer exists."""
+    data = load_data(cfg.data, max_samples=min(cfg.max_samples or 64, 64), seed=cfg.seeds[0])
+    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size)
+    n_points = len(conv_modules(model))
+    bad = [v for v in cfg.attack_layers if not 0 <= v < n_points]
+    if bad:
+        raise AttackError(f"--attack-layers {bad} do not exist: {cfg.model} has {n_points} decomposition points "
+                          f"(0-{n_points - 1})")
 
 
 def _train_config(cfg: StudyConfig, run: dict, out: Path) -> TrainConfig:
@@ -106,13 +122,20 @@ def _train_config(cfg: StudyConfig, run: dict, out: Path) -> TrainConfig:
 
 def _train(cfg: StudyConfig, run: dict, log) -> dict:
     out = Path(cfg.out) / "runs" / run["name"]
+    planned = _train_config(cfg, run, out)
     if (out / "summary.json").exists():
+        _, trained = load_checkpoint(out / "checkpoint.pt")
+        where = ("out", "progress", "accelerator", "accelerator_timeout", "verify", "audit")  # not what is trained
+        differ = [k for k, v in asdict(planned).items() if k not in where and getattr(trained, k) != v]
+        if differ:
+            raise AttackError(f"{out} holds a run trained with other settings ({', '.join(differ)}): give another "
+                              "--out, or delete it to train it again")
         log(f"{run['name']}: reusing {out}/summary.json")
         return json.loads((out / "summary.json").read_text())
     if out.exists():
         raise AttackError(f"{out} holds an unfinished run: delete it to train it again")
     t0 = time.perf_counter()
-    summary = run_training(_train_config(cfg, run, out), log=lambda m: None)
+    summary = run_training(planned, log=lambda m: None)
     log(f"{run['name']}: val_acc {summary['val_acc']:.3f}, epsilon {summary['epsilon']} "
         f"({time.perf_counter() - t0:.0f} s)")
     return summary
@@ -198,6 +221,7 @@ def findings(rows: list[dict], layers: tuple) -> dict:
 def run_study(cfg: StudyConfig, log=print) -> dict:
     t0 = time.perf_counter()
     plan = planned_runs(cfg)
+    _check_attack_layers(cfg)
     log(f"study: {len(plan)} training runs, inversion attacks at layer(s) {list(cfg.attack_layers)} "
         f"on the first seed's runs")
     runs, reused = [], 0
@@ -258,10 +282,8 @@ def _ints(text: str) -> tuple:
 def _study(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from legrace.cli import _rank
-
     cfg = StudyConfig(model=args.model, data=args.data, max_samples=args.max_samples, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, rank=_rank(args.rank), epsilons=args.epsilons,
+                      batch_size=args.batch_size, lr=args.lr, rank=args.rank, epsilons=args.epsilons,
                       modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
                       clip_rules=tuple(parse_clip_rule(r) for r in args.clip_rules.split(",") if r.strip()),
                       seeds=args.seeds, delta=args.delta, attack_layers=args.attack_layers, aux=args.aux,
@@ -287,8 +309,8 @@ def add_parser(subparsers) -> None:
                    help="samples the runs use; the rest is the attacker's auxiliary data (needed for the attacks)")
     p.add_argument("--epochs", type=positive(int), default=5, help="training passes of each run (default 5)")
     p.add_argument("--batch-size", type=positive(int), default=64, help="samples per step (default 64)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of each run (default 0.05)")
-    p.add_argument("--rank", default="8", help="R per conv: an int, a comma-separated list or auto")
+    p.add_argument("--lr", type=positive(float), default=0.05, help="SGD learning rate of each run (default 0.05)")
+    p.add_argument("--rank", type=_rank, default=8, help="R per conv: an int, a comma-separated list or auto")
     p.add_argument("--epsilons", type=_floats, default=(1.0, 8.0, 64.0, 1000.0),
                    help="comma-separated target epsilons of the releasing modes (default 1,8,64,1000)")
     p.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")

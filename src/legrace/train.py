@@ -28,7 +28,7 @@ from legrace.outputs import output_folder
 class TrainConfig:
     model: str = "cnn"
     data: str = "digits"
-    epochs: int = 10
+    epochs: Optional[int] = None  # None: DEFAULT_EPOCHS, or on --resume the checkpoint's
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
@@ -57,7 +57,10 @@ class TrainConfig:
     progress: bool = True
 
 
-# On --resume these come from the command, not the checkpoint: where and how to run, not what to train.
+DEFAULT_EPOCHS = 10
+
+# On --resume these come from the command, not the checkpoint: where and how to run, not what to train
+# (epochs only when the command gives them).
 RUN_SETTINGS = ("epochs", "out", "progress", "accelerator", "accelerator_timeout", "verify", "audit", "wire_dtype",
                 "keep_outputs_mb")
 
@@ -120,12 +123,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
         state, saved = load_checkpoint(ckpt_path)
         for name in RUN_SETTINGS:
-            setattr(saved, name, getattr(cfg, name))
+            if name != "epochs" or cfg.epochs is not None:
+                setattr(saved, name, getattr(cfg, name))
         cfg = saved
         log(f"resuming {cfg.mode} run from epoch {state['epoch']} of {ckpt_path}; training settings come from the "
             f"checkpoint, {', '.join(RUN_SETTINGS)} from this command")
     elif ckpt_path.exists() or ledger_path.exists():
         raise TrainError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    if cfg.epochs is None:
+        cfg.epochs = DEFAULT_EPOCHS
 
     torch.manual_seed(cfg.seed)
     data: DataSplit = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, max_samples=cfg.max_samples,
@@ -133,7 +139,10 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    audit = open(cfg.audit, "a" if state is not None else "w") if cfg.audit else None
+    try:
+        audit = open(cfg.audit, "a" if state is not None else "w") if cfg.audit else None
+    except OSError as err:
+        raise TrainError(f"--audit {cfg.audit}: cannot write the audit log ({err.strerror})") from err
     if state is not None:
         engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path, secret, audit)
         engine.load_state_dict(state["engine"])
@@ -156,6 +165,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         torch.set_rng_state(state["rng"])
     if start_epoch >= cfg.epochs:
         log(f"nothing to do: the checkpoint already has {start_epoch} epochs (pass a larger --epochs)")
+    elif state is not None and cfg.target_epsilon is not None and engine.releases_per_sample:
+        projected = engine.epsilon_of_uses(engine.ledger.max_uses + cfg.epochs - start_epoch, cfg.delta)
+        if projected > cfg.target_epsilon * 1.001:
+            log(f"warning: {cfg.epochs} epochs will spend epsilon {projected:.3g}, past the target "
+                f"{cfg.target_epsilon:g} the noise was calibrated for")
 
     def save(epoch: int) -> None:
         _save(ckpt_path, {"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(),
@@ -222,7 +236,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         # the noise's sampler: "torch" means Gaussians truncated at 5.77 sigma (legrace.gaussian)
         "noise_sampler": engine.mechanism.sampler if engine.mechanism is not None else None,
         "seconds_per_step": statistics.median(step_times) if step_times else None,
-        "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "accelerator": cfg.accelerator,
+        "batch_size": cfg.batch_size, "accounted_batch_size": engine.batch_size, "lr": cfg.lr, "seed": cfg.seed, "accelerator": cfg.accelerator,
         "decomposition": cfg.decomposition, "wire_dtype": cfg.wire_dtype or "float32",
         "keep_outputs_mb": cfg.keep_outputs_mb,
     }
@@ -247,7 +261,10 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict, TrainConfig]:
     if not path.is_file():
         raise TrainError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        missing = {"epoch", "model", "engine", "num_classes", "in_channels", "image_size"} - set(state)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
         return state, TrainConfig(**state["config"])
     except Exception as err:  # torch.load and old configs fail in many ways; one message for all
         raise TrainError(f"{path} is not a legrace checkpoint ({type(err).__name__}: {err})") from err
@@ -269,6 +286,9 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
     cfg.accelerator = accelerator
     if split not in ("all", "val"):
         raise TrainError(f"--split must be 'all' or 'val', not {split!r}")
+    if split == "val" and data_spec != cfg.data:
+        raise TrainError(f"--split val evaluates the validation split the run held out of its own data: give "
+                         f"--data {cfg.data}")
     if split == "val":  # drawn from the training source exactly as the run drew it
         data = load_data(data_spec, val_fraction=cfg.val_fraction, seed=cfg.seed, max_samples=cfg.max_samples,
                          image_size=state["image_size"])
@@ -300,7 +320,11 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
     if cfg.noise_seed is not None:  # a stream of its own: replayed noise would cancel against training's
         engine.noise_seed = derive_seed(cfg.noise_seed, "evaluate", sum(engine.ledger.uses.values()))
     model = engine.convert(model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        engine.close()
+        raise TrainError(f"{path}: its weights do not fit its own model {cfg.model!r} (a damaged checkpoint?)") from err
     loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), names[0])
     try:
         for name in names[1:]:
