@@ -191,6 +191,7 @@ def test_membership_needs_a_trained_model():
 
 @pytest.mark.parametrize("args,message", [
     (["attack", "inversion", "--views", "legrace", "--max-samples", "900"], "give the epsilon"),
+    (["attack", "inversion", "--views", ",", "--max-samples", "900"], "names no view"),
     (["attack", "inversion", "--layers", "7", "--max-samples", "900"], "do not exist"),
     (["attack", "inversion", "--aux", "5000", "--max-samples", "900"], "only"),
     (["attack", "membership"], "trained model"),

@@ -41,6 +41,8 @@ def _views(target: Target, text: str, clip: str) -> list[ViewSpec]:
             specs.append(own_view(target))
         elif token.strip():
             specs.extend(parse_views(token, clip))
+    if not specs:
+        raise AttackError(f"--views {text!r} names no view (e.g. gpu_only,legrace@8,own)")
     return specs
 
 
