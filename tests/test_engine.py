@@ -464,3 +464,20 @@ def test_make_private_plans_map_sizes_and_refuses_an_input_that_would_release_un
         assert {layer for layer, _ in seen} == {1}
         with pytest.raises(RuntimeError, match="planned to release nothing"):
             model(torch.randn(2, 1, 16, 16))  # layer 2 would see 4x4 = 16 > R pixels
+
+
+def test_a_copy_of_the_split_model_shares_its_engine_and_never_replays_noise():
+    # EMA and torch.optim.swa_utils.AveragedModel deep-copy the model
+    torch.manual_seed(0)
+    module, x, y = SmallCNN(3, 3), torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    engine = LegRace(rank=2, clip=1.0, noise_multiplier=1.0)
+    model = engine.convert(module)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    copy_conv, conv = averaged.module.get_submodule("features.4"), model.get_submodule("features.4")
+    assert copy_conv.config is conv.config and copy_conv.weight is not conv.weight
+    seen = spy_on_releases(engine)
+    with engine.unaccounted():
+        F.cross_entropy(averaged(x), y).backward()
+        F.cross_entropy(model(x), y).backward()
+    first = [t for layer, t in seen if layer == 1]
+    assert len(first) == 2 and not torch.equal(first[0], first[1])  # the same input, fresh noise each time

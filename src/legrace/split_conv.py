@@ -55,6 +55,11 @@ class SplitConfig:
     # by a conv whose input later convs read too (SplitConv2d.reusers) until the last takes it
     shared: dict = field(default_factory=dict)
 
+    def __deepcopy__(self, memo: dict) -> "SplitConfig":
+        # A copy of the model (an EMA, torch.optim.swa_utils.AveragedModel) runs under the same
+        # engine: one boundary, and one noise generator, whose copy would replay the same noise.
+        return self
+
     def point_rank(self, point: int) -> int | str:
         """R at a decomposition point (0 in dp_only: the whole activation is the residual)."""
         return 0 if self.mode == "dp_only" else rank_for_point(self.rank, point, self.n_points)
