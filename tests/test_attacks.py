@@ -223,3 +223,20 @@ def test_cifar_raw_view_leaks_and_legrace_view_does_not():
     assert ssim[(0, "gpu_only")] >= 0.5
     for layer in (0, 1):
         assert ssim[(layer, "legrace@8")] <= ssim[(layer, "lowrank_only")] + 0.05
+
+
+def test_attack_views_calibrate_the_noise_as_training_does():
+    # the same releases counted (digits' 2x2 maps, which R = 8 covers, release nothing), so the same z
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from legrace.models import build_model
+    from legrace.views import calibrated_noise
+
+    def cnn():
+        return build_model("cnn", num_classes=10, in_channels=1, image_size=8)
+
+    engine = LegRace("legrace", rank=8, target_epsilon=8.0, target_delta=1e-5)
+    loader = DataLoader(TensorDataset(torch.zeros(100, 1, 8, 8), torch.zeros(100)), batch_size=64)
+    engine.make_private(module=cnn(), optimizer=None, data_loader=loader, epochs=5)
+    assert engine.releases_per_sample == 1
+    assert calibrated_noise(cnn(), "legrace", 8, 8.0, 5, 64, 1e-5, (1, 8, 8)) == engine.noise_multiplier

@@ -115,7 +115,8 @@ def _train_config(cfg: StudyConfig, run: dict, out: Path) -> TrainConfig:
         return base
     data = load_data(cfg.data, max_samples=min(cfg.max_samples or 64, 64), seed=run["seed"])
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
-    z = calibrated_noise(model, run["mode"], cfg.rank, run["epsilon"], cfg.epochs, cfg.batch_size, cfg.delta)
+    z = calibrated_noise(model, run["mode"], cfg.rank, run["epsilon"], cfg.epochs, cfg.batch_size, cfg.delta,
+                         (data.in_channels, data.image_size, data.image_size))
     base.noise_multiplier, base.target_epsilon, base.clip = z, None, clip_from_rule(run["clip_rule"], z)
     return base
 

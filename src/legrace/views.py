@@ -117,11 +117,13 @@ def own_view(target: Target) -> ViewSpec:
     return ViewSpec(mode)
 
 
-def calibrated_noise(module, mode: str, rank, epsilon: float, epochs: int, batch_size: int, delta: float) -> float:
+def calibrated_noise(module, mode: str, rank, epsilon: float, epochs: int, batch_size: int, delta: float,
+                     input_shape: tuple[int, int, int]) -> float:
     """z that the engine calibrates for `epsilon` over `epochs` passes of this model at this batch
-    size (BatchNorm coupling counts), exactly as training would."""
+    size on C x H x W inputs (BatchNorm coupling and the maps R covers count), exactly as training
+    would."""
     engine = LegRace(mode, rank=rank, target_epsilon=epsilon, target_delta=delta)
-    loader = DataLoader(TensorDataset(torch.zeros(batch_size)), batch_size=batch_size)
+    loader = DataLoader(TensorDataset(torch.zeros(batch_size, *input_shape)), batch_size=batch_size)
     engine.make_private(module=module, optimizer=None, data_loader=loader, epochs=epochs)
     close = getattr(engine, "close", None)
     if close is not None:
@@ -135,7 +137,9 @@ def noise_for(spec: ViewSpec, target: Target, epochs: int, batch_size: int, delt
         return spec.noise_multiplier, spec.clip_value
     if math.isinf(spec.epsilon):
         return 0.0, None
-    z = calibrated_noise(target.fresh_model(), spec.mode, target.config.rank, spec.epsilon, epochs, batch_size, delta)
+    size = target.data.image_size
+    z = calibrated_noise(target.fresh_model(), spec.mode, target.config.rank, spec.epsilon, epochs, batch_size, delta,
+                         (target.data.in_channels, size, size))
     return z, clip_from_rule(spec.clip, z)
 
 
@@ -156,6 +160,9 @@ class RealRun:
         self.engine = LegRace(spec.mode, rank=cfg.rank, clip=clip, noise_multiplier=z, target_delta=delta,
                               accelerator=device, decomposition=cfg.decomposition)
         self.model = self.engine.convert(target.fresh_model())
+        size = target.data.image_size  # plans each conv's map size (those R covers release nothing)
+        self.engine.private_loader(DataLoader(TensorDataset(torch.zeros(1, target.data.in_channels, size, size))),
+                                   "attack")
         self.input_device = self.engine.device if spec.mode == "gpu_only" else torch.device("cpu")
         self.sent_weights: dict[int, list[Tensor]] = {}
         self.n_points = n_points = len(conv_modules(target.model))
@@ -172,11 +179,11 @@ class RealRun:
 
     def crosses_at(self, layer: int) -> bool:
         """Whether anything of decomposition point `layer` reaches the accelerator in this view
-        (not for a silent conv, whose input channels R covers: it runs wholly inside)."""
+        (not for a conv whose input channels or map R covers: it runs wholly inside)."""
         if self.spec.mode == "gpu_only":
             return True
-        splits = [m for m in self.model.modules() if isinstance(m, SplitConv2d)]
-        return self.tap is not None and splits[layer].sends
+        split = [m for m in self.model.modules() if isinstance(m, SplitConv2d)][layer]
+        return self.tap is not None and split.sends and (split.planned_hw is None or split.sends_at(split.planned_hw))
 
     @property
     def z(self) -> float:
