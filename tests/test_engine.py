@@ -481,3 +481,24 @@ def test_a_copy_of_the_split_model_shares_its_engine_and_never_replays_noise():
         F.cross_entropy(model(x), y).backward()
     first = [t for layer, t in seen if layer == 1]
     assert len(first) == 2 and not torch.equal(first[0], first[1])  # the same input, fresh noise each time
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_teacher_copy_running_between_forward_and_backward_leaves_the_gradients_exact(verify):
+    # the mean-teacher pattern: student forward, teacher (a deep copy with other weights) forward, student backward
+    torch.manual_seed(0)
+    net, x, y = SmallCNN(3, 3), torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    F.cross_entropy(net(x), y).backward()
+    engine = LegRace(rank=1, clip=None, noise_multiplier=0, verify=verify)
+    student = engine.convert(copy.deepcopy(net))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(0.5)
+    with engine.unaccounted():
+        loss = F.cross_entropy(student(x), y)
+        with torch.no_grad():
+            teacher(x)  # the accelerator now holds the teacher's weights
+        loss.backward()
+    for a, b in zip(student.parameters(), net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)

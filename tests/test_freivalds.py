@@ -131,3 +131,27 @@ def test_verify_passes_an_honest_training_step():
     # forward, dW_res, dL/dX and the Y_res resent for BatchNorm's backward, of layers 1 and 2
     # (layer 0's single channel is split exactly by R = 2: it sends nothing)
     assert engine.boundary.verifier.checks == 2 * (2 + 2 + 2 + 2)
+
+
+def test_an_answer_whose_check_overflows_is_caught():
+    # +-FLT_MAX at one pixel of two channels: finite, so it passes the finiteness checks, but the
+    # check's combination over channels can be inf - inf = NaN, and NaN > allowed is False
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(512, 2, 3, 3)
+    bad = F.conv2d(x, w, None, 1, 1)
+    big = torch.finfo(torch.float32).max
+    bad[0, 0, 1, 1], bad[0, 300, 1, 1] = big, -big
+    for _ in range(100):  # before the fix about 1 check in 17 let it through
+        with pytest.raises(BoundaryError, match="integrity check failed"):
+            FreivaldsVerifier().conv_forward(1, x, w, bad, (1, 1), (1, 1), (1, 1))
+
+
+def test_a_forward_the_accelerator_cannot_compute_keeps_nothing():
+    from legrace.boundary import NoisedResidual, RegisterConv, SetWeight
+
+    acc = Accelerator()
+    acc.handle(RegisterConv(0, (1, 1), (1, 1), (1, 1)))
+    acc.handle(SetWeight(0, torch.randn(5, 6, 3, 3)))
+    with pytest.raises(RuntimeError):  # 4 channels for a 6-channel weight (a worker answers Refused)
+        acc.handle(ConvForward(0, NoisedResidual(torch.randn(2, 4, 8, 8), 1.0, 1.0), True))
+    assert acc._stored == {}

@@ -408,3 +408,28 @@ def test_bfloat16_wire_over_a_worker_halves_the_bytes_and_stays_close(worker):
     assert sent(engine) < 0.85 * sent(ref_engine)
     for e in (engine, ref_engine):
         e.close()
+
+
+def test_an_interrupted_request_closes_the_connection_so_no_stale_reply_answers_the_next(monkeypatch):
+    import socket
+
+    import legrace.transport as transport
+
+    mine, theirs = socket.socketpair()
+    link = transport.SocketTransport(mine, "a test peer", timeout=5.0)
+
+    def interrupted(sock):
+        raise KeyboardInterrupt  # Ctrl-C in a notebook while the reply is on its way
+
+    monkeypatch.setattr(transport, "read_frame", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        link.request(Ack())
+    with pytest.raises(BoundaryError, match="is closed"):
+        link.request(Ack())
+    theirs.close()
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.inf, math.nan, True])
+def test_a_bad_accelerator_timeout_is_refused_up_front(timeout):
+    with pytest.raises(ValueError, match="accelerator_timeout must be"):
+        LegRace(rank=2, noise_multiplier=1.0, accelerator_timeout=timeout)

@@ -130,6 +130,7 @@ GARBAGE = {
     "shape too small": tamper(lambda h: h["tensors"][0].__setitem__(2, [4, 3, 5, 6])),
     "negative dim": tamper(lambda h: h["tensors"][0].__setitem__(2, [-4, 3, 5, 7])),
     "too many dims": tamper(lambda h: h["tensors"][0].__setitem__(2, [1] * 9 + [420])),
+    "strides overflow": tamper(lambda h: h["tensors"][0].__setitem__(2, [0, 2**62 - 1, 4])),
     "unknown tensor field": tamper(lambda h: h["tensors"][0].__setitem__(0, "labels")),
     "tensor missing": tamper(lambda h: h.update(tensors=[])),
     "tensor repeated": tamper(lambda h: h["tensors"].append(h["tensors"][0])),

@@ -121,11 +121,12 @@ class Accelerator:
     def _forward(self, m: ConvForward) -> ConvForwardReply:
         conv = self._conv(m.layer)
         x = self._to_device(m.residual.tensor)  # kept as sent (e.g. bfloat16: half the memory)
+        y = self._conv_of(conv, x)
         stored = None
-        if m.keep:
+        if m.keep:  # only once the conv succeeded: a refused request leaves nothing behind
             stored = next(self._ids)
             self._stored[stored] = x
-        return ConvForwardReply(self._conv_of(conv, x), stored)
+        return ConvForwardReply(y, stored)
 
     def _to_device(self, t: Tensor) -> Tensor:
         if not self.pinned:

@@ -335,6 +335,7 @@ class Boundary:
         self._inflight: Optional[_Flight] = None
         self._convs: dict[int, tuple[Shape, Shape, Shape]] = {}
         self._weights: dict[int, Tensor] = {}
+        self._held: dict[int, tuple] = {}  # per layer, which weight the accelerator holds (storage, shape)
 
     def _send(self, message: Message) -> Message:
         return self._start(message, wait=True).reply()
@@ -364,6 +365,7 @@ class Boundary:
         self._convs[layer] = (tuple(stride), tuple(padding), tuple(dilation))
 
     def set_weight(self, layer: int, weight: Tensor) -> None:
+        self._held[layer] = (weight.untyped_storage().data_ptr(), weight.shape)
         weight = weight.detach()
         self._expect(self._send(SetWeight(layer, weight)), Ack, f"SetWeight of layer {layer}")
         if self.verifier is not None:
@@ -394,6 +396,12 @@ class Boundary:
                              residual.tensor.dtype)
 
         return finish() if wait else Pending(finish)
+
+    def hold_weight(self, layer: int, weight: Tensor) -> None:
+        """Before a backward request: send `weight` again if the accelerator holds another for
+        this layer (a deep copy of the model, an EMA teacher, ran a forward since)."""
+        if self._held.get(layer) != (weight.untyped_storage().data_ptr(), weight.shape):
+            self.set_weight(layer, weight)
 
     def resend_output(self, layer: int, stored: Stored, out_shape: Shape, *,
                       wait: bool = True) -> Union[Tensor, Pending]:
@@ -601,7 +609,10 @@ def decode(body: Union[Tensor, bytes, bytearray, memoryview], allowed: tuple[typ
         nbytes = math.prod(shape) * dtype.itemsize
         if offset + nbytes > n:
             raise BoundaryError(f"{cls.__name__}.{name}: {nbytes} bytes announced, only {max(n - offset, 0)} sent")
-        tensors[name] = buf[offset:offset + nbytes].view(dtype).reshape(shape)
+        try:
+            tensors[name] = buf[offset:offset + nbytes].view(dtype).reshape(shape)
+        except RuntimeError as err:  # a shape torch cannot lay out (its strides overflow)
+            raise BoundaryError(f"{cls.__name__}.{name}: shape {list(shape)} cannot be laid out ({err})") from None
         offset += nbytes
     if offset != n:
         raise BoundaryError(f"{cls.__name__}: {n - offset} bytes more than its fields announce")

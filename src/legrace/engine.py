@@ -188,6 +188,9 @@ class LegRace:
         if isinstance(keep_outputs_mb, bool) or not isinstance(keep_outputs_mb, (int, float)) \
                 or not (keep_outputs_mb >= 0 and math.isfinite(keep_outputs_mb)):
             raise ValueError(f"keep_outputs_mb must be a finite number of MiB >= 0, got {keep_outputs_mb!r}")
+        if isinstance(accelerator_timeout, bool) or not isinstance(accelerator_timeout, (int, float)) \
+                or not (accelerator_timeout > 0 and math.isfinite(accelerator_timeout)):
+            raise ValueError(f"accelerator_timeout must be a finite number of seconds > 0, got {accelerator_timeout!r}")
         for name, value, least in (("power_iters", power_iters, 1), ("max_rank", max_rank, 1),
                                    ("noise_ahead", 0 if noise_ahead is None else noise_ahead, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

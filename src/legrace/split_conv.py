@@ -223,6 +223,7 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
                                "backward, so its output cannot be rebuilt; step the optimizer after backward")
         pending = y_main = y_res = None
         if stored is not None:  # asked for first: the accelerator works while the trusted side does
+            cfg.boundary.hold_weight(layer.point, weight)
             pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
                                   out_shape, wait=False)
         if A.shape[-1] > 0:
@@ -320,6 +321,7 @@ class _SplitConvFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_w = g_main = pending = None
         if ctx.sent:  # sent first: the accelerator works while the trusted side does its part
+            cfg.boundary.hold_weight(layer.point, weight)
             pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.conv_backward,
                                   layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape),
                                   need_x, need_w, wait=False)

@@ -160,7 +160,7 @@ class SocketTransport:
             raise BoundaryError(f"the connection to the accelerator at {self.where} is closed")
         try:
             write_frame(self._sock, encode(message))
-        except Exception as err:
+        except BaseException as err:  # KeyboardInterrupt too: a half-sent frame leaves the stream out of step
             self._fail(kind, err)
         return _SocketReply(self, kind)
 
@@ -169,10 +169,14 @@ class SocketTransport:
             raise BoundaryError(f"the connection to the accelerator at {self.where} is closed")
         try:
             return decode(read_frame(self._sock), TO_TRUSTED)
-        except Exception as err:
+        except BaseException as err:  # KeyboardInterrupt too: an unread reply would answer the next request
             self._fail(kind, err)
 
-    def _fail(self, kind: str, err: Exception):
+    def _fail(self, kind: str, err: BaseException):
+        """Close the connection for good (the stream may be out of step), then say why."""
+        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: closed, then re-raised as is
+            self.close()
+            raise err
         if isinstance(err, TimeoutError):
             problem = f"did not answer {kind} within {self.timeout:g} s"
         elif isinstance(err, EOFError):
@@ -181,8 +185,8 @@ class SocketTransport:
             problem = f"broke the connection during {kind} ({err.strerror or err}): the worker died?"
         elif isinstance(err, BoundaryError):
             problem = f"answered {kind} with an invalid message: {err}"
-        else:
-            raise err
+        else:  # anything else the reply made happen (an allocation that failed, ...)
+            problem = f"answered {kind} with something that could not be read ({type(err).__name__}: {err})"
         self.close()
         raise BoundaryError(
             f"the accelerator at {self.where} {problem}{self.worker.exit_note if self.worker else ''}") from None
