@@ -433,3 +433,51 @@ def test_an_interrupted_request_closes_the_connection_so_no_stale_reply_answers_
 def test_a_bad_accelerator_timeout_is_refused_up_front(timeout):
     with pytest.raises(ValueError, match="accelerator_timeout must be"):
         LegRace(rank=2, noise_multiplier=1.0, accelerator_timeout=timeout)
+
+
+def test_a_peer_trickling_its_reply_is_cut_off_at_the_timeout():
+    import socket
+
+    from legrace.transport import read_frame
+
+    mine, theirs = socket.socketpair()
+    mine.settimeout(0.5)
+
+    def trickle():  # a frame announcing 100 bytes, one byte every 0.1 s: each recv is quick, the whole is not
+        try:
+            theirs.sendall(struct.pack("<Q", 100))
+            for _ in range(100):
+                theirs.sendall(b"x")
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        read_frame(mine)
+    assert time.monotonic() - t0 < 2.0 and mine.gettimeout() == 0.5
+    mine.close()
+    theirs.close()
+
+
+def test_a_single_client_worker_is_not_spent_on_a_stranger():
+    import socket
+
+    lines = []
+    server = WorkerServer("127.0.0.1:0", SECRET, once=True, log=lines.append)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.address[len("tcp://"):].rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as stranger:  # a port scanner
+        stranger.sendall(b"GET / HTTP/1.0\r\n\r\n" + b" " * 80)
+        stranger.recv(1024)
+    engine = LegRace(rank=2, clip=None, noise_multiplier=0, accelerator=server.address, secret=SECRET)
+    model = engine.convert(SmallCNN(3, 3))
+    with torch.no_grad(), engine.unaccounted():
+        model(torch.randn(2, 3, 8, 8))  # served: the stranger did not count as the one client
+    engine.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and any("refused" in line for line in lines)
+    server.close()

@@ -45,20 +45,38 @@ _BUFFER = 4 << 20
 # ---- frames -----------------------------------------------------------------------------------
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: Optional[float] = None) -> bytes:
     """Exactly n bytes; EOFError if the peer closes first."""
     buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
+    _recv_into(sock, memoryview(buf), deadline)
     return bytes(buf)
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise EOFError("the peer closed the connection")
-        got += n
+def _deadline(sock: socket.socket) -> Optional[float]:
+    """When the socket's timeout, counted from now, runs out (None: no timeout)."""
+    timeout = sock.gettimeout()
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: Optional[float] = None) -> None:
+    """Fill view. The socket's timeout bounds the whole read, not each recv: a peer trickling a
+    byte at a time is cut off too."""
+    deadline = _deadline(sock) if deadline is None else deadline
+    timeout, got = sock.gettimeout(), 0
+    try:
+        while got < len(view):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                sock.settimeout(left)
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise EOFError("the peer closed the connection")
+            got += n
+    finally:
+        if deadline is not None:
+            sock.settimeout(timeout)
 
 
 def write_frame(sock: socket.socket, chunks: list) -> None:
@@ -86,13 +104,14 @@ def tune(sock: socket.socket) -> None:
 
 def read_frame(sock: socket.socket) -> torch.Tensor:
     """One frame body, read into a fresh (aligned) uint8 tensor; EOFError at a clean close."""
-    (size,) = _LENGTH.unpack(recv_exact(sock, _LENGTH.size))
+    deadline = _deadline(sock)  # one for the whole frame
+    (size,) = _LENGTH.unpack(recv_exact(sock, _LENGTH.size, deadline))
     if size > MAX_FRAME_BYTES:
         raise BoundaryError(f"a frame of {size} bytes announced, more than the limit of {MAX_FRAME_BYTES}")
     body = torch.empty(size, dtype=torch.uint8)
     if size:
         try:
-            _recv_into(sock, memoryview(body.numpy()))
+            _recv_into(sock, memoryview(body.numpy()), deadline)
         except EOFError:
             raise EOFError("the peer closed the connection in the middle of a message") from None
     return body

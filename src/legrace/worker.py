@@ -24,6 +24,8 @@ from legrace.accelerator import Accelerator, AcceleratorError, local_device
 from legrace.boundary import MAX_TEXT, TO_ACCELERATOR, BoundaryError, Message, Refused, decode, encode
 from legrace.transport import HANDSHAKE_TIMEOUT, SECRET_ENV, admit_client, listen, read_frame, tune, write_frame
 
+MAX_CONNECTIONS = 64  # open at once, clients and strangers in their handshake together
+
 DEFAULT_LISTEN = "127.0.0.1:7373"
 
 
@@ -64,8 +66,13 @@ class WorkerServer:
                     return
                 raise
             if self.once:
-                self._serve(conn, peer)
-                return
+                if self._serve(conn, peer):  # a stranger that fails the handshake is not the one client
+                    return
+                continue
+            if len(self._connections) >= MAX_CONNECTIONS:  # strangers holding handshakes open
+                self.log(f"refused a connection: {MAX_CONNECTIONS} already open")
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn, peer), daemon=True).start()
 
     def close(self) -> None:
@@ -83,16 +90,20 @@ class WorkerServer:
             except OSError:
                 pass
 
-    def _serve(self, conn: socket.socket, peer) -> None:
+    def _serve(self, conn: socket.socket, peer) -> bool:
+        """Serve one client until it leaves; False if it did not pass the handshake."""
         name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a local client"
         self._connections.add(conn)
         try:
             tune(conn)
             conn.settimeout(HANDSHAKE_TIMEOUT)
-            refusal = admit_client(conn, self.secret)
+            try:
+                refusal = admit_client(conn, self.secret)
+            except (EOFError, OSError) as err:
+                refusal = f"the handshake failed ({type(err).__name__})"
             if refusal:
                 self.log(f"refused {name}: {refusal}")
-                return
+                return False
             self.log(f"serving {name} on {self.device}")
             conn.settimeout(None)
             accelerator = Accelerator(self.device)
@@ -110,6 +121,7 @@ class WorkerServer:
         finally:
             self._connections.discard(conn)
             conn.close()
+        return True
 
 
 def answer(accelerator: Accelerator, body: torch.Tensor) -> Message:
