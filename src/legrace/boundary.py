@@ -334,8 +334,7 @@ class Boundary:
         self._pending_free: list[int] = []
         self._inflight: Optional[_Flight] = None
         self._convs: dict[int, tuple[Shape, Shape, Shape]] = {}
-        self._weights: dict[int, Tensor] = {}
-        self._held: dict[int, tuple] = {}  # per layer, which weight the accelerator holds (storage, shape)
+        self._weights: dict[int, Tensor] = {}  # per layer, the weight the accelerator holds (no copy)
 
     def _send(self, message: Message) -> Message:
         return self._start(message, wait=True).reply()
@@ -365,13 +364,11 @@ class Boundary:
         self._convs[layer] = (tuple(stride), tuple(padding), tuple(dilation))
 
     def set_weight(self, layer: int, weight: Tensor) -> None:
-        self._held[layer] = (weight.untyped_storage().data_ptr(), weight.shape)
         weight = weight.detach()
         self._expect(self._send(SetWeight(layer, weight)), Ack, f"SetWeight of layer {layer}")
-        if self.verifier is not None:
-            # The Parameter itself, not a copy: it only changes in place after backward (an
-            # optimizer step), and the next forward sends it again.
-            self._weights[layer] = weight
+        # The Parameter's storage, not a copy: it only changes in place after backward (an optimizer
+        # step), and the next forward sends it again. The verifier checks answers against it.
+        self._weights[layer] = weight
 
     def conv_forward(
         self, layer: int, residual: NoisedResidual, keep: bool, out_shape: Shape, *, wait: bool = True
@@ -400,7 +397,9 @@ class Boundary:
     def hold_weight(self, layer: int, weight: Tensor) -> None:
         """Before a backward request: send `weight` again if the accelerator holds another for
         this layer (a deep copy of the model, an EMA teacher, ran a forward since)."""
-        if self._held.get(layer) != (weight.untyped_storage().data_ptr(), weight.shape):
+        held = self._weights.get(layer)
+        if held is None or held.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr() \
+                or held.shape != weight.shape:
             self.set_weight(layer, weight)
 
     def resend_output(self, layer: int, stored: Stored, out_shape: Shape, *,

@@ -8,9 +8,10 @@ valid. Everything else (BN, ReLU, pools, adds, the classifier head) runs on the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -174,18 +175,26 @@ def _check_hooks(module: nn.Module, gm: fx.GraphModule) -> None:
                                         "not run: remove them before make_private (or convert)")
 
 
-def _trace_in_mode(module: nn.Module, training: bool) -> fx.GraphModule:
-    """`module` traced with every submodule in train (or eval) mode; the flags are restored after."""
+@contextlib.contextmanager
+def every_module_in_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Every submodule of `module` in train (or eval) mode for the block; each flag restored after."""
     flags = [(m, m.training) for m in module.modules()]
     try:
         for m, _ in flags:
             m.training = training  # not .train(): a user's override of train() may do more
-        return trace(module)
-    except UnsupportedModelError as err:
-        raise UnsupportedModelError(f"{err} (tracing in {'train' if training else 'eval'} mode)") from err
+        yield
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _trace_in_mode(module: nn.Module, training: bool) -> fx.GraphModule:
+    """`module` traced with every submodule in train (or eval) mode."""
+    try:
+        with every_module_in_mode(module, training):
+            return trace(module)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{err} (tracing in {'train' if training else 'eval'} mode)") from err
 
 
 def _call_key(node: fx.Node) -> tuple:

@@ -21,7 +21,7 @@ from torch import nn
 from legrace.accelerator import Accelerator, local_device
 from legrace.accountant import PrivacyLedger, calibrate_noise_multiplier, epsilon
 from legrace.boundary import AuditLog, Boundary, InProcessTransport
-from legrace.convert import convert
+from legrace.convert import convert, every_module_in_mode
 from legrace.tap import conv_modules
 from legrace.recompute import ConvOutputs
 from legrace.decompose import METHODS, Rank, validate_rank
@@ -326,19 +326,14 @@ class LegRace:
         sizes = []
         hooks = [m.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[2:])))
                  for m in conv_modules(module)]
-        flags = [(m, m.training) for m in module.modules()]
         try:
-            for m, _ in flags:
-                m.training = False
-            with torch.no_grad():
+            with torch.no_grad(), every_module_in_mode(module, False):
                 module(torch.zeros(2, *shape[1:]))
         except Exception:  # the loader's samples are not the model's input: plan nothing
             return
         finally:
             for h in hooks:
                 h.remove()
-            for m, flag in flags:
-                m.training = flag
         if len(sizes) == len(self._splits):
             for (split, _), hw in zip(self._splits, sizes):
                 split.plan(hw)

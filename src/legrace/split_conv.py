@@ -378,11 +378,15 @@ class SplitConv2d(nn.Module):
         return self.config.releases and not self.silent
 
     @property
+    def crosses(self) -> bool:
+        """Whether this conv talks to the accelerator at the map size planned (if any)."""
+        return self.sends if self.planned_hw is None else self.sends_at(self.planned_hw)
+
+    @property
     def releases_nothing(self) -> bool:
         """Not accounted: silent, split exactly at the map size planned, or reusing an earlier
         conv's release."""
-        return self.silent or self.planned_hw is not None and not self.sends_at(self.planned_hw) \
-            or self.same_as is not None
+        return not self.crosses or self.same_as is not None
 
     def plan(self, hw: tuple[int, int]) -> None:
         """The input size the noise is calibrated for (LegRace.make_private): if R covers it, this
@@ -404,7 +408,7 @@ class SplitConv2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"layer {self.point} expects a 4-d N x C x H x W input, got shape {tuple(x.shape)}")
         sends = self.sends_at(tuple(x.shape[2:]))
-        if sends and self.planned_hw is not None and not self.sends_at(self.planned_hw):
+        if sends and not self.crosses:
             raise RuntimeError(
                 f"conv layer {self.point} was planned to release nothing (R covers its {self.planned_hw[0]}x"
                 f"{self.planned_hw[1]} map at the input size the noise was calibrated for), but this input gives "

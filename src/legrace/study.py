@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from legrace.attacks import inversion_attack
 from legrace.cli import _rank, positive
@@ -92,12 +93,17 @@ def planned_runs(cfg: StudyConfig) -> list[dict]:
     return runs
 
 
-def _check_attack_layers(cfg: StudyConfig) -> None:
-    """Before any run trains: every attacked layer exists."""
-    data = load_data(cfg.data, max_samples=min(cfg.max_samples or 64, 64), seed=cfg.seeds[0])
+def _fresh_model(cfg: StudyConfig, seed: int) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The study's model at its initial weights, and the C x H x W of its inputs (from a few samples)."""
+    data = load_data(cfg.data, max_samples=min(cfg.max_samples or 64, 64), seed=seed)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
-    n_points = len(conv_modules(model))
+    return model, (data.in_channels, data.image_size, data.image_size)
+
+
+def _check_attack_layers(cfg: StudyConfig) -> None:
+    """Before any run trains: every attacked layer exists."""
+    n_points = len(conv_modules(_fresh_model(cfg, cfg.seeds[0])[0]))
     bad = [v for v in cfg.attack_layers if not 0 <= v < n_points]
     if bad:
         raise AttackError(f"--attack-layers {bad} do not exist: {cfg.model} has {n_points} decomposition points "
@@ -113,10 +119,9 @@ def _train_config(cfg: StudyConfig, run: dict, out: Path) -> TrainConfig:
     if run["clip_rule"] == "auto":
         base.clip, base.target_epsilon = "auto", run["epsilon"]
         return base
-    data = load_data(cfg.data, max_samples=min(cfg.max_samples or 64, 64), seed=run["seed"])
-    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
+    model, input_shape = _fresh_model(cfg, run["seed"])
     z = calibrated_noise(model, run["mode"], cfg.rank, run["epsilon"], cfg.epochs, cfg.batch_size, cfg.delta,
-                         (data.in_channels, data.image_size, data.image_size))
+                         input_shape)
     base.noise_multiplier, base.target_epsilon, base.clip = z, None, clip_from_rule(run["clip_rule"], z)
     return base
 

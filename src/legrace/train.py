@@ -311,22 +311,21 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
                         image_size=state["image_size"])
     ledger_path = path.parent / "privacy_ledger.json"
     engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path, secret)
-    try:
-        engine.ledger.load_state_dict(state["engine"]["ledger"])  # never forgets a use either way
-        engine.ledger.save()
-    except OSError as err:
-        engine.close()
-        raise TrainError(f"cannot record this evaluation's privacy cost in {ledger_path}: {err}") from err
-    if cfg.noise_seed is not None:  # a stream of its own: replayed noise would cancel against training's
-        engine.noise_seed = derive_seed(cfg.noise_seed, "evaluate", sum(engine.ledger.uses.values()))
-    model = engine.convert(model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        engine.close()
-        raise TrainError(f"{path}: its weights do not fit its own model {cfg.model!r} (a damaged checkpoint?)") from err
-    loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), names[0])
-    try:
+    try:  # the engine is closed however this ends (a private worker process exits with it)
+        try:
+            engine.ledger.load_state_dict(state["engine"]["ledger"])  # never forgets a use either way
+            engine.ledger.save()
+        except OSError as err:
+            raise TrainError(f"cannot record this evaluation's privacy cost in {ledger_path}: {err}") from err
+        if cfg.noise_seed is not None:  # a stream of its own: replayed noise would cancel against training's
+            engine.noise_seed = derive_seed(cfg.noise_seed, "evaluate", sum(engine.ledger.uses.values()))
+        model = engine.convert(model)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise TrainError(f"{path}: its weights do not fit its own model {cfg.model!r} (a damaged checkpoint?)") \
+                from err
+        loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), names[0])
         for name in names[1:]:
             engine.ledger.record_pass(name)
         loss, acc = _evaluate(model, loader)

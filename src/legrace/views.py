@@ -183,7 +183,7 @@ class RealRun:
         if self.spec.mode == "gpu_only":
             return True
         split = [m for m in self.model.modules() if isinstance(m, SplitConv2d)][layer]
-        return self.tap is not None and split.sends and (split.planned_hw is None or split.sends_at(split.planned_hw))
+        return self.tap is not None and split.crosses
 
     @property
     def z(self) -> float:
