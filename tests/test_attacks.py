@@ -38,14 +38,14 @@ def test_tap_records_exactly_what_crossed():
     crossed = []  # an independent recorder below the tap, next to the accelerator
 
     class Below(InProcessTransport):
-        def request(self, message):
+        def request(self, message, reply_bytes=None):
             if isinstance(message, ConvForward):
                 crossed.append(("inputs", message.layer, message.residual.tensor.clone()))
             elif isinstance(message, ConvBackward):
                 crossed.append(("grad_y", message.layer, message.grad_y.clone()))
             elif isinstance(message, SetWeight):
                 crossed.append(("weights", message.layer, message.weight.clone()))
-            return super().request(message)
+            return super().request(message, reply_bytes)
 
     original = engine.boundary.transport
     engine.boundary.transport = Below(original.accelerator)

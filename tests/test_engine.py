@@ -175,10 +175,10 @@ def spy_on_releases(engine):
     transport = engine.boundary.transport
 
     class Spy(InProcessTransport):
-        def request(self, message):
+        def request(self, message, reply_bytes=None):
             if isinstance(message, ConvForward):
                 seen.append((message.layer, message.residual.tensor.clone()))
-            return transport.request(message)
+            return transport.request(message, reply_bytes)
 
     engine.boundary.transport = Spy(transport.accelerator)
     return seen
@@ -209,10 +209,10 @@ def test_a_weight_changed_through_data_reaches_a_remote_accelerator():
     transport = engine.boundary.transport
 
     class Remote(InProcessTransport):
-        def request(self, message):
+        def request(self, message, reply_bytes=None):
             if isinstance(message, SetWeight):
                 message = SetWeight(message.layer, message.weight.clone())
-            return transport.request(message)
+            return transport.request(message, reply_bytes)
 
     engine.boundary.transport = Remote(transport.accelerator)
     x = torch.randn(2, 3, 8, 8)

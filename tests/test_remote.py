@@ -252,6 +252,8 @@ LIES = {
     "garbage frame": (lambda r: [os.urandom(256)], "answered ConvForward with an invalid message"),
     "garbage bytes": (lambda r: os.urandom(64), "invalid message|closed the connection"),
     "huge frame": (lambda r: struct.pack("<Q", 1 << 40), "a frame of 1099511627776 bytes"),
+    # far below the 4 GiB any frame may take, far above what this answer can take: refused unread
+    "oversized answer": (lambda r: struct.pack("<Q", 1 << 24), r"a frame of 16777216 bytes announced, more than the \d+ it may take"),
     "cut short": (lambda r: struct.pack("<Q", 1000) + b"x" * 10, "closed the connection during ConvForward"),
     "dies": (lambda r: None, "closed the connection during ConvForward"),
 }
@@ -418,7 +420,7 @@ def test_an_interrupted_request_closes_the_connection_so_no_stale_reply_answers_
     mine, theirs = socket.socketpair()
     link = transport.SocketTransport(mine, "a test peer", timeout=5.0)
 
-    def interrupted(sock):
+    def interrupted(sock, limit):
         raise KeyboardInterrupt  # Ctrl-C in a notebook while the reply is on its way
 
     monkeypatch.setattr(transport, "read_frame", interrupted)

@@ -66,15 +66,15 @@ class _TimedTransport:
     def __init__(self, inner) -> None:
         self.inner, self.seconds = inner, 0.0
 
-    def request(self, message):
+    def request(self, message, reply_bytes=None):
         t0 = time.perf_counter()
         try:
-            return self.inner.request(message)
+            return self.inner.request(message, reply_bytes)
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def start(self, message):
-        t0, handle, timer = time.perf_counter(), self.inner.start(message), self
+    def start(self, message, reply_bytes=None):
+        t0, handle, timer = time.perf_counter(), self.inner.start(message, reply_bytes), self
 
         class Timed:
             def wait(self):

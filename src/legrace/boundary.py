@@ -142,12 +142,15 @@ Message = Union[RegisterConv, SetWeight, ConvForward, ConvBackward, ResendOutput
 class Transport(Protocol):
     """Carries one request to the accelerator and brings back its reply (`close` is optional).
 
-    A transport may also offer `start(message)`, which sends a request and returns at once with a
-    handle whose `wait()` brings the reply: the trusted side then works while the accelerator
+    `reply_bytes` (see the function of that name) is the most the answer can take: a transport
+    that reads frames refuses a longer one before allocating it.
+
+    A transport may also offer `start(message, reply_bytes)`, which sends a request and returns
+    at once with a handle whose `wait()` brings the reply: the trusted side then works while the accelerator
     does (`Boundary(overlap=True)`). Transports without it are used one request at a time.
     """
 
-    def request(self, message: Message) -> Message: ...
+    def request(self, message: Message, reply_bytes: Optional[int] = None) -> Message: ...
 
 
 class InProcessTransport:
@@ -158,10 +161,10 @@ class InProcessTransport:
         self.accelerator = accelerator
         self._thread: Optional[ThreadPoolExecutor] = None
 
-    def request(self, message: Message) -> Message:
+    def request(self, message: Message, reply_bytes: Optional[int] = None) -> Message:
         return self.accelerator.handle(message)
 
-    def start(self, message: Message):
+    def start(self, message: Message, reply_bytes: Optional[int] = None):
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="legrace-accelerator")
             weakref.finalize(self, self._thread.shutdown, wait=False)
@@ -337,9 +340,10 @@ class Boundary:
         self._weights: dict[int, Tensor] = {}  # per layer, the weight the accelerator holds (no copy)
 
     def _send(self, message: Message) -> Message:
-        return self._start(message, wait=True).reply()
+        """A request answered by an Ack (or a Refused): a header and no tensor."""
+        return self._start(message, wait=True, reply_limit=reply_bytes()).reply()
 
-    def _start(self, message: Message, wait: bool) -> _Flight:
+    def _start(self, message: Message, wait: bool, reply_limit: int) -> _Flight:
         if not isinstance(message, TO_ACCELERATOR):
             raise TypeError(f"{type(message).__name__} may not cross to the accelerator")
         if self._inflight is not None:
@@ -353,7 +357,8 @@ class Boundary:
         start = getattr(self.transport, "start", None) if self.overlap and not wait else None
         t0 = time.perf_counter()
         try:
-            handle = start(message) if start is not None else _Ready(self.transport.request(message))
+            handle = (start(message, reply_bytes=reply_limit) if start is not None
+                      else _Ready(self.transport.request(message, reply_bytes=reply_limit)))
         finally:
             self.seconds_waiting += time.perf_counter() - t0
         self._inflight = _Flight(self, message, handle)
@@ -378,7 +383,8 @@ class Boundary:
         if not isinstance(residual, NoisedResidual):
             raise TypeError("only a NoisedResidual made by the Gaussian mechanism may cross")
         request = f"ConvForward of layer {layer}"
-        flight = self._start(ConvForward(layer, residual, keep), wait)
+        dtype = residual.tensor.dtype
+        flight = self._start(ConvForward(layer, residual, keep), wait, reply_bytes((out_shape, dtype)))
 
         def finish() -> tuple[Tensor, Optional[Stored]]:
             reply = self._expect(flight.reply(), ConvForwardReply, request)
@@ -408,7 +414,7 @@ class Boundary:
         if stored.taken:
             raise BoundaryError(f"the residual of layer {layer} was already used by its backward pass")
         request = f"ResendOutput of layer {layer}"
-        flight = self._start(ResendOutput(layer, stored.id), wait)
+        flight = self._start(ResendOutput(layer, stored.id), wait, reply_bytes((out_shape, stored.dtype)))
 
         def finish() -> Tensor:
             reply = self._expect(flight.reply(), ConvForwardReply, request)
@@ -427,7 +433,7 @@ class Boundary:
         residual = stored.residual if stored is not None else None
         sid = stored.take() if stored is not None else None
         msg = ConvBackward(layer, sid, grad_y.contiguous(), tuple(x_shape), need_grad_x, need_grad_w and sid is not None)
-        flight = self._start(msg, wait)
+        flight = self._start(msg, wait, reply_bytes((x_shape, grad_y.dtype), (w_shape, grad_y.dtype)))
 
         def finish() -> tuple[Optional[Tensor], Optional[Tensor]]:
             reply = self._expect(flight.reply(), ConvBackwardReply, f"ConvBackward of layer {layer}")
@@ -526,6 +532,13 @@ WIRE_FIELDS: dict[type, dict[str, str]] = {
 }
 _TENSOR_TYPES = ("tensor", "tensor?", "residual")
 _U32 = struct.Struct("<I")
+
+
+def reply_bytes(*tensors: tuple[Shape, torch.dtype]) -> int:
+    """The most bytes a frame body may take whose tensors have these shapes and dtypes. The
+    trusted side knows what each answer must hold, so a hostile accelerator cannot make it
+    allocate more than that (a transport refuses a longer frame before reading it)."""
+    return _U32.size + MAX_HEADER_BYTES + sum(ALIGN + math.prod(shape) * dtype.itemsize for shape, dtype in tensors)
 
 
 def encode(message: Message) -> list[Union[bytes, memoryview]]:

@@ -77,14 +77,14 @@ class BoundaryTap:
     def _wanted(self, kind: str, layer: int) -> bool:
         return kind in self.kinds and (self.layers is None or layer in self.layers)
 
-    def request(self, message: Message) -> Message:
+    def request(self, message: Message, reply_bytes: Optional[int] = None) -> Message:
         if isinstance(message, ConvForward) and self._wanted("inputs", message.layer):
             self.view.add("inputs", message.layer, message.residual.tensor)
         elif isinstance(message, ConvBackward) and self._wanted("grad_y", message.layer):
             self.view.add("grad_y", message.layer, message.grad_y)
         elif isinstance(message, SetWeight) and self._wanted("weights", message.layer):
             self.view.add("weights", message.layer, message.weight)
-        return self._inner.request(message)
+        return self._inner.request(message, reply_bytes)
 
 
 def conv_modules(model: nn.Module) -> list[nn.Conv2d]:

@@ -102,12 +102,13 @@ def tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def read_frame(sock: socket.socket) -> torch.Tensor:
-    """One frame body, read into a fresh (aligned) uint8 tensor; EOFError at a clean close."""
+def read_frame(sock: socket.socket, limit: int = MAX_FRAME_BYTES) -> torch.Tensor:
+    """One frame body, read into a fresh (aligned) uint8 tensor; EOFError at a clean close.
+    A frame announced longer than `limit` bytes is refused before anything is allocated."""
     deadline = _deadline(sock)  # one for the whole frame
     (size,) = _LENGTH.unpack(recv_exact(sock, _LENGTH.size, deadline))
-    if size > MAX_FRAME_BYTES:
-        raise BoundaryError(f"a frame of {size} bytes announced, more than the limit of {MAX_FRAME_BYTES}")
+    if size > limit:
+        raise BoundaryError(f"a frame of {size} bytes announced, more than the {limit} it may take")
     body = torch.empty(size, dtype=torch.uint8)
     if size:
         try:
@@ -168,10 +169,10 @@ class SocketTransport:
         sock.settimeout(timeout)
         self._finalizer = weakref.finalize(self, _close_quietly, sock, worker)
 
-    def request(self, message: Message) -> Message:
-        return self.start(message).wait()
+    def request(self, message: Message, reply_bytes: Optional[int] = None) -> Message:
+        return self.start(message, reply_bytes).wait()
 
-    def start(self, message: Message) -> "_SocketReply":
+    def start(self, message: Message, reply_bytes: Optional[int] = None) -> "_SocketReply":
         """Send a request now; its reply is read when the handle's `wait()` is called. The worker
         answers requests in order, and the boundary keeps one in flight at a time."""
         kind = type(message).__name__
@@ -181,13 +182,13 @@ class SocketTransport:
             write_frame(self._sock, encode(message))
         except BaseException as err:  # KeyboardInterrupt too: a half-sent frame leaves the stream out of step
             self._fail(kind, err)
-        return _SocketReply(self, kind)
+        return _SocketReply(self, kind, MAX_FRAME_BYTES if reply_bytes is None else reply_bytes)
 
-    def _read_reply(self, kind: str) -> Message:
+    def _read_reply(self, kind: str, limit: int) -> Message:
         if self._sock is None:
             raise BoundaryError(f"the connection to the accelerator at {self.where} is closed")
         try:
-            return decode(read_frame(self._sock), TO_TRUSTED)
+            return decode(read_frame(self._sock, limit), TO_TRUSTED)
         except BaseException as err:  # KeyboardInterrupt too: an unread reply would answer the next request
             self._fail(kind, err)
 
@@ -216,11 +217,11 @@ class SocketTransport:
 
 
 class _SocketReply:
-    def __init__(self, transport: SocketTransport, kind: str) -> None:
-        self.transport, self.kind = transport, kind
+    def __init__(self, transport: SocketTransport, kind: str, limit: int) -> None:
+        self.transport, self.kind, self.limit = transport, kind, limit
 
     def wait(self) -> Message:
-        return self.transport._read_reply(self.kind)
+        return self.transport._read_reply(self.kind, self.limit)
 
 
 def _close_quietly(sock: socket.socket, worker: Optional["LocalWorker"]) -> None:
