@@ -195,6 +195,22 @@ def test_a_bare_resume_keeps_the_runs_epochs_and_more_epochs_say_they_pass_the_t
     assert "past the target 8" in capsys.readouterr().err
 
 
+def test_resume_refuses_options_that_would_change_what_the_run_trains(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    common = ["train", "--max-samples", "200", "--out", out, "--no-progress"]
+    assert main(common + ["--epochs", "1"]) == 0
+    ledger = (tmp_path / "run" / "privacy_ledger.json").read_text()
+    capsys.readouterr()
+    # was: ignored with a log line, the run going on as the checkpoint's cnn
+    assert main(common + ["--resume", "--epochs", "2", "--model", "vgg11", "--noise-multiplier", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--model (checkpoint: 'cnn', here: 'vgg11')" in err and "--noise-multiplier" in err
+    assert (tmp_path / "run" / "privacy_ledger.json").read_text() == ledger  # nothing ran
+    # the command that started the run, repeated with --resume, is fine; so are run settings
+    assert main(common + ["--resume", "--epochs", "2", "--model", "cnn", "--rank", "8", "--lr", "0.05",
+                          "--wire-dtype", "bfloat16"]) == 0
+
+
 def test_a_checkpoint_never_runs_code_when_loaded(tmp_path):
     import torch
 

@@ -72,11 +72,8 @@ def _accelerator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", default=None, help="the worker's shared secret (default $LEGRACE_SECRET)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="legrace", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a model privately (default: a small CNN on scikit-learn's digits)")
+def _train_options(t: argparse.ArgumentParser) -> None:
+    """The options of `legrace train` (also parsed alone, to tell which ones a command line gave)."""
     t.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
     t.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR (default digits)")
     t.add_argument("--epochs", type=positive(int), default=None,
@@ -122,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="legrace", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model privately (default: a small CNN on scikit-learn's digits)")
+    _train_options(t)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="split inference of a checkpoint; prints accuracy")
@@ -138,8 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_options_given(argv: Sequence[str]) -> set[str]:
+    """The `legrace train` options (dest names) that `argv`, the words after `train`, sets itself,
+    whether or not to their default values: --resume refuses those that change the run."""
+    given = argparse.ArgumentParser(add_help=False)
+    _train_options(given)
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(given.parse_known_args(list(argv))[0]))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        args.given = _train_options_given(argv[argv.index("train") + 1:])
     # Imported late so `legrace --help` is quick.
     from legrace.boundary import BoundaryError
     from legrace.convert import UnsupportedModelError
@@ -172,7 +189,8 @@ def _train(args: argparse.Namespace) -> int:
         accountant=args.accountant, out=args.out,
         progress=not args.no_progress,
     )
-    summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr), secret=args.secret)
+    summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr), secret=args.secret,
+                           given=getattr(args, "given", ()))
     print(describe(summary, cfg.out))
     return 0
 

@@ -10,7 +10,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +109,15 @@ def _save(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Optional[str] = None) -> dict:
+def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Optional[str] = None,
+                 given: Iterable[str] = ()) -> dict:
     """Train as `cfg` says; returns the summary also written to OUT/summary.json.
 
     `secret`: the worker's shared secret for accelerator tcp://... (default $LEGRACE_SECRET); it
-    is never written to the checkpoint or the summary.
+    is never written to the checkpoint or the summary. `given`: the fields of `cfg` its maker set
+    on purpose (the CLI: the options on the command line). A resumed run trains what its
+    checkpoint says, so one of them that is not a RUN_SETTING and differs from the checkpoint's
+    is refused rather than ignored.
     """
     out = output_folder(cfg.out)
     ckpt_path, ledger_path = out / "checkpoint.pt", out / "privacy_ledger.json"
@@ -122,6 +126,13 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         if not ckpt_path.exists():
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
         state, saved = load_checkpoint(ckpt_path)
+        changed = [name for name in given if name not in RUN_SETTINGS and hasattr(saved, name)
+                   and getattr(cfg, name) != getattr(saved, name)]
+        if changed:
+            raise TrainError("--resume continues the run as its checkpoint says, but this command changes "
+                             + ", ".join(f"--{n.replace('_', '-')} (checkpoint: {getattr(saved, n)!r}, here: "
+                                         f"{getattr(cfg, n)!r})" for n in changed)
+                             + f"; drop {'it' if len(changed) == 1 else 'them'}, or start a new run in another --out")
         for name in RUN_SETTINGS:
             if name != "epochs" or cfg.epochs is not None:
                 setattr(saved, name, getattr(cfg, name))
