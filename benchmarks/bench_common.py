@@ -27,7 +27,7 @@ def counts(text: str) -> list[int]:
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=count, default=None,
                         help="torch threads per process (a busy machine: 1 avoids OpenMP oversubscription)")
 
 

@@ -122,5 +122,5 @@ GOMP_SPINCOUNT=10000 bench vgg16-train-spin10k 90 --model vgg16 --modes tee_only
 OMP_WAIT_POLICY=PASSIVE bench vgg16-train-omp-passive 90 --model vgg16 --modes tee_only,legrace,gpu_only
 $PY benchmarks/summarize_bench.py "$RUNS" > "$OUT/summary.md" 2>>"$LOG"
 cat "$OUT/summary.md" | tee -a "$LOG"
-[ "$ACCELERATOR" = cpu ] || step 300 full-tests $PY -m pytest -q -p no:cacheprovider --timeout 120 tests
+[ "$ACCELERATOR" = cpu ] || step 300 full-tests $PY -m pytest -q -p no:cacheprovider tests
 say "done"

@@ -92,13 +92,18 @@ def test_target_check_of_a_gpu_run():
     rows = runpy.run_path(str(script), run_name="not_main")["target_rows"]
     ratios = {"tee_only_step / legrace_trusted": 16.0, "tee_only_memory / legrace_trusted_memory": 7.9,
               "tee_only_step / legrace_step": 15.0, "legrace_step / gpu_only_step": 5.5}
-    got = {row[1]: (row[2], row[3]) for row in rows("vgg16-train", {"model": "vgg16", "train": True, "ratios": ratios})}
+    gpu_run = {"model": "vgg16", "train": True, "ratios": ratios, "accelerator": "cuda"}
+    got = {row[1]: (row[2], row[3]) for row in rows("vgg16-train", gpu_run)}
     assert got == {"TEE-only step / trusted time >= 15x": ("16.00x", "yes"),
                    "TEE-only memory / trusted memory >= 8x": ("7.90x", "no"),
                    "TEE-only step / legrace step >= 15x": ("15.00x", "yes"),
                    "legrace step / GPU-only step <= 5x": ("5.50x", "no")}
-    inference = rows("vgg19-infer", {"model": "vgg19", "train": False, "ratios": ratios})
+    inference = rows("vgg19-infer", {"model": "vgg19", "train": False, "ratios": ratios, "accelerator": "process:cuda"})
     assert [row[1:] for row in inference] == [["inference: TEE-only step / legrace step (paper: 11.2x)", "15.00x", "yes"]]
+    # gpu_only timed on the CPU (the default --modes without a GPU) is no GPU run: its targets are not checked
+    cpu_run = {"model": "vgg16", "train": True, "ratios": ratios, "accelerator": "cpu"}
+    assert [row[1] for row in rows("vgg16-train", cpu_run)] == ["TEE-only step / trusted time >= 15x",
+                                                                "TEE-only memory / trusted memory >= 8x"]
     resnet = rows("r", {"model": "resnet34", "train": True, "ratios": {"tee_only_step / legrace_trusted": 9.99}})
     assert [row[1:] for row in resnet] == [["TEE-only step / trusted time >= 10x", "9.99x", "no"]]
 
@@ -247,10 +252,20 @@ def test_bench_refuses_a_bad_output_folder_before_it_times_anything(tmp_path, ca
     monkeypatch.setattr(bench._ModeRun, "timed_step", no_timing)
     afile = tmp_path / "a-file"
     afile.write_text("kept")
-    for out, message in ((afile, "is a file"), (afile / "below", "cannot make the output folder")):
+    for out, message in ((afile, "is a file"), (afile / "below", "cannot write in the output folder"),
+                         ("", "the output folder is empty")):  # was: written to the working folder
         assert main(["bench", "--model", "cnn", "--input-size", "16", "--modes", "tee_only", "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert afile.read_text() == "kept"
+
+    def read_only(**kwargs):  # a folder that exists but this user may not write in (root may write anywhere)
+        raise PermissionError(13, "Permission denied")
+
+    import legrace.outputs
+
+    monkeypatch.setattr(legrace.outputs.tempfile, "NamedTemporaryFile", read_only)
+    assert main(["bench", "--model", "cnn", "--input-size", "16", "--modes", "tee_only", "--out", str(tmp_path)]) == 2
+    assert "cannot write in the output folder" in capsys.readouterr().err
 
 
 def test_busy_thread_experiment_times_each_thread_count_alone_and_beside_a_busy_thread(tmp_path, monkeypatch):
@@ -333,7 +348,8 @@ def test_noise_rate_times_each_sampler_and_thread_count_and_refuses_bad_sizes(mo
     ("lowrank_paths.py", ["--repeats", "0"]), ("lowrank_paths.py", ["--models", "vgg16:0:8"]),
     ("busy_thread.py", ["--steps", "x"]), ("transports.py", ["--steps", "0"]), ("verify.py", ["--steps", "0"]),
     ("micro_batches.py", ["--k", "2,0"]), ("exactness.py", ["--sizes", "32,x"]),
-    ("keep_outputs.py", ["--steps", "0"]),
+    ("keep_outputs.py", ["--steps", "0"]), ("noise_ceiling.py", ["--threads", "0"]),
+    ("profile_trusted.py", ["--threads", "-1"]),
 ])
 def test_benchmark_scripts_refuse_counts_below_one_before_any_work(monkeypatch, capsys, script, args):
     # --steps 0 once ended in an empty median or a division by zero after the model was built
@@ -405,3 +421,40 @@ def test_shared_work_counts_the_first_conv_as_shared_and_bounds_the_ratio(monkey
     module["main"]()
     (result,) = json.loads(out.read_text())["results"]
     assert not result["train"] and "inference" in capsys.readouterr().out and result["bound"] > 1
+
+
+def test_macs_of_tee_only_are_those_torch_counts_for_a_step():
+    # the first conv's input is the image: autograd computes no dL/dX for it (was counted)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from legrace.bench import _macs
+    from legrace.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("vgg11", num_classes=10, image_size=32)
+    x = torch.randn(1, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model.train()(x), torch.tensor([3])).backward()
+    counted = _macs(model, x, "tee_only", 8, 2, True)["trusted_macs"]
+    assert counted == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("channels", [16, 128])  # through the Gram matrix, and a pass over X per half-iteration
+def test_decomposition_macs_are_those_the_light_svd_computes(channels):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from legrace.bench import _decomposition_macs
+    from legrace.decompose import decompose
+
+    x = torch.randn(2, channels, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        decompose(x, 4, iters=2)
+    # the rest is Cholesky QR's R x R work, a few N·R^2
+    assert counter.get_total_flops() // 2 == pytest.approx(2 * _decomposition_macs(channels, 32 * 32, 4, 2), rel=0.03)
+
+
+def test_bench_refuses_a_keep_budget_that_would_keep_nothing_more(capsys):
+    for args in (["--infer"], ["--no-rebuild-outputs"]):
+        assert main(["bench", "--model", "cnn", "--input-size", "16", "--modes", "legrace", "--keep-outputs-mb", "5",
+                     *args, "--out", "unused"]) == 2
+        assert "keep" in capsys.readouterr().err

@@ -169,7 +169,7 @@ def test_bad_input_gets_a_clear_message(tmp_path, args, message):
 def test_an_output_folder_that_is_a_file_or_cannot_be_made_is_refused_before_training(tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("kept")
-    for out, message in ((afile, "is a file"), (afile / "below", "cannot make the output folder")):
+    for out, message in ((afile, "is a file"), (afile / "below", "cannot write in the output folder")):
         r = run_cli("train", "--epochs", "1", "--out", str(out), "--no-progress")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
         assert "epoch" not in r.stderr  # refused before any training

@@ -9,6 +9,7 @@ compute, accelerator compute and transfer/wait. Synthetic inputs: timing does no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -17,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from legrace import kernels
+from legrace.accelerator import full_float32
 from legrace.cli import mebibytes, positive
+from legrace.decompose import GRAM_MAX_CHANNELS
 from legrace.engine import MODES, LegRace
 from legrace.models import build_model, model_names
 from legrace.outputs import output_folder
@@ -127,21 +130,32 @@ def _trusted_saved_bytes(model: nn.Module, step, outputs=None) -> int:
     return sum(seen.values())
 
 
+def _decomposition_macs(N: int, hw: int, R: int, iters: int) -> int:
+    """One sample's light SVD and X_res = X - A·V, as `decompose._light` computes them: through
+    the Gram matrix X·X^T with few channels, otherwise a pass over X per half-iteration."""
+    if N <= GRAM_MAX_CHANNELS:
+        return N * N * hw + max(iters - 1, 0) * N * N * R + 2 * N * hw * R
+    return (2 * max(iters, 1) + 1) * N * hw * R
+
+
 def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train: bool,
-          rebuilt: frozenset = frozenset()) -> dict:
+          rebuilt: frozenset = frozenset(), engine: Optional[LegRace] = None) -> dict:
     """Trusted and accelerator multiply-accumulates of one step, counted from the layer shapes.
-    `rebuilt`: decomposition points whose output backward rebuilt (one more low-rank conv each)."""
+    `rebuilt`: decomposition points whose output backward rebuilt (one more low-rank conv each).
+    A conv whose input is the model's input (the image) computes no dL/dX in backward."""
     shapes = []
-    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((m, i[0].shape, o.shape)))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, SplitConv2d, nn.Linear))]
-    with torch.no_grad():
+    hooks = [m.register_forward_hook(
+        lambda m, i, o: shapes.append((m, i[0].shape, o.shape, i[0].data_ptr() == x.data_ptr())))
+        for m in model.modules() if isinstance(m, (nn.Conv2d, SplitConv2d, nn.Linear))]
+    unaccounted = engine.unaccounted() if engine is not None else contextlib.nullcontext()
+    with torch.no_grad(), unaccounted:  # synthetic inputs: nothing private
         model.eval()(x)
     for h in hooks:
         h.remove()
     trusted = accel = 0
-    bwd = 2 if train else 0
     point = -1
-    for m, xs, ys in shapes:
+    for m, xs, ys, on_image in shapes:
+        bwd = (1 if on_image else 2) if train else 0  # dW, and dL/dX unless the input is the image
         if isinstance(m, nn.Linear):
             macs = xs[0] * m.in_features * m.out_features
             trusted += macs * (1 + bwd) if mode != "gpu_only" else 0
@@ -163,10 +177,10 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
         exact = rank != "auto" and R in (N, h * w)  # X_main = X: no decomposition
         silent = getattr(m, "silent", False)  # SplitConv2d.silent: nothing crosses, dL/dX is trusted too
         reuses = getattr(m, "same_as", None) is not None  # an earlier conv's split of the same input
-        decomposition = 0 if exact or reuses else B * (2 * iters + 1) * N * h * w * R
+        decomposition = 0 if exact or reuses else B * _decomposition_macs(N, h * w, R, iters)
         trusted += lowrank * (1 + (1 if train else 0) + (1 if point in rebuilt else 0)) + decomposition
         if mode == "lowrank_only" or silent:
-            trusted += full if train and (mode == "lowrank_only" or point > 0) else 0  # dL/dX stays inside
+            trusted += full if train and not on_image else 0  # dL/dX stays inside
         else:
             accel += full * (1 + bwd)
     return {"trusted_macs": trusted, "accelerator_macs": accel}
@@ -179,11 +193,11 @@ class _ModeRun:
                  accelerator: str, iters: int, noise_ahead: Optional[int] = None,
                  wire_dtype: Optional[str] = None, overlap: Optional[bool] = None,
                  pinned: Optional[bool] = None, rebuild_outputs: Optional[bool] = None,
-                 keep_outputs_mb: float = 0.0) -> None:
+                 keep_outputs_mb: float = 0.0, secret: Optional[str] = None) -> None:
         releasing = mode in ("legrace", "dp_only")
         self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
         self.engine = LegRace(mode="tee_only" if mode == TEE_CHANNELS_LAST else mode, rank=rank,
-                              accelerator=accelerator, power_iters=iters,
+                              accelerator=accelerator, secret=secret, power_iters=iters,
                               **({"noise_multiplier": 1.0, "clip": 1.0, "noise_ahead": noise_ahead,
                                   "wire_dtype": wire_dtype, "overlap": overlap, "pinned_memory": pinned,
                                   "keep_outputs_mb": keep_outputs_mb,
@@ -202,7 +216,9 @@ class _ModeRun:
         self.steps, self.trusted, self.accel, self.noise, self.layers = [], [], [], [], []
 
     def step(self) -> None:
-        with self.engine.unaccounted():  # synthetic inputs: nothing private
+        # gpu_only's convs in full float32 like legrace's accelerator's (cuDNN would use TF32)
+        precision = full_float32(self.device) if self.mode == "gpu_only" else contextlib.nullcontext()
+        with self.engine.unaccounted(), precision:  # synthetic inputs: nothing private
             if self.train:
                 self.net.train()
                 self.net.zero_grad(set_to_none=True)
@@ -237,7 +253,8 @@ class _ModeRun:
              "noise_thread_seconds": statistics.median(self.noise), "repeats": len(self.steps)}
         rebuilt = frozenset(p for p, kind in (self.layers[-1] if self.layers else {}) if kind == "rebuilds")
         r.update({k: v * len(self.x) for k, v in
-                  _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train, rebuilt).items()})
+                  _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train, rebuilt,
+                        self.engine).items()})
         r["trusted_saved_bytes"] = 0 if self.mode == "gpu_only" or not self.train else \
             _trusted_saved_bytes(self.net, self.step, self.config.outputs if self.config else None)
         if self.layers:
@@ -261,15 +278,18 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
               overlap: Optional[bool] = None, pinned: Optional[bool] = None,
               rebuild_outputs: Optional[bool] = None, keep_outputs_mb: float = 0.0,
-              out: Optional[Path] = None, log=print) -> dict:
+              out: Union[str, Path, None] = None, secret: Optional[str] = None, log=print) -> dict:
     _check_settings(modes, batch_size, warmup, repeats)
+    if keep_outputs_mb and not train:
+        raise ValueError("--keep-outputs-mb keeps conv outputs for backward; --infer has no backward")
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
     runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
                      noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap, pinned=pinned,
-                     rebuild_outputs=rebuild_outputs, keep_outputs_mb=keep_outputs_mb) for m in modes]
+                     rebuild_outputs=rebuild_outputs, keep_outputs_mb=keep_outputs_mb, secret=secret)
+            for m in modes]
     if out is not None:  # made before the timing (the engines have checked their settings): a bad path
         out = output_folder(out)  # fails now, not after minutes of timing
     for run in runs:
@@ -425,6 +445,7 @@ def add_parser(sub) -> None:
                    help="where legrace's residual convs run: cpu or cuda (in this process), process[:DEVICE] "
                         "(a worker process) or tcp://HOST:PORT (a `legrace worker`; gpu_only needs a device of "
                         "this machine) (default cpu)")
+    b.add_argument("--secret", default=None, help="a tcp:// worker's shared secret (default $LEGRACE_SECRET)")
     b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the noised residuals on the wire (bfloat16: half the bytes, no privacy cost)")
     b.add_argument("--noise-ahead", type=int, default=None,
@@ -456,6 +477,7 @@ def _cli(args: argparse.Namespace) -> int:
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
               noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, pinned=args.pinned,
-              rebuild_outputs=args.rebuild_outputs, keep_outputs_mb=args.keep_outputs_mb, out=Path(args.out))
-    print(f"wrote {args.out}/bench.json and charts")
+              rebuild_outputs=args.rebuild_outputs, keep_outputs_mb=args.keep_outputs_mb, out=args.out,
+              secret=args.secret)
+    print(f"wrote {Path(args.out) / 'bench.json'} and charts")
     return 0

@@ -188,6 +188,9 @@ class LegRace:
         if isinstance(keep_outputs_mb, bool) or not isinstance(keep_outputs_mb, (int, float)) \
                 or not (keep_outputs_mb >= 0 and math.isfinite(keep_outputs_mb)):
             raise ValueError(f"keep_outputs_mb must be a finite number of MiB >= 0, got {keep_outputs_mb!r}")
+        if keep_outputs_mb and not rebuild_outputs:
+            raise ValueError("keep_outputs_mb is a budget for outputs that would be rebuilt; with "
+                             "rebuild_outputs=False every conv output is kept already")
         if isinstance(accelerator_timeout, bool) or not isinstance(accelerator_timeout, (int, float)) \
                 or not (accelerator_timeout > 0 and math.isfinite(accelerator_timeout)):
             raise ValueError(f"accelerator_timeout must be a finite number of seconds > 0, got {accelerator_timeout!r}")
