@@ -196,6 +196,7 @@ def test_membership_needs_a_trained_model():
     (["attack", "inversion", "--aux", "5000", "--max-samples", "900"], "only"),
     (["attack", "membership"], "trained model"),
     (["attack", "gradients", "--checkpoint", "/no/such.pt"], "no checkpoint"),
+    (["attack", "gradients", "--victims", "8", "--batch-size", "32", "--max-samples", "900"], "more than the 8 victims"),
 ])
 def test_attack_cli_bad_input_is_one_clear_line(args, message, capsys):
     assert main(args) == 2

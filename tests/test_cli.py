@@ -291,3 +291,83 @@ def test_every_option_of_every_command_says_what_it_does():
                     for action in parser._actions
                     if action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help]
     assert undocumented == []
+
+
+def _npz(path, x, y, classes=None):
+    np.savez(path, x=x, y=y, **({} if classes is None else {"classes": np.array(classes)}))
+    return f"npz:{path}"
+
+
+def test_evaluate_matches_classes_by_name(tmp_path, capsys):
+    # a test set without class b: its label 1 is c, the model's output 2 (was: scored as b)
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    y = np.arange(90) % 3
+    x = (colours[y][:, None, None, :] * np.ones((1, 8, 8, 1), np.uint8)).astype(np.uint8)
+    out = tmp_path / "run"
+    assert main(["train", "--data", _npz(tmp_path / "abc.npz", x, y, ["a", "b", "c"]), "--mode", "tee_only",
+                 "--epochs", "3", "--batch-size", "16", "--out", str(out), "--no-progress"]) == 0
+    ac = y != 1
+    full = _npz(tmp_path / "ac-full.npz", x[ac], y[ac], ["a", "b", "c"])
+    named = _npz(tmp_path / "ac.npz", x[ac], (y[ac] == 2).astype(np.int64), ["a", "c"])
+    capsys.readouterr()
+    accuracy = []
+    for spec in (full, named):
+        assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", spec]) == 0
+        accuracy.append(json.loads(capsys.readouterr().out)["accuracy"])
+    assert accuracy[0] == accuracy[1] and accuracy[0] > 0.9
+    other = _npz(tmp_path / "ad.npz", x[:4], np.array([0, 1, 0, 1]), ["a", "d"])
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", other]) == 2
+    assert "classes the model was not trained on: d" in capsys.readouterr().err
+
+
+def test_every_training_sample_is_used_every_epoch(tmp_path):
+    # 180 training samples in batches of 100: was 1 step (80 samples dropped each epoch)
+    out = tmp_path / "run"
+    assert main(["train", "--max-samples", "200", "--batch-size", "100", "--epochs", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["train_samples"] == 180 and s["steps"] == 2 and s["max_samples"] == 200
+
+
+def test_a_single_class_and_changed_data_on_resume_are_refused(tmp_path, capsys):
+    x = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    assert main(["train", "--data", _npz(tmp_path / "one.npz", x, np.zeros(40, np.int64)), "--epochs", "1",
+                 "--out", str(tmp_path / "one"), "--no-progress"]) == 2
+    assert "a classifier needs at least 2" in capsys.readouterr().err
+    spec = _npz(tmp_path / "d.npz", x, np.arange(40) % 2)
+    out = tmp_path / "run"
+    assert main(["train", "--data", spec, "--epochs", "1", "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+    _npz(tmp_path / "d.npz", np.concatenate([x, x[:4]]), np.arange(44) % 2)  # 4 samples more: the split moves
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 2
+    assert "is not what the run read" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", spec, "--split", "val"]) == 2
+    assert "is not what the run read" in capsys.readouterr().err
+
+
+def test_a_resumed_run_trains_as_an_unbroken_one_and_keeps_one_row_per_epoch(tmp_path, monkeypatch):
+    import legrace.train
+
+    common = ["train", "--max-samples", "300", "--mode", "tee_only", "--no-progress", "--epochs", "2"]
+    assert main(common + ["--out", str(tmp_path / "whole")]) == 0
+    real, calls = legrace.train.F.cross_entropy, []
+
+    def crashes_in_the_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # epoch 1: 5 training steps (270 samples) and 1 validation batch
+            raise RuntimeError("the machine went down")
+        return real(*args, **kwargs)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(legrace.train.F, "cross_entropy", crashes_in_the_second_epoch)
+    with pytest.raises(RuntimeError, match="went down"):
+        main(common + ["--out", str(part)])
+    monkeypatch.setattr(legrace.train.F, "cross_entropy", real)
+    with open(part / "metrics.jsonl", "a") as f:  # as if epoch 2 had ended but crashed before its checkpoint
+        f.write(json.dumps({"epoch": 2, "train_loss": 0.0}) + "\n")
+    assert main(common + ["--out", str(part), "--resume"]) == 0
+    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    # the same shuffle in epoch 2 (was: epoch 1's order again), so the same losses
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in whole]

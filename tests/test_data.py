@@ -306,3 +306,33 @@ def test_an_unreadable_image_is_a_data_error_naming_it(tmp_path):
 
 def test_module_constants():
     assert (data.NORM_MEAN, data.NORM_STD) == (0.5, 0.25)
+
+
+# --- labels and layouts a user gets wrong -----------------------------------------------
+
+
+def test_npz_labels_that_would_make_a_huge_head_or_leave_classes_out(tmp_path):
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(DataError) as e:  # was a MemoryError from deep inside
+        load_data(_write_npz(tmp_path / "huge.npz", x=x, y=np.array([0, 1, 2, 10**9])))
+    _one_line_error(e, "labels go up to 1000000000")
+    with pytest.warns(UserWarning, match="1 of 0..3 never occur"):  # one-based labels: class 0 is never seen
+        assert load_data(_write_npz(tmp_path / "one.npz", x=x, y=np.array([1, 2, 3, 3]))).num_classes == 4
+
+
+def test_npz_in_channel_first_layout_is_named_not_read_as_odd_images(tmp_path):
+    spec = _write_npz(tmp_path / "nchw.npz", x=np.zeros((4, 3, 8, 8), np.uint8), y=np.arange(4))
+    for size in (None, 8):  # was: "not square; pass an image size", which then trained 8-channel 3x8 images
+        with pytest.raises(DataError) as e:
+            load_data(spec, image_size=size)
+        _one_line_error(e, "looks channel-first")
+
+
+def test_the_fingerprint_follows_the_content_not_the_split(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (20, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(20) % 2
+    a = load_data(_write_npz(tmp_path / "a.npz", x=x, y=y), seed=1)
+    assert load_data(_write_npz(tmp_path / "b.npz", x=x, y=y), seed=2, max_samples=10).fingerprint == a.fingerprint
+    x[3, 0, 0, 0] ^= 1
+    assert load_data(_write_npz(tmp_path / "c.npz", x=x, y=y)).fingerprint != a.fingerprint
+    assert load_data("digits").fingerprint == load_data("digits", val_fraction=0.5).fingerprint

@@ -144,6 +144,9 @@ def gradient_attack(target: Target, views: list[ViewSpec], layer: int = 0, *, n_
                     decoder_epochs: int = 10, epsilon_epochs: Optional[int] = None, device: str = "cpu",
                     seed: int = 0, log=print) -> dict:
     """Gradient matching and a dL/dY decoder against victims' training steps, per view."""
+    if batch_size > n_victims:  # the steps would hold fewer victims than the batch size reported
+        raise ValueError(f"--batch-size {batch_size} is more than the {n_victims} victims (--victims): "
+                         "a step cannot hold more victims than there are")
     aux = target.subset(take(target.unused, n_aux, "auxiliary (unused) samples"))
     victims = target.subset(take(target.members, n_victims, "victims (training samples)"))
     aux_images, victim_images = to_unit(images(aux)[0]), to_unit(images(victims)[0])

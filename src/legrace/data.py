@@ -7,7 +7,10 @@ data-independent constants, ``y`` an int64 scalar tensor.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
+import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +27,26 @@ NORM_MEAN = 0.5
 NORM_STD = 0.25
 
 SPEC_FORMS = "digits, npz:PATH, cifar10:DIR, imagefolder:DIR"
+MAX_CLASSES = 1 << 16
 DEFAULT_FOLDER_SIZE = 32
 
-# What each loader returns: dataset, num_classes, in_channels, image_size, classes.
-_Loaded = tuple[Dataset, int, int, int, list[str]]
+# What each loader returns: dataset, num_classes, in_channels, image_size, classes, fingerprint.
+_Loaded = tuple[Dataset, int, int, int, list[str], str]
+
+
+def _fingerprint(*parts) -> str:
+    """A digest of a data set's content (arrays hashed as bytes, anything else as its repr):
+    a run's checkpoint keeps it, so a resume on changed data cannot move trained samples into
+    the validation split unnoticed."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            part = np.ascontiguousarray(part)
+            h.update(repr((part.dtype.str, part.shape)).encode())
+            h.update(memoryview(part).cast("B"))
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
 
 
 class DataError(ValueError):
@@ -45,6 +64,7 @@ class DataSplit:
     image_size: int
     classes: list[str]
     spec: str
+    fingerprint: str = ""  # of the whole source, before max_samples and the split (see _fingerprint)
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +132,8 @@ def _load_digits(size: int | None) -> _Loaded:
     images = torch.from_numpy(bunch.images.astype(np.uint8))[:, None]  # values 0..16
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     classes = [str(c) for c in bunch.target_names]
-    return ArrayDataset(images, labels, scale=16.0, size=size), len(classes), 1, size or 8, classes
+    return (ArrayDataset(images, labels, scale=16.0, size=size), len(classes), 1, size or 8, classes,
+            _fingerprint(bunch.images, bunch.target))
 
 
 def _load_npz(path: Path, size: int | None) -> _Loaded:
@@ -138,6 +159,9 @@ def _load_npz(path: Path, size: int | None) -> _Loaded:
         raise DataError(f"npz:{path}: x must be N x H x W x C or N x H x W, got shape {x.shape}")
     if x.ndim == 3:
         x = x[..., None]
+    if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+        raise DataError(f"npz:{path}: x of shape {x.shape} looks channel-first (N x C x H x W); store it as "
+                        "N x H x W x C, e.g. x.transpose(0, 2, 3, 1)")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"npz:{path}: y must be a 1-d integer array, got dtype {y.dtype} shape {y.shape}")
     if len(x) != len(y):
@@ -152,6 +176,13 @@ def _load_npz(path: Path, size: int | None) -> _Loaded:
 
     num_classes = int(y.max()) + 1
     if names is None:
+        if num_classes > MAX_CLASSES:  # a label of 10^9 would make a head of 10^9 outputs
+            raise DataError(f"npz:{path}: labels go up to {num_classes - 1}; labels must be 0..K-1 for K classes "
+                            f"(at most {MAX_CLASSES})")
+        absent = num_classes - len(np.unique(y))
+        if absent:
+            warnings.warn(f"npz:{path}: labels go up to {num_classes - 1} but {absent} of 0..{num_classes - 1} never "
+                          f"occur; the model gets {num_classes} outputs (relabel 0..K-1, or give a classes array)")
         classes = [str(i) for i in range(num_classes)]
     else:
         if names.ndim != 1 or len(names) < num_classes:
@@ -162,7 +193,7 @@ def _load_npz(path: Path, size: int | None) -> _Loaded:
 
     images = torch.from_numpy(x).permute(0, 3, 1, 2)  # NCHW view, no copy
     labels = torch.from_numpy(y.astype(np.int64, copy=False))
-    return ArrayDataset(images, labels, size=size), num_classes, c, size or h, classes
+    return ArrayDataset(images, labels, size=size), num_classes, c, size or h, classes, _fingerprint(x, y, classes)
 
 
 def _load_cifar10(root: Path, size: int | None, download: bool, split: str) -> _Loaded:
@@ -182,7 +213,7 @@ def _load_cifar10(root: Path, size: int | None, download: bool, split: str) -> _
         except Exception as err:  # URLError, HTTPError, checksum RuntimeError, ...
             raise DataError(f"cifar10:{root}: could not download CIFAR-10 into {root} (offline?): "
                             f"{type(err).__name__}: {err}") from err
-    return ds, len(ds.classes), 3, size or 32, list(ds.classes)
+    return ds, len(ds.classes), 3, size or 32, list(ds.classes), _fingerprint(ds.data, np.asarray(ds.targets))
 
 
 def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
@@ -196,7 +227,11 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
     except (OSError, RuntimeError) as err:  # FileNotFoundError: no class folders / no images
         raise DataError(f"imagefolder:{root}: no images found; "
                         f"expected DIR/CLASS/IMAGE files ({err})") from err
-    return ds, len(ds.classes), 3, size, list(ds.classes)
+    files = []
+    for path, label in ds.samples:  # names, sizes and times: cheaper than reading every image
+        st = os.stat(path)
+        files.append((os.path.relpath(path, root), label, st.st_size, st.st_mtime_ns))
+    return ds, len(ds.classes), 3, size, list(ds.classes), _fingerprint(files)
 
 
 def _check_options(val_fraction: float, max_samples: int | None, image_size: int | None, split: str) -> None:
@@ -242,7 +277,7 @@ def load_data(
             loaded = _load_imagefolder(path, image_size)
     else:
         raise DataError(f"unknown data spec {spec!r}; accepted forms: {SPEC_FORMS}")
-    dataset, num_classes, in_channels, size, classes = loaded
+    dataset, num_classes, in_channels, size, classes, fingerprint = loaded
 
     gen = torch.Generator().manual_seed(seed)
     if max_samples is not None and max_samples < len(dataset):
@@ -259,4 +294,4 @@ def load_data(
     else:
         train, val = dataset, None
     return DataSplit(train=train, val=val, num_classes=num_classes, in_channels=in_channels,
-                     image_size=size, classes=classes, spec=spec)
+                     image_size=size, classes=classes, spec=spec, fingerprint=fingerprint)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 
 from legrace.data import NORM_MEAN, NORM_STD, DataSplit, load_data
 from legrace.models import build_model
-from legrace.train import TrainConfig, TrainError, load_checkpoint
+from legrace.train import TrainConfig, TrainError, check_same_data, load_checkpoint
 
 
 class AttackError(ValueError):
@@ -73,6 +73,11 @@ def load_target(checkpoint: Optional[str] = None, config: Optional[TrainConfig] 
         raise AttackError("give a checkpoint or the model and data to attack")
     data = load_data(config.data, val_fraction=config.val_fraction, seed=config.seed,
                      max_samples=config.max_samples, image_size=config.image_size)
+    if state is not None:
+        try:
+            check_same_data(state, data, "attack")
+        except TrainError as err:
+            raise AttackError(str(err)) from err
     base, members = _flatten(data.train)
     held_out = _flatten(data.val)[1] if data.val is not None else []
     used = set(members) | set(held_out)

@@ -83,19 +83,52 @@ def _engine(cfg: TrainConfig, noise_multiplier: Optional[float], clip, ledger_pa
     )
 
 
-def _loader(ds, cfg: TrainConfig, train: bool) -> DataLoader:
-    g = torch.Generator().manual_seed(cfg.seed)
-    # drop_last in training: a last batch of one sample breaks BatchNorm and wastes a step
+def _loader(ds, cfg: TrainConfig, train: bool, generator: Optional[torch.Generator] = None) -> DataLoader:
+    """Training shuffles with `generator` (its state is checkpointed, so a resumed epoch draws the
+    order an unbroken run would). Only a last batch of one sample is dropped: BatchNorm cannot
+    train on it; every other sample is used every epoch."""
+    g = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, generator=g,
-                      drop_last=train and len(ds) > cfg.batch_size)
+                      drop_last=train and len(ds) > cfg.batch_size and len(ds) % cfg.batch_size == 1)
 
 
-def _evaluate(model, loader) -> tuple[float, float]:
+def check_same_data(state: dict, data: DataSplit, use: str) -> None:
+    """Refuse data whose content differs from what the checkpoint's run read: its seeded split
+    would then move samples the run trained on into the validation split."""
+    saved = state.get("data_fingerprint")
+    if saved and data.fingerprint and saved != data.fingerprint:
+        raise TrainError(f"{use}: the data at {data.spec} is not what the run read (its content changed since), so "
+                         "the run's validation split would no longer be held out; use the original data or start a "
+                         "new run")
+
+
+def class_map(state: dict, data: DataSplit) -> Optional[list[int]]:
+    """For each class of `data`, the checkpoint's output of that class, matched by name (None: the
+    same classes in the same order, or either side names its classes only by their numbers)."""
+    trained = state.get("classes")
+
+    def numbered(names: list[str]) -> bool:
+        return names == [str(i) for i in range(len(names))]
+
+    if not trained or numbered(trained) or numbered(data.classes) or trained == data.classes:
+        return None
+    unknown = [c for c in data.classes if c not in trained]
+    if unknown:
+        raise TrainError(f"{data.spec} has classes the model was not trained on: {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''} (trained on {', '.join(trained[:10])})")
+    return [trained.index(c) for c in data.classes]
+
+
+def _evaluate(model, loader, classes: Optional[list[int]] = None) -> tuple[float, float]:
+    """Mean loss and accuracy; `classes` maps the data's labels to the model's outputs (class_map)."""
     model.eval()
     total = correct = 0
     loss = 0.0
+    to_output = torch.tensor(classes) if classes is not None else None
     with torch.no_grad():
         for x, y in loader:
+            if to_output is not None:
+                y = to_output[y]
             out = model(x)
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
@@ -147,6 +180,10 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     torch.manual_seed(cfg.seed)
     data: DataSplit = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, max_samples=cfg.max_samples,
                                 image_size=cfg.image_size, download=cfg.download)
+    if data.num_classes < 2:
+        raise TrainError(f"{cfg.data} has {data.num_classes} class: a classifier needs at least 2")
+    if state is not None:
+        check_same_data(state, data, "--resume")
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -161,8 +198,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
             engine.noise_seed = derive_seed(cfg.noise_seed, "resume", engine.ledger.max_uses)
     else:
         engine = _engine(cfg, cfg.noise_multiplier, cfg.clip, ledger_path, secret, audit)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
     model, optimizer, train_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=_loader(data.train, cfg, True), epochs=cfg.epochs
+        module=model, optimizer=optimizer, data_loader=_loader(data.train, cfg, True, shuffle), epochs=cfg.epochs
     )
     val_loader = engine.private_loader(_loader(data.val, cfg, False), "validation") if data.val is not None else None
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
@@ -174,6 +212,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         scheduler.T_max = max(cfg.epochs, 1)
         start_epoch, history, step_times = state["epoch"], state["history"], state["step_times"]
         torch.set_rng_state(state["rng"])
+        if "shuffle_rng" in state:  # older checkpoints: the resumed epochs reshuffle from the seed
+            shuffle.set_state(state["shuffle_rng"])
     if start_epoch >= cfg.epochs:
         log(f"nothing to do: the checkpoint already has {start_epoch} epochs (pass a larger --epochs)")
     elif state is not None and cfg.target_epsilon is not None and engine.releases_per_sample:
@@ -186,13 +226,18 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         _save(ckpt_path, {"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "engine": engine.state_dict(), "history": history, "step_times": step_times,
-                          "rng": torch.get_rng_state(), "num_classes": data.num_classes,
+                          "rng": torch.get_rng_state(), "shuffle_rng": shuffle.get_state(),
+                          "num_classes": data.num_classes, "classes": data.classes,
+                          "data_fingerprint": data.fingerprint,
                           "in_channels": data.in_channels, "image_size": data.image_size})
 
     if state is None:  # before the first release: a crash in epoch 1 can then be resumed, its pass accounted
         save(0)
 
-    metrics_file = open(out / "metrics.jsonl", "a" if state is not None else "w")
+    metrics_file = open(out / "metrics.jsonl", "w")
+    for row in history:  # the checkpoint's epochs, and no row of an epoch it did not save
+        metrics_file.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
+    metrics_file.flush()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -217,11 +262,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
                    "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
                    "epsilon": engine.get_epsilon(cfg.delta), "seconds_per_step": statistics.median(step_times)}
             history.append(row)
+            save(epoch + 1)  # first: a row in metrics.jsonl is an epoch the checkpoint holds
             metrics_file.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
             metrics_file.flush()
             log(f"epoch {epoch + 1}/{cfg.epochs}: train_acc {row['train_acc']:.3f}  val_acc {val_acc:.3f}  "
                 f"epsilon {row['epsilon']:.3g}")
-            save(epoch + 1)
     finally:
         metrics_file.close()
         engine.close()  # hang up on the accelerator even when it failed
@@ -230,6 +275,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     summary = {
         "mode": cfg.mode, "model": cfg.model, "data": cfg.data, "epochs": len(history), "steps": len(step_times),
         "train_samples": len(data.train), "val_samples": len(data.val) if data.val is not None else 0,
+        "max_samples": cfg.max_samples, "val_fraction": cfg.val_fraction,
         "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"),
         "epsilon": engine.get_epsilon(cfg.delta), "epsilon_per_release": engine.epsilon_per_release(cfg.delta),
         "delta": cfg.delta, "target_epsilon": cfg.target_epsilon if engine.releases_per_sample else None,
@@ -305,6 +351,7 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
                          image_size=state["image_size"])
         if data.val is None:
             raise TrainError("--split val: the run held out no validation split (it trained with --val-fraction 0)")
+        check_same_data(state, data, "--split val")
         ds, names = data.val, ("validation",)
     else:
         data = load_data(data_spec, val_fraction=0.0, image_size=state["image_size"], split="test")
@@ -313,7 +360,8 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
             names = ("train", "validation")
         else:
             names = (f"evaluate {data_spec}",)
-    if data.in_channels != state["in_channels"] or data.num_classes > state["num_classes"]:
+    classes = class_map(state, data)
+    if data.in_channels != state["in_channels"] or (classes is None and data.num_classes > state["num_classes"]):
         raise TrainError(
             f"{data_spec} has {data.in_channels} channels and {data.num_classes} classes; the checkpoint "
             f"was trained on {state['in_channels']} channels and {state['num_classes']} classes"
@@ -339,7 +387,7 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
         loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), names[0])
         for name in names[1:]:
             engine.ledger.record_pass(name)
-        loss, acc = _evaluate(model, loader)
+        loss, acc = _evaluate(model, loader, classes)
     finally:
         engine.close()
     return {"checkpoint": str(path), "data": data_spec, "split": split, "samples": len(ds), "mode": cfg.mode,
