@@ -81,6 +81,15 @@ def test_tail_is_the_exact_conditional_law_and_passes_torchs_bound():
     assert t.max() <= gaussian.SUPPORT
 
 
+def test_the_stated_support_is_the_largest_value_the_tail_can_accept():
+    # the tail accepts R + t only while t^2 <= -2 ln(u2), and u2 is at least the smallest open
+    # uniform: that, not 53 ln 2 / R (14.1 sigma, the bound once stated), caps the support
+    smallest = gaussian._open_unit(np.uint64(0))
+    assert smallest == 2.0 ** -53
+    assert gaussian.SUPPORT == pytest.approx(gaussian.R + math.sqrt(-2 * math.log(smallest)), rel=1e-12)
+    assert 12.0 < gaussian.SUPPORT < 12.02
+
+
 def test_a_buffer_depends_on_the_keys_not_on_the_thread_count():
     n = 3 * GaussianStreams.MIN_SPLIT + 123
     shape = torch.Size([n])

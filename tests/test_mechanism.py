@@ -104,3 +104,18 @@ def test_a_residual_with_nan_or_inf_is_never_released(bad):
     for z in (0.0, 1.0):
         with pytest.raises(ValueError, match="NaN or inf"):
             GaussianMechanism(clip=1.0, noise_multiplier=z).release(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_residual_is_clipped_to_c_in_float32(dtype):
+    # clipped in its own precision, a bf16 residual's norm passed C by up to 0.8%: more than accounted
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 3, 17, 17, generator=g) * 5).to(dtype)
+    m = GaussianMechanism(clip=0.7, noise_multiplier=0.0)
+    released = m.release(x).tensor
+    assert released.dtype == dtype  # rounded back after clipping: the accelerator's conv runs in dtype
+    clipped = x.float() * (0.7 / x.float().flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)
+    assert clipped.flatten(1).norm(dim=1).max() <= 0.7 * (1 + 1e-6)
+    assert torch.equal(released, clipped.to(dtype))  # that clip, rounded only after it
+    noisy = GaussianMechanism(clip=0.7, noise_multiplier=1.0, seed=1).release(x).tensor
+    assert noisy.dtype == dtype and torch.isfinite(noisy).all()

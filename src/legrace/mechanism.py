@@ -75,7 +75,12 @@ class GaussianMechanism:
 
         wire_dtype: round the noised residual to this dtype for the crossing (e.g. bfloat16,
         half the bytes). Rounding after the noise is post-processing: it costs no privacy.
+        A half-precision residual (a model in bfloat16 or float16) is clipped and noised in
+        float32, then rounded back: clipped in its own precision, its norm can pass C by ~1%.
         """
+        dtype = x_res.dtype
+        if dtype not in (torch.float32, torch.float64):
+            x_res = x_res.float()
         scale = None
         if self.clip is not None:
             norms = x_res.reshape(x_res.shape[0], -1).norm(dim=1)
@@ -90,6 +95,8 @@ class GaussianMechanism:
             out = out.addcmul_(x_res, scale) if scale is not None else out.add_(x_res)
         else:
             out = x_res * scale if scale is not None else x_res
+        if out.dtype != dtype:
+            out = out.to(dtype)
         if wire_dtype is not None and wire_dtype != out.dtype:
             out = out.to(wire_dtype)
         return NoisedResidual(out, self.clip, self.sigma)
