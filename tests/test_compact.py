@@ -260,3 +260,14 @@ def test_layers_with_hooks_keep_their_hooks():
     assert isinstance(gm.get_submodule("4"), nn.Sequential)  # the hook-free ReLU -> pool still moves
     gm(torch.randn(1, 3, 8, 8))
     assert calls == ["ReLU", "MaxPool2d"]
+
+
+def test_a_channels_last_pool_stays_channels_last():
+    # the fused kernels write NCHW; nn.MaxPool2d keeps channels_last, and so must the compact pool
+    # (a later .contiguous() in the user's model would alias its output instead of copying it)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for args in ((2,), (3, 2, 1)):
+        pool = nn.MaxPool2d(*args)
+        y = CompactMaxPool2d(*args)(x)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        assert torch.equal(y, pool(x))
