@@ -244,3 +244,15 @@ def test_keyword_input_call_runs():
     model = Keyword(lambda self, h: h)
     x = torch.randn(2, 3, 8, 8)
     assert torch.allclose(_split(model)(x), model(x), atol=1e-5)
+
+
+def test_a_split_conv_keeps_its_inputs_memory_format():
+    # as nn.Conv2d does: channels_last in, channels_last out (was NCHW)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    engine = LegRace(rank=2, clip=None, noise_multiplier=0)
+    model = engine.convert(plain)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with engine.unaccounted():
+        y = model(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, plain(x))

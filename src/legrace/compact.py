@@ -71,9 +71,10 @@ def _fused(t: Tensor) -> bool:
             and kernels.usable(np.float32 if t.dtype == torch.float32 else np.float64))
 
 
-def _layout_of(y: Tensor, x: Tensor) -> Tensor:
-    """y in x's memory format: the kernels write NCHW, and a channels_last input's pool must stay
-    channels_last, as nn.MaxPool2d's does (a later .contiguous() would otherwise alias, not copy)."""
+def layout_of(y: Tensor, x: Tensor) -> Tensor:
+    """y in x's memory format: the kernels write NCHW, and a channels_last input's output must stay
+    channels_last, as nn.MaxPool2d's and nn.Conv2d's do (a later .contiguous() would otherwise
+    alias, not copy)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return y.contiguous(memory_format=torch.channels_last)
     return y
@@ -206,7 +207,7 @@ class _CompactMaxPool2x2(torch.autograd.Function):
         if _fused(data):
             y, row, col = _max_pool_2x2_fused(data)
             ctx.save_for_backward(row, col)
-            return _layout_of(y, data)
+            return layout_of(y, data)
         # PyTorch's max-pool scans a window in row order and keeps the first maximum; so do we.
         a, b, c, d = _windows(x)
         top, bottom = torch.maximum(a, b), torch.maximum(c, d)
@@ -242,7 +243,7 @@ class _CompactMaxPool(torch.autograd.Function):
         if fused is not None:
             y, code = fused
             ctx.save_for_backward(code)
-            return _layout_of(y, x)
+            return layout_of(y, x)
         y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         w = x.shape[-1]
         rows = idx.div(w, rounding_mode="floor")

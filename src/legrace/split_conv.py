@@ -27,6 +27,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from torch.nn.modules.utils import _pair
 
 from legrace.boundary import Boundary
+from legrace.compact import layout_of
 from legrace.decompose import Rank, decompose, rank_for_point
 from legrace.mechanism import GaussianMechanism
 from legrace.recompute import ConvOutputs
@@ -415,7 +416,8 @@ class SplitConv2d(nn.Module):
                 f"{x.shape[2]}x{x.shape[3]}: its release would not be accounted; feed inputs of one size")
         if sends:
             self._sync_weight()
-        return _SplitConvFunction.apply(x, self.weight, self.bias, self, sends, torch.is_grad_enabled())
+        y = _SplitConvFunction.apply(x, self.weight, self.bias, self, sends, torch.is_grad_enabled())
+        return layout_of(y, x)
 
     def _sync_weight(self) -> None:
         # Every forward: a change through `.data` (weight clipping, pruning masks, EMA swaps) moves
