@@ -349,6 +349,7 @@ def test_noise_rate_times_each_sampler_and_thread_count_and_refuses_bad_sizes(mo
     ("busy_thread.py", ["--steps", "x"]), ("transports.py", ["--steps", "0"]), ("verify.py", ["--steps", "0"]),
     ("micro_batches.py", ["--k", "2,0"]), ("exactness.py", ["--sizes", "32,x"]),
     ("keep_outputs.py", ["--steps", "0"]), ("noise_ceiling.py", ["--threads", "0"]),
+    ("recount_macs.py", ["/no/such/run"]),
     ("profile_trusted.py", ["--threads", "-1"]),
 ])
 def test_benchmark_scripts_refuse_counts_below_one_before_any_work(monkeypatch, capsys, script, args):
@@ -368,7 +369,7 @@ def test_benchmark_scripts_refuse_counts_below_one_before_any_work(monkeypatch, 
     assert stop.value.code != 0
     said = capsys.readouterr().err + str(stop.value.code)
     assert "must be > 0" in said or "invalid int value" in said or "invalid counts value" in said \
-        or "NAME:INPUT_SIZE:BATCH" in said
+        or "NAME:INPUT_SIZE:BATCH" in said or "no bench.json" in said
 
 
 def test_trusted_profile_counts_the_step_less_its_waits_and_needs_cuda_for_cuda(monkeypatch, capsys):
