@@ -454,8 +454,11 @@ def test_decomposition_macs_are_those_the_light_svd_computes(channels):
     assert counter.get_total_flops() // 2 == pytest.approx(2 * _decomposition_macs(channels, 32 * 32, 4, 2), rel=0.03)
 
 
-def test_bench_refuses_a_keep_budget_that_would_keep_nothing_more(capsys):
-    for args in (["--infer"], ["--no-rebuild-outputs"]):
+def test_bench_refuses_a_keep_budget_that_would_keep_nothing_more(tmp_path, capsys):
+    # was: run, and recorded as keep_outputs_mb 5 in bench.json
+    for args, message in ((["--infer"], "--infer has no backward"),
+                          (["--no-rebuild-outputs"], "every conv output is kept already")):
+        out = tmp_path / args[0]
         assert main(["bench", "--model", "cnn", "--input-size", "16", "--modes", "legrace", "--keep-outputs-mb", "5",
-                     *args, "--out", "unused"]) == 2
-        assert "keep" in capsys.readouterr().err
+                     *args, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()

@@ -62,7 +62,7 @@ DEFAULT_EPOCHS = 10
 # On --resume these come from the command, not the checkpoint: where and how to run, not what to train
 # (epochs only when the command gives them).
 RUN_SETTINGS = ("epochs", "out", "progress", "accelerator", "accelerator_timeout", "verify", "audit", "wire_dtype",
-                "keep_outputs_mb")
+                "keep_outputs_mb", "download")
 
 
 class TrainError(RuntimeError):
