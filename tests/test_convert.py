@@ -256,3 +256,26 @@ def test_a_split_conv_keeps_its_inputs_memory_format():
         y = model(x)
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     torch.testing.assert_close(y, plain(x))
+
+
+def test_models_tracing_would_misread_are_refused_by_layer_name():
+    class StdConv(nn.Conv2d):  # a subclass's own forward would be lost behind the stand-in
+        def forward(self, x):
+            w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    engine = lambda: LegRace(noise_multiplier=1.0)  # noqa: E731
+    with pytest.raises(UnsupportedModelError, match="layer '0' is a .*StdConv, a subclass of Conv2d"):
+        engine().convert(nn.Sequential(StdConv(3, 4, 3)))
+    qat = torch.ao.nn.qat.Conv2d(3, 4, 3, qconfig=torch.ao.quantization.get_default_qat_qconfig("x86"))
+    with pytest.raises(UnsupportedModelError, match="torch.ao.nn.qat.*Conv2d, a subclass of Conv2d"):
+        engine().convert(nn.Sequential(qat))
+    with pytest.raises(UnsupportedModelError, match="layer '0' \\(LazyConv2d\\) is not initialised yet"):
+        engine().convert(nn.Sequential(nn.LazyConv2d(4, 3)))
+    with pytest.raises(UnsupportedModelError, match="layer '0' has torch.bfloat16 weights"):
+        engine().convert(nn.Sequential(nn.Conv2d(3, 4, 3)).bfloat16())
+    split = engine().convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    with pytest.raises(UnsupportedModelError, match="converted already"):
+        engine().convert(split)
+    with pytest.raises(ValueError, match="expects a floating-point input, got torch.int64"):
+        split(torch.ones(2, 3, 6, 6, dtype=torch.long))

@@ -502,3 +502,42 @@ def test_a_teacher_copy_running_between_forward_and_backward_leaves_the_gradient
         loss.backward()
     for a, b in zip(student.parameters(), net.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_one_engine_wraps_one_model():
+    # a second make_private would keep the first calibration's noise for another number of epochs
+    engine = LegRace(rank=1, target_epsilon=2.0)
+    model = SmallCNN(1, 3)
+    engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        data_loader=tiny_loader(), epochs=1)
+    with pytest.raises(ValueError, match="already wraps a model"):
+        engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(), epochs=20)
+    with pytest.raises(ValueError, match="already wraps a model"):
+        engine.convert(SmallCNN(1, 3))
+
+
+def test_a_checkpoint_resumes_only_at_the_noise_it_was_spent_with():
+    trained = LegRace(rank=1, noise_multiplier=0.8)
+    model, _, loader = trained.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    for x, _ in loader:
+        model(x)
+    state = trained.state_dict()
+    for other in (LegRace(rank=1, noise_multiplier=3.0), LegRace(rank=1, noise_multiplier=0.8, clip=1.0),
+                  LegRace(rank=1, target_epsilon=8.0)):
+        with pytest.raises(ValueError, match="noise_multiplier=0.8"):
+            other.load_state_dict(state)
+    same = LegRace(rank=1, noise_multiplier=0.8)  # before make_private, as `legrace train --resume` does
+    same.load_state_dict(state)
+    same.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    assert same.get_epsilon() == pytest.approx(trained.get_epsilon())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_map_sizes_are_planned_in_the_models_own_dtype(dtype):
+    # the last conv sees 2x2 maps, which R = 4 covers: it releases nothing and is not accounted
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten()).to(dtype)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 8, 8, dtype=dtype), torch.randint(0, 2, (8,))), batch_size=4)
+    engine = LegRace(rank=4, target_epsilon=4.0)
+    engine.make_private(module=net, optimizer=None, data_loader=data, epochs=5)
+    assert engine.releases_per_sample == 1

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from legrace.compact import PackedReLU, compact_equivalent
@@ -70,6 +71,29 @@ def check_supported(gm: fx.GraphModule) -> None:
             raise UnsupportedModelError(f"operation '{name}' (node '{node.name}') is not supported by legrace")
         elif node.op == "call_method" and node.target not in SUPPORTED_METHODS:
             raise UnsupportedModelError(f"tensor method '.{node.target}()' (node '{node.name}') is not supported by legrace")
+
+
+def check_modules(module: nn.Module) -> None:
+    """Refuse, by name, modules that tracing would misread: a model legrace has converted already,
+    a lazy layer not yet initialised, and subclasses of Conv2d (each conv is replaced by a stand-in
+    that computes a plain Conv2d, which would drop what a subclass adds, such as the fake
+    quantisation of quantisation-aware training)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+    for name, m in module.named_modules():
+        what = f"layer '{name}'" if name else "the model"
+        if type(m).__module__ in ("legrace.split_conv", "legrace.compact"):  # the layers legrace puts in
+            raise UnsupportedModelError(f"{what} ({type(m).__name__}) is legrace's own: the model was converted "
+                                        "already; convert the original model")
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            raise UnsupportedModelError(f"{what} ({type(m).__name__}) is not initialised yet: run one forward of "
+                                        "the model before make_private (or convert)")
+        if isinstance(m, nn.Conv2d) and type(m) is not nn.Conv2d and not parametrize.is_parametrized(m):
+            raise UnsupportedModelError(f"{what} is a {type(m).__module__}.{type(m).__qualname__}, a subclass of Conv2d: legrace stands in "
+                                        "for torch.nn.Conv2d itself and would drop what the subclass adds")
+        if isinstance(m, nn.Conv2d) and m.weight.dtype not in (torch.float32, torch.float64):
+            raise UnsupportedModelError(f"{what} has {m.weight.dtype} weights: legrace's trusted side computes in "
+                                        "float32 or float64; keep the model in float32 (torch.autocast is allowed)")
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -140,6 +164,7 @@ def convert(
     since its two calls would need two different trusted-side stand-ins under one name.
     The user's modules are shared, never changed (not even their train/eval mode).
     """
+    check_modules(module)
     gm = trace(module)
     check_supported(gm)
     _check_hooks(module, gm)

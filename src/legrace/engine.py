@@ -223,6 +223,7 @@ class LegRace:
         self.mechanism: Optional[GaussianMechanism] = None
         self._releasing_points: Optional[int] = None
         self._config: Optional[SplitConfig] = None
+        self._converted = False
         self._coupled_points = 0
         self.batch_size = 1
         self._open_passes = 0  # private loaders iterating now
@@ -273,7 +274,15 @@ class LegRace:
         return PrivateDataLoader(data_loader, self, name, device)
 
     def convert(self, module: nn.Module) -> nn.Module:
-        """The split model for this engine's mode (the plain model on the accelerator for gpu_only)."""
+        """The split model for this engine's mode (the plain model on the accelerator for gpu_only).
+
+        One engine wraps one model: its noise is calibrated for that model's releases and its
+        ledger counts them, so a second model (or a second make_private) needs an engine of its own.
+        """
+        if self._converted:
+            raise ValueError("this LegRace engine already wraps a model (make_private or convert was called "
+                             "before); its noise and privacy ledger belong to that model: make a new engine")
+        self._converted = True
         if self.mode == "gpu_only":
             self._releasing_points = 0
             return module.to(self.device)
@@ -330,8 +339,9 @@ class LegRace:
         hooks = [m.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[2:])))
                  for m in conv_modules(module)]
         try:
+            like = next((p for p in module.parameters() if p.is_floating_point()), None)  # the model's dtype and device
             with torch.no_grad(), every_module_in_mode(module, False):
-                module(torch.zeros(2, *shape[1:]))
+                module(torch.zeros(2, *shape[1:]) if like is None else like.new_zeros(2, *shape[1:]))
         except Exception:  # the loader's samples are not the model's input: plan nothing
             return
         finally:
@@ -368,10 +378,7 @@ class LegRace:
             self.ledger.record_pass(OUTSIDE_A_LOADER)
 
     def _set_noise(self, z: float) -> None:
-        clip = self._clip_arg
-        if clip == "auto":
-            clip = AUTO_NOISE_STD / z if z > 0 else None
-        self.mechanism = GaussianMechanism(clip, z, seed=self.noise_seed)
+        self.mechanism = GaussianMechanism(self._clip_for(z), z, seed=self.noise_seed)
         self.mechanism.pinned_output = self.pinned_memory
         if self.noise_ahead and self.noise_seed is None:  # a fixed seed needs the inline, ordered stream
             self.mechanism.start_pool(self.noise_ahead)
@@ -470,9 +477,37 @@ class LegRace:
                 "ledger": self.ledger.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take over a checkpoint's privacy ledger. The engine must release with the checkpoint's
+        noise multiplier and clip: the uses already spent are accounted at this engine's noise."""
         if state["mode"] != self.mode:
             raise ValueError(f"checkpoint was trained in mode {state['mode']!r}, not {self.mode!r}")
+        z, clip = self._noise_setting()
+        saved_z, saved_clip = state["noise_multiplier"], state["clip"]
+        same_clip = clip == saved_clip if None in (clip, saved_clip) else _same(clip, saved_clip)
+        if z is None or not _same(z, saved_z) or not same_clip:
+            have = "noise calibrated later from target_epsilon" if z is None else f"noise_multiplier={z}, clip={clip}"
+            raise ValueError(f"checkpoint was trained with noise_multiplier={saved_z}, clip={saved_clip}, this engine "
+                             f"has {have}: make the engine with the checkpoint's noise_multiplier and clip, so "
+                             "the privacy already spent is accounted at the noise it was spent with")
         self.ledger.load_state_dict(state["ledger"])
+
+    def _noise_setting(self) -> tuple[Optional[float], Optional[float]]:
+        """(noise multiplier, clip) this engine releases with, as state_dict records them; z is
+        None while it waits to calibrate from target_epsilon."""
+        if self.mechanism is not None or self.mode not in ("legrace", "dp_only"):
+            return self.noise_multiplier, self.clip
+        if self._noise_arg is None:
+            return None, None
+        return self._noise_arg, self._clip_for(self._noise_arg)
+
+    def _clip_for(self, z: float) -> Optional[float]:
+        if self._clip_arg == "auto":
+            return AUTO_NOISE_STD / z if z > 0 else None
+        return self._clip_arg
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
 
 
 def _sample_shape(data_loader: Any) -> Optional[tuple[int, ...]]:

@@ -408,6 +408,8 @@ class SplitConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"layer {self.point} expects a 4-d N x C x H x W input, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"layer {self.point} expects a floating-point input, got {x.dtype}")
         sends = self.sends_at(tuple(x.shape[2:]))
         if sends and not self.crosses:
             raise RuntimeError(
