@@ -507,6 +507,8 @@ def test_a_teacher_copy_running_between_forward_and_backward_leaves_the_gradient
 def test_one_engine_wraps_one_model():
     # a second make_private would keep the first calibration's noise for another number of epochs
     engine = LegRace(rank=1, target_epsilon=2.0)
+    with pytest.raises(ValueError, match="not initialised yet"):  # a refused model leaves the engine free
+        engine.convert(nn.Sequential(nn.LazyConv2d(4, 3)))
     model = SmallCNN(1, 3)
     engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                         data_loader=tiny_loader(), epochs=1)

@@ -282,7 +282,11 @@ class LegRace:
         if self._converted:
             raise ValueError("this LegRace engine already wraps a model (make_private or convert was called "
                              "before); its noise and privacy ledger belong to that model: make a new engine")
-        self._converted = True
+        model = self._convert(module)
+        self._converted = True  # (not before: a model refused can be mended and converted by the same engine)
+        return model
+
+    def _convert(self, module: nn.Module) -> nn.Module:
         if self.mode == "gpu_only":
             self._releasing_points = 0
             return module.to(self.device)
