@@ -19,7 +19,8 @@ from torch import fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from legrace.compact import PackedReLU, compact_equivalent
+from legrace.compact import CompactMaxPool2d, PackedReLU, compact_equivalent
+from legrace.split_conv import SplitConv2d
 
 
 class UnsupportedModelError(ValueError):
@@ -73,6 +74,9 @@ def check_supported(gm: fx.GraphModule) -> None:
             raise UnsupportedModelError(f"tensor method '.{node.target}()' (node '{node.name}') is not supported by legrace")
 
 
+LEGRACE_LAYERS = (SplitConv2d, PackedReLU, CompactMaxPool2d)  # what a conversion puts in
+
+
 def check_modules(module: nn.Module) -> None:
     """Refuse, by name, modules that tracing would misread: a model legrace has converted already,
     a lazy layer not yet initialised, and subclasses of Conv2d (each conv is replaced by a stand-in
@@ -82,7 +86,7 @@ def check_modules(module: nn.Module) -> None:
         raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
     for name, m in module.named_modules():
         what = f"layer '{name}'" if name else "the model"
-        if type(m).__module__ in ("legrace.split_conv", "legrace.compact"):  # the layers legrace puts in
+        if isinstance(m, LEGRACE_LAYERS):
             raise UnsupportedModelError(f"{what} ({type(m).__name__}) is legrace's own: the model was converted "
                                         "already; convert the original model")
         if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
