@@ -28,6 +28,15 @@ def test_unsupported_layer_is_named(layer, name):
         LegRace(noise_multiplier=1.0).convert(Block(layer))
 
 
+def test_operation_inside_a_user_layer_names_the_layer():
+    class ShiftedReLU(nn.ReLU):  # a ReLU subclass with its own forward is traced through, not kept
+        def forward(self, x):
+            return torch.clamp(x - 0.1, min=0)
+
+    with pytest.raises(UnsupportedModelError, match=r"operation 'sub' .*in layer 'layer' \(ShiftedReLU\)"):
+        LegRace(noise_multiplier=1.0).convert(Block(ShiftedReLU()))
+
+
 def test_unsupported_function_and_conv_options():
     class Cat(nn.Module):
         def __init__(self):

@@ -69,9 +69,21 @@ def check_supported(gm: fx.GraphModule) -> None:
                     raise UnsupportedModelError(f"layer '{node.target}' uses padding_mode={mod.padding_mode!r}; only 'zeros' is supported")
         elif node.op == "call_function" and node.target not in SUPPORTED_FUNCTIONS:
             name = getattr(node.target, "__name__", str(node.target))
-            raise UnsupportedModelError(f"operation '{name}' (node '{node.name}') is not supported by legrace")
+            raise UnsupportedModelError(f"operation '{name}' (node '{node.name}'{_inside(node)}) is not supported by legrace")
         elif node.op == "call_method" and node.target not in SUPPORTED_METHODS:
-            raise UnsupportedModelError(f"tensor method '.{node.target}()' (node '{node.name}') is not supported by legrace")
+            raise UnsupportedModelError(
+                f"tensor method '.{node.target}()' (node '{node.name}'{_inside(node)}) is not supported by legrace")
+
+
+def _inside(node: fx.Node) -> str:
+    """', in layer NAME (Class)' for a node traced inside a submodule's own forward, such as a ReLU
+    subclass that computes something else: the user needs the layer, not only the operation."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    key, value = list(stack.items())[-1]
+    path, cls = value if isinstance(value, tuple) else (key, value)  # (path, class) since torch 2.1
+    return f", in layer '{path}' ({getattr(cls, '__name__', cls)})"
 
 
 LEGRACE_LAYERS = (SplitConv2d, PackedReLU, CompactMaxPool2d)  # what a conversion puts in
