@@ -147,9 +147,9 @@ def _train_options_given(argv: Sequence[str]) -> set[str]:
     whether or not to their default values: --resume refuses those that change the run."""
     given = argparse.ArgumentParser(add_help=False)
     _train_options(given)
-    for action in given._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(given.parse_known_args(list(argv))[0]))
+    unset = object()  # not a str, so argparse never runs an option's type on it
+    given.set_defaults(**dict.fromkeys(vars(given.parse_known_args([])[0]), unset))
+    return {dest for dest, value in vars(given.parse_known_args(list(argv))[0]).items() if value is not unset}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
