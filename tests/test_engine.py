@@ -446,7 +446,8 @@ def test_releases_outside_a_private_loader_are_accounted_as_the_worst_case():
         for _ in range(3):  # the same data fed to the model directly: each forward one more use
             model(x)
     assert engine.ledger.uses["outside a private loader"] == 3
-    assert engine.get_epsilon() == pytest.approx(engine.epsilon_of_uses(3)) and engine.get_epsilon() > one_pass
+    # they may have been the training samples: 1 pass + 3 forwards = 4 uses of them
+    assert engine.ledger.max_uses == 4 and engine.get_epsilon() == pytest.approx(engine.epsilon_of_uses(4))
     with torch.no_grad(), engine.unaccounted():  # declared not private (synthetic, an attack's own data)
         model(torch.zeros_like(x))
     assert engine.ledger.uses["outside a private loader"] == 3
@@ -508,7 +509,8 @@ def test_one_engine_wraps_one_model():
     # a second make_private would keep the first calibration's noise for another number of epochs
     engine = LegRace(rank=1, target_epsilon=2.0)
     with pytest.raises(ValueError, match="not initialised yet"):  # a refused model leaves the engine free
-        engine.convert(nn.Sequential(nn.LazyConv2d(4, 3)))
+        engine.make_private(module=nn.Sequential(nn.LazyConv2d(4, 3)), optimizer=None, data_loader=tiny_loader(),
+                            epochs=1)
     model = SmallCNN(1, 3)
     engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                         data_loader=tiny_loader(), epochs=1)
@@ -543,3 +545,116 @@ def test_map_sizes_are_planned_in_the_models_own_dtype(dtype):
     engine = LegRace(rank=4, target_epsilon=4.0)
     engine.make_private(module=net, optimizer=None, data_loader=data, epochs=5)
     assert engine.releases_per_sample == 1
+
+
+def test_forwards_beyond_one_per_yielded_sample_during_a_pass_are_charged_as_uses():
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    other = next(iter(tiny_loader(seed=1)))[0]
+    with torch.no_grad():
+        for i, (x, _) in enumerate(loader):  # 4 batches
+            model(x)
+            if i == 1:
+                with pytest.warns(UserWarning, match="more samples' residuals than"):
+                    model(x)  # the same batch again (train accuracy, a second view): one more use
+            if i == 2:
+                model.eval()
+                model(other[:5])  # other data in the middle of the pass: one more use, whatever it is
+                model.train()
+    assert engine.ledger.uses == {"train": 1, "outside a private loader": 2} and engine.ledger.max_uses == 3
+    with torch.no_grad():
+        for x, _ in loader:  # an ordinary pass again: nothing extra
+            model(x[:4])
+            model(x[4:])  # micro-batches of one yielded batch are one use
+    assert engine.ledger.uses == {"train": 2, "outside a private loader": 2}
+    it = iter(loader)
+    x, _ = next(it)  # a pass left open must not make later forwards free
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    assert engine.ledger.uses == {"train": 3, "outside a private loader": 4}
+
+
+@pytest.mark.parametrize("sampler", ["replacement", "more", "weighted"])
+def test_a_loader_that_repeats_samples_within_a_pass_is_refused(sampler):
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+    ds = tiny_loader().dataset
+    pick = {"replacement": RandomSampler(ds, replacement=True), "more": RandomSampler(ds, num_samples=4 * len(ds)),
+            "weighted": WeightedRandomSampler(torch.ones(len(ds)), len(ds))}[sampler]
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    with pytest.raises(ValueError, match="repeats samples|with replacement"):
+        engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=DataLoader(ds, batch_size=8, sampler=pick))
+
+
+def test_an_iterable_dataset_read_by_several_workers_is_refused():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(tiny_loader().dataset)
+
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    with pytest.raises(ValueError, match="several workers"):
+        engine.make_private(module=SmallCNN(1, 3), optimizer=None,
+                            data_loader=DataLoader(Stream(), batch_size=8, num_workers=2))
+
+
+def test_a_batch_larger_than_accounted_after_a_batchnorm_is_priced_or_refused():
+    prebatched = DataLoader([(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))], batch_size=1,
+                            collate_fn=lambda b: b[0])  # declares batches of 1, yields 8 samples at once
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=prebatched)
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    assert engine.batch_size == 8  # the coupled release is priced at the batch that crossed
+    assert engine.releases_per_use()[1][0] == 2.0 * math.sqrt(8)
+
+    engine = LegRace(rank=1, clip=0.5, target_epsilon=8.0)
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=4),
+                                           epochs=1)
+    seen = spy_on_releases(engine)
+    with torch.no_grad(), pytest.raises(ValueError, match="calibrated for batches of at most 4"):
+        model(torch.randn(16, 1, 8, 8))  # one sample would move 16 released residuals
+    assert not seen  # the release after the BatchNorm never crossed (layer 0, one channel at R = 1, releases nothing)
+    with torch.no_grad():
+        model.eval()(torch.randn(16, 1, 8, 8))  # in eval mode BatchNorm couples nothing
+
+
+def test_uses_spent_at_a_higher_price_are_not_taken_over_cheaper(tmp_path):
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=16))
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    state = engine.state_dict()
+    for other, loader_batch in ((LegRace(rank=1, clip=0.5, noise_multiplier=3.0), 4),  # smaller B at the coupled point
+                                (LegRace(rank=4, clip=0.5, noise_multiplier=3.0), 16)):  # R = 4 covers a point
+        other.load_state_dict(state)
+        with pytest.raises(ValueError, match="less: make the engine with the same model, rank and batch size"):
+            other.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=loader_batch))
+            for x, _ in other.private_loader(tiny_loader(batch=loader_batch), "train"):
+                pass
+    same = LegRace(rank=1, clip=0.5, noise_multiplier=3.0, ledger_path=tmp_path / "ledger.json")
+    same.load_state_dict(state)
+    model, _, loader = same.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=16))
+    next(iter(loader))  # the same pricing: resumes
+    assert same.ledger.uses == {"train": 2}
+    from_file = LegRace(rank=1, clip=0.5, noise_multiplier=3.0, ledger_path=tmp_path / "ledger.json")
+    from_file.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=4))
+    with pytest.raises(ValueError, match="less"):  # a ledger file carries its pricing too
+        next(iter(from_file.private_loader(tiny_loader(batch=4), "train")))
+
+
+def test_misused_settings_are_refused_with_a_message():
+    with pytest.raises(ValueError, match="unknown accountant"):
+        LegRace(rank=1, clip=0.5, noise_multiplier=3.0, accountant="foo")
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    for delta in (1.5, -1, 0):
+        with pytest.raises(ValueError, match="delta must be a number in"):
+            engine.get_epsilon(delta)
+    with pytest.raises(ValueError, match="epochs must be an int"):
+        LegRace(rank=1, target_epsilon=8.0).make_private(module=SmallCNN(1, 3), optimizer=None,
+                                                         data_loader=tiny_loader(), epochs=2.5)
+    with pytest.raises(ValueError, match="calibrates its noise in make_private"):
+        LegRace(rank=1, target_epsilon=8.0).convert(SmallCNN(1, 3))

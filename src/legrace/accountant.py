@@ -13,7 +13,8 @@ release there has l2 sensitivity 2C*sqrt(B), and is accounted so.
 Uses are counted per data set in a `PrivacyLedger`: a pass over a loader counts as a use of every
 sample in it as soon as it starts. Disjoint data sets (train, validation) compose in parallel, so
 the epsilon reported is that of the most-used one: names must stand for disjoint data, and a pass
-over data that overlaps two of them is recorded under both.
+over data that overlaps two of them is recorded under both. Uses under OUTSIDE_A_LOADER (forwards
+on data the model was fed directly, which could be any of the sets) add to every set's count.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
+# The ledger's name for forwards on data fed to the model directly (see LegRace._released): they
+# may be any data set's samples, so they count as uses of every one.
+OUTSIDE_A_LOADER = "outside a private loader"
+
 # (l2 sensitivity in units of C, releases) pairs: what one use of a sample releases.
 Releases = Sequence[tuple[float, int]]
 
@@ -36,12 +41,20 @@ def _check(accountant: str) -> None:
         raise ValueError(f"unknown accountant {accountant!r}; choose one of {sorted(ACCOUNTANTS)}")
 
 
+def check_delta(delta: float) -> None:
+    """delta is a probability of failure: outside (0, 1) an accountant's epsilon means nothing
+    (delta 1.5 gave a negative epsilon)."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
+        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+
+
 def epsilon(noise_multiplier: float, releases: Releases, delta: float, accountant: str = "rdp") -> float:
     """Epsilon of Gaussian releases with noise std noise_multiplier*C, composed.
 
     `releases` lists (sensitivity / C, count): (2, n) for n releases of sensitivity 2C.
     """
     _check(accountant)
+    check_delta(delta)
     releases = [(s, int(n)) for s, n in releases if n > 0]
     if not releases:
         return 0.0
@@ -58,8 +71,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, releases: Re
     _check(accountant)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
-    if not (0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    check_delta(delta)
     if not any(n > 0 for _, n in releases):
         return 0.0
     lo, hi = 0.0, 1.0
@@ -88,6 +100,9 @@ class PrivacyLedger:
 
     def __init__(self, path: Optional[Path] = None) -> None:
         self.uses: dict[str, int] = {}
+        # What one use released when the uses were spent (`releases_per_use` of the engine), each
+        # pricing met: an engine that would price them cheaper must not take them over (covers).
+        self.spent_at: list[list[tuple[float, int]]] = []
         self.path = Path(path) if path else None
         if self.path and self.path.exists():
             self.load_state_dict(json.loads(self.path.read_text()))
@@ -105,12 +120,41 @@ class PrivacyLedger:
 
     @property
     def max_uses(self) -> int:
-        return max(self.uses.values(), default=0)
+        """The most uses any one sample has had: the most-used named set's, plus every use
+        outside a loader (which may have been that set's samples)."""
+        named = [n for name, n in self.uses.items() if name != OUTSIDE_A_LOADER]
+        return max(named, default=0) + self.uses.get(OUTSIDE_A_LOADER, 0)
+
+    def note_pricing(self, releases: Releases) -> None:
+        """Record that uses are being spent at `releases` per use (saved with the counts)."""
+        releases = _normal(releases)
+        if releases not in self.spent_at:
+            self.spent_at.append(releases)
+            self.save()
 
     def state_dict(self) -> dict:
-        return {"uses": dict(self.uses)}
+        return {"uses": dict(self.uses), "spent_at": [[list(r) for r in p] for p in self.spent_at]}
 
     def load_state_dict(self, state: dict) -> None:
         # Never forget a use: merging takes the larger count of each data set.
         for name, n in state.get("uses", {}).items():
             self.uses[name] = max(self.uses.get(name, 0), int(n))
+        for pricing in state.get("spent_at", []):
+            pricing = _normal(pricing)
+            if pricing not in self.spent_at:
+                self.spent_at.append(pricing)
+
+
+def _normal(releases: Releases) -> list[tuple[float, int]]:
+    return sorted((float(s), int(n)) for s, n in releases if int(n) > 0)
+
+
+def covers(releases: Releases, spent: Releases) -> bool:
+    """Whether pricing a use at `releases` accounts at least what `spent` released: for every
+    sensitivity, at least as many releases of it or more. Then epsilon of k uses priced at
+    `releases` is never below what k uses released at `spent` cost."""
+    ours, theirs = _normal(releases), _normal(spent)
+    for threshold, _ in theirs:
+        if sum(n for s, n in ours if s >= threshold * (1 - 1e-12)) < sum(n for s, n in theirs if s >= threshold):
+            return False
+    return True

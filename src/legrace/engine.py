@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from legrace.accelerator import Accelerator, local_device
-from legrace.accountant import PrivacyLedger, calibrate_noise_multiplier, epsilon
+from legrace.accountant import (ACCOUNTANTS, OUTSIDE_A_LOADER, PrivacyLedger, calibrate_noise_multiplier,
+                                 check_delta, covers, epsilon)
 from legrace.boundary import AuditLog, Boundary, InProcessTransport
 from legrace.convert import convert, every_module_in_mode
 from legrace.tap import conv_modules
@@ -39,10 +40,6 @@ MODES = ("legrace", "dp_only", "lowrank_only", "tee_only", "gpu_only")
 AUTO_NOISE_STD = 0.05
 
 
-# The ledger's name for data released outside any private loader's pass (see LegRace._released).
-OUTSIDE_A_LOADER = "outside a private loader"
-
-
 class PrivateDataLoader:
     """Wraps a DataLoader of private data: records each pass in the ledger, moves batches."""
 
@@ -55,16 +52,22 @@ class PrivateDataLoader:
 
     def __iter__(self) -> Iterator:
         opened = False
+        engine = self.engine
         try:
             for i, batch in enumerate(self.loader):
                 if i == 0:  # accounted before the first release of the pass
+                    engine._spending()
                     self.ledger.record_pass(self.name)
-                    self.engine._open_passes += 1
+                    engine._open_passes += 1
                     opened = True
+                engine._yielded_rows += _rows(batch, self.loader)  # what the pass may release (_released)
                 yield _to_device(batch, self.device) if self.device is not None else batch
         finally:
             if opened:
-                self.engine._open_passes -= 1
+                engine._open_passes -= 1
+                if not engine._open_passes:
+                    engine._pass_rows.clear()
+                    engine._yielded_rows = engine._charged_rows = 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -194,6 +197,8 @@ class LegRace:
         if isinstance(accelerator_timeout, bool) or not isinstance(accelerator_timeout, (int, float)) \
                 or not (accelerator_timeout > 0 and math.isfinite(accelerator_timeout)):
             raise ValueError(f"accelerator_timeout must be a finite number of seconds > 0, got {accelerator_timeout!r}")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
         for name, value, least in (("power_iters", power_iters, 1), ("max_rank", max_rank, 1),
                                    ("noise_ahead", 0 if noise_ahead is None else noise_ahead, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -227,10 +232,17 @@ class LegRace:
         self._coupled_points = 0
         self.batch_size = 1
         self._open_passes = 0  # private loaders iterating now
+        self._unaccounted = 0  # `unaccounted` blocks open now
+        self._yielded_rows = 0  # samples the open passes have yielded so far
+        self._pass_rows: dict[int, int] = {}  # samples released per point while passes are open
+        self._charged_rows = 0  # of those, samples charged as extra uses (more than one forward per sample)
+        self._batchnorms: list[nn.Module] = []  # the converted model's BatchNorms (batch coupling)
         self._splits: list[tuple[SplitConv2d, bool]] = []  # each split conv, and whether it follows a BatchNorm
         self._unplanned: Optional[nn.Module] = None  # the user's model, until a loader plans its map sizes
         self._outside: dict[int, int] = {}  # releases per point made outside any of their passes
         self._outside_uses = 0  # forwards among them (the most releases at one point)
+        self._coupled: set[int] = set()  # points after a BatchNorm
+        self._warned: set[str] = set()
 
     # ---- wrapping the user's objects ----------------------------------------------------------
 
@@ -241,10 +253,12 @@ class LegRace:
 
         The returned model shares its Parameters with `module`, so `optimizer` works unchanged.
         """
-        model = self.convert(module)
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+            raise ValueError(f"epochs must be an int >= 1 (how many times each sample is used), got {epochs!r}")
+        model = self._convert_once(module)
         loader = self.private_loader(data_loader, name="train")  # (plans the map sizes, before calibrating)
         if self.target_epsilon is not None and self.releases_per_sample > 0 and self.mechanism is None:
-            if epochs is None or epochs < 1:
+            if epochs is None:
                 raise ValueError("target_epsilon needs epochs (how many times each sample is used)")
             releases = [(s, n * epochs) for s, n in self.releases_per_use()]
             self._set_noise(calibrate_noise_multiplier(self.target_epsilon, self.target_delta, releases, self.accountant))
@@ -255,8 +269,10 @@ class LegRace:
 
         Each name stands for one data set, and the ledger composes different names in parallel:
         give data that overlaps another loader's the same name. One forward per batch: a pass is
-        one use of its samples.
+        one use of its samples (more forwards are charged as more uses, see _released), so a
+        sampler that draws a sample more than once per pass is refused.
         """
+        _check_sampling(data_loader)
         batch_size = getattr(data_loader, "batch_size", None)
         if batch_size is None and not isinstance(data_loader, (list, tuple)):
             raise ValueError("cannot tell the loader's batch size (needed to account BatchNorm's batch coupling); "
@@ -278,7 +294,14 @@ class LegRace:
 
         One engine wraps one model: its noise is calibrated for that model's releases and its
         ledger counts them, so a second model (or a second make_private) needs an engine of its own.
+        An engine made with target_epsilon calibrates in make_private, which knows the epochs.
         """
+        if self.target_epsilon is not None and self.mode in ("legrace", "dp_only") and not self._converted:
+            raise ValueError("an engine with target_epsilon calibrates its noise in make_private (it needs the "
+                             "epochs and the data loader): call make_private, or give noise_multiplier to convert")
+        return self._convert_once(module)
+
+    def _convert_once(self, module: nn.Module) -> nn.Module:
         if self._converted:
             raise ValueError("this LegRace engine already wraps a model (make_private or convert was called "
                              "before); its noise and privacy ledger belong to that model: make a new engine")
@@ -313,6 +336,7 @@ class LegRace:
             return split
 
         gm = convert(module, make_split)
+        self._batchnorms = [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
         if self.rebuild_outputs:
             config.outputs = ConvOutputs(keep_bytes=int(self.keep_outputs_mb * 2**20))
             config.outputs.install(gm)
@@ -331,6 +355,7 @@ class LegRace:
         accounted = [(not split.releases_nothing, after_bn) for split, after_bn in self._splits]
         self._releasing_points = sum(a for a, _ in accounted)
         self._coupled_points = sum(a and bn for a, bn in accounted)
+        self._coupled = {split.point for split, bn in self._splits if bn}
 
     def _plan_map_sizes(self, module: nn.Module, data_loader: Any) -> None:
         """Find each conv's input size from one sample of the loader (a forward of the user's
@@ -360,26 +385,71 @@ class LegRace:
     def unaccounted(self) -> Iterator[None]:
         """Forwards in this block release data that is not private (synthetic benchmark inputs,
         an attack's simulated victims): not accounted, and no warning. Grep for it to audit."""
-        self._open_passes += 1
+        self._unaccounted += 1
         try:
             yield
         finally:
-            self._open_passes -= 1
+            self._unaccounted -= 1
 
-    def _released(self, point: int) -> None:
-        """Account a release made outside every private loader's pass (a forward on data fed to
-        the model directly): each such forward is one use of a data set of their own, the same
-        samples every time (the worst case), so `get_epsilon` never understates what crossed."""
-        if self._open_passes:
+    def _released(self, point: int, rows: int) -> None:
+        """Account the release of `rows` samples' residuals at decomposition point `point`,
+        before it crosses (an error here stops it).
+
+        A pass over a private loader is one use of its samples while each sample it yields goes
+        through the model once. Releases beyond that (more rows at a point than the open passes
+        have yielded: a second forward of a batch, an eval forward beside the training one, data
+        from elsewhere), and every forward outside all passes, are each charged as one use under
+        OUTSIDE_A_LOADER, which adds to every data set's count (the worst case: the same samples
+        every time), so `get_epsilon` never understates what crossed. After a BatchNorm in
+        training mode a release's sensitivity is 2C*sqrt(B): a batch larger than the loaders' raises
+        the B every use is priced at, or, when the noise was calibrated for a target epsilon, is
+        refused.
+        """
+        if self._unaccounted:
             return
-        n = self._outside[point] = self._outside.get(point, 0) + 1
-        if n > self._outside_uses:  # a forward's first release
+        if rows > self.batch_size and point in self._coupled and any(bn.training for bn in self._batchnorms):
+            if self.target_epsilon is not None:  # the noise was calibrated for the smaller batch
+                raise ValueError(
+                    f"a batch of {rows} samples reached decomposition point {point}, which follows a BatchNorm in "
+                    f"training mode, but the noise was calibrated for batches of at most {self.batch_size} (the "
+                    "private loaders' batch size): one sample moves its whole batch there. Feed training batches "
+                    "through the private loader (a DataLoader with batch_size set), or run the forward in eval mode")
+            self.batch_size = rows  # every use is priced at the larger batch from now on (never less)
+        if self._open_passes:
+            n = self._pass_rows[point] = self._pass_rows.get(point, 0) + rows
+            if n <= self._yielded_rows + self._charged_rows:
+                return
+            self._charged_rows += rows  # this forward's rows, at every point, paid by one use below
+            what = ("the model released more samples' residuals than the private loaders' open passes have yielded "
+                    "(a second forward of a batch, or other data during a pass)")
+        else:
+            n = self._outside[point] = self._outside.get(point, 0) + 1
+            if n <= self._outside_uses:  # not a forward's first release
+                return
             self._outside_uses = n
-            if n == 1:
-                warnings.warn("the model released residuals outside a pass over a private loader (make_private's "
-                              "or private_loader's): each such forward is accounted as one more use of the same "
-                              "samples, the worst case; feed private data through those loaders", stacklevel=5)
-            self.ledger.record_pass(OUTSIDE_A_LOADER)
+            what = ("the model released residuals outside a pass over a private loader (make_private's or "
+                    "private_loader's)")
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(f"{what}: each such forward is accounted as one more use of every data set's samples, "
+                          "the worst case; feed each private sample through those loaders once per pass", stacklevel=5)
+        self._spending()
+        self.ledger.record_pass(OUTSIDE_A_LOADER)
+
+    def _spending(self) -> None:
+        """Check, before uses are spent, that this engine prices a use at least as dearly as the
+        ledger's earlier uses were spent (a checkpoint or ledger file from another batch size or
+        rank would otherwise be re-priced cheaper), and record its pricing."""
+        if self._releasing_points is None or not self.releases_per_sample:
+            return
+        ours = self.releases_per_use()
+        for spent in self.ledger.spent_at:
+            if not covers(ours, spent):
+                raise ValueError(
+                    f"the privacy ledger holds uses that released {_pricing(spent)} each, and this engine would "
+                    f"account a use as {_pricing(ours)}, less: make the engine with the same model, rank and batch "
+                    "size as the run the ledger (or checkpoint) comes from")
+        self.ledger.note_pricing(ours)
 
     def _set_noise(self, z: float) -> None:
         self.mechanism = GaussianMechanism(self._clip_for(z), z, seed=self.noise_seed)
@@ -438,6 +508,7 @@ class LegRace:
     def get_epsilon(self, delta: Optional[float] = None) -> float:
         """Epsilon spent so far at `delta` (default target_delta), over every accounted pass."""
         delta = self.target_delta if delta is None else delta
+        check_delta(delta)
         if self.mode == "gpu_only":
             return math.inf
         return self.epsilon_of_uses(self.ledger.max_uses, delta)
@@ -476,7 +547,8 @@ class LegRace:
             self.audit.close()
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs to resume without spending privacy twice."""
+        """What a checkpoint needs to resume without spending privacy twice (the ledger holds
+        the uses and what one use released, see _spending)."""
         return {"mode": self.mode, "noise_multiplier": self.noise_multiplier, "clip": self.clip,
                 "ledger": self.ledger.state_dict()}
 
@@ -494,6 +566,8 @@ class LegRace:
                              f"has {have}: make the engine with the checkpoint's noise_multiplier and clip, so "
                              "the privacy already spent is accounted at the noise it was spent with")
         self.ledger.load_state_dict(state["ledger"])
+        if self.ledger.uses:
+            self._spending()  # (checked again before each pass, once a loader has planned the model)
 
     def _noise_setting(self) -> tuple[Optional[float], Optional[float]]:
         """(noise multiplier, clip) this engine releases with, as state_dict records them; z is
@@ -528,8 +602,41 @@ def _sample_shape(data_loader: Any) -> Optional[tuple[int, ...]]:
 
 
 def _longest_batch(batches) -> int:
-    lengths = [len(b[0]) if isinstance(b, (list, tuple)) else len(b) for b in batches]
-    return max(lengths, default=1)
+    return max((_rows(b) for b in batches), default=1)
+
+
+def _rows(batch: Any, loader: Any = None) -> int:
+    """Samples in a batch: the length of its first tensor (of a tuple, list or dict), else the
+    loader's batch size."""
+    while isinstance(batch, (list, tuple, dict)) and len(batch):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    if isinstance(batch, torch.Tensor) and batch.dim():
+        return batch.shape[0]
+    return getattr(loader, "batch_size", None) or 1
+
+
+def _check_sampling(data_loader: Any) -> None:
+    """Refuse loaders that yield a sample more than once per pass: the ledger counts a pass as
+    one use of each sample (with replacement, one sample was drawn 14 times in a pass)."""
+    sampler = getattr(data_loader, "sampler", None)
+    dataset = getattr(data_loader, "dataset", None)
+    if getattr(sampler, "replacement", False):
+        raise ValueError(f"the loader's {type(sampler).__name__} draws with replacement, so a pass can use one sample "
+                         "several times; legrace accounts a pass as one use of each sample: sample without replacement")
+    num_samples = getattr(sampler, "num_samples", None)
+    try:
+        if isinstance(num_samples, int) and dataset is not None and num_samples > len(dataset):
+            raise ValueError(f"the loader's {type(sampler).__name__} draws {num_samples} samples per pass from "
+                             f"{len(dataset)}, so it repeats samples; legrace accounts a pass as one use of each sample")
+    except TypeError:  # no length
+        pass
+    if isinstance(dataset, torch.utils.data.IterableDataset) and getattr(data_loader, "num_workers", 0) > 1:
+        raise ValueError("an IterableDataset read by several workers yields every sample once per worker unless it "
+                         "shards itself; legrace cannot tell, so use num_workers <= 1 (or a map-style dataset)")
+
+
+def _pricing(releases) -> str:
+    return ", ".join(f"{n} at sensitivity {s:g}C" for s, n in releases if n)
 
 
 def _accelerator_device(accelerator: str, mode: str = "legrace") -> torch.device:

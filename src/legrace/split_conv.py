@@ -51,7 +51,7 @@ class SplitConfig:
     boundary: Optional[Boundary] = None
     timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
     outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
-    on_release: Optional[Callable[[int], None]] = None  # told the point of each release (accounting)
+    on_release: Optional[Callable[[int, int], None]] = None  # told each release's point and rows (accounting)
     # point -> [its input, the input's version, its A, V and noised residual, reusers left], kept
     # by a conv whose input later convs read too (SplitConv2d.reusers) until the last takes it
     shared: dict = field(default_factory=dict)
@@ -288,9 +288,9 @@ class _SplitConvFunction(torch.autograd.Function):
         pending = y_main = stored = y_res = None
         if sends:  # sent first: the accelerator convolves X_res~ while we convolve V with W'
             if released is None:
+                if cfg.on_release is not None:  # accounted (or refused) before anything is drawn or sent
+                    cfg.on_release(layer.point, x.shape[0])
                 released = cfg.mechanism.release(X_res, cfg.wire_dtype)
-                if cfg.on_release is not None:
-                    cfg.on_release(layer.point)
             if layer.reusers:  # kept for the later convs without X_res, which they do not need
                 cfg.shared[layer.point] = [weakref.ref(x), _version(x), A, V, released, layer.reusers]
             pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
