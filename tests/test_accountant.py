@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from legrace.accountant import PrivacyLedger, calibrate_noise_multiplier, epsilon
+from legrace.accountant import OUTSIDE_A_LOADER, covers, PrivacyLedger, calibrate_noise_multiplier, epsilon
 
 
 def classic_rdp_bound(z, releases, delta):
@@ -63,3 +63,26 @@ def test_ledger_persists_before_a_pass_and_never_forgets(tmp_path):
     assert again.uses == {"train": 2, "validation": 1} and again.max_uses == 2
     again.load_state_dict({"uses": {"train": 1}})  # an older checkpoint cannot lower the count
     assert again.uses["train"] == 2
+
+
+def test_two_processes_sharing_a_ledger_file_never_lose_a_use(tmp_path):
+    # an evaluation during training: each ledger object adds its pass to what the file holds
+    training, evaluation = PrivacyLedger(tmp_path / "ledger.json"), PrivacyLedger(tmp_path / "ledger.json")
+    training.record_pass("train")
+    evaluation.record_pass("train")
+    training.record_pass("train")
+    assert training.uses["train"] == 3 and PrivacyLedger(tmp_path / "ledger.json").uses["train"] == 3
+
+
+def test_uses_outside_a_loader_add_to_every_data_set():
+    ledger = PrivacyLedger()
+    for name in ("train", "train", "validation", OUTSIDE_A_LOADER):
+        ledger.record_pass(name)
+    assert ledger.max_uses == 3
+
+
+def test_a_pricing_covers_another_only_if_it_accounts_at_least_as_much():
+    assert covers([(2.0, 3), (16.0, 1)], [(2.0, 3), (8.0, 1)])
+    assert covers([(2.0, 2), (16.0, 2)], [(2.0, 3), (16.0, 1)])  # a dearer release stands for a cheaper one
+    assert not covers([(2.0, 3), (8.0, 1)], [(2.0, 3), (16.0, 1)])  # a smaller batch after a BatchNorm
+    assert not covers([(2.0, 2), (16.0, 1)], [(2.0, 3), (16.0, 1)])  # a point fewer

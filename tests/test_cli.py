@@ -371,3 +371,23 @@ def test_a_resumed_run_trains_as_an_unbroken_one_and_keeps_one_row_per_epoch(tmp
     whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     # the same shuffle in epoch 2 (was: epoch 1's order again), so the same losses
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in whole]
+
+
+def test_evaluate_prices_the_runs_uses_as_the_run_did_and_knows_its_data_by_content(tmp_path, capsys, monkeypatch):
+    digits = __import__("sklearn.datasets", fromlist=["load_digits"]).load_digits()
+    x = np.repeat((digits.images[:200] * 16).astype(np.uint8)[..., None], 3, axis=-1)[:, :8, :8]
+    spec = _npz(tmp_path / "d.npz", x, digits.target[:200])
+    out = tmp_path / "run"
+    assert main(["train", "--data", spec, "--epochs", "1", "--batch-size", "64", "--out", str(out), "--no-progress"]) == 0
+    trained = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    # the validation split (20 samples) is smaller than the run's batches: its pass must not make the
+    # run's batch-coupled releases (priced at 64) cheaper, nor be refused for it
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", spec, "--split", "val"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 20 and result["epsilon"] >= trained["epsilon"]
+    # the same file under another spelling of its path is the run's own data: a use of both sets
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accounted_as"] == ["train", "validation"] and result["uses"] == {"train": 2, "validation": 3}

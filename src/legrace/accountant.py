@@ -19,10 +19,16 @@ on data the model was fed directly, which could be any of the sets) add to every
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+try:
+    import fcntl  # POSIX file locks for a ledger shared between processes
+except ImportError:  # pragma: no cover - Windows: one process per ledger
+    fcntl = None
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -108,15 +114,41 @@ class PrivacyLedger:
             self.load_state_dict(json.loads(self.path.read_text()))
 
     def record_pass(self, name: str) -> None:
-        self.uses[name] = self.uses.get(name, 0) + 1
-        self.save()
+        with self._file_locked():  # another process (an evaluation during training) may have added uses
+            self._merge_file()
+            self.uses[name] = self.uses.get(name, 0) + 1
+            self._write()
 
     def save(self) -> None:
-        """Write the counts to `path` (if any), replacing the file in one step."""
+        """Write the counts to `path` (if any), replacing the file in one step, after taking in
+        what another process wrote there (never forgetting a use)."""
+        with self._file_locked():
+            self._merge_file()
+            self._write()
+
+    def _merge_file(self) -> None:
+        if self.path and self.path.exists():
+            self.load_state_dict(json.loads(self.path.read_text()))
+
+    def _write(self) -> None:
         if self.path:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.state_dict()))
             tmp.replace(self.path)
+
+    @contextlib.contextmanager
+    def _file_locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the ledger file's lock file: processes sharing a ledger read,
+        add and write one at a time (without it, two that each add one wrote the same count)."""
+        if not self.path or fcntl is None:
+            yield
+            return
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     @property
     def max_uses(self) -> int:

@@ -282,7 +282,13 @@ class LegRace:
                 batch_size = min(batch_size, len(data_loader.dataset))
             except TypeError:  # an iterable-style data set has no length
                 pass
-        self.batch_size = max(self.batch_size, batch_size or _longest_batch(data_loader))
+        batch_size = batch_size or _longest_batch(data_loader)
+        if batch_size > self.batch_size and self.target_epsilon is not None and self.mechanism is not None \
+                and self.batch_coupled_releases_per_sample:
+            warnings.warn(f"this loader's batches of {batch_size} are larger than the {self.batch_size} the noise was "
+                          "calibrated for: releases after a BatchNorm are priced at the larger batch, so epsilon will "
+                          "pass target_epsilon; wrap this loader (private_loader) before make_private", stacklevel=2)
+        self.batch_size = max(self.batch_size, batch_size)
         device = self.device if self.mode == "gpu_only" else None
         if self._unplanned is not None:  # the first loader's samples tell each conv's map size
             self._plan_map_sizes(self._unplanned, data_loader)
@@ -550,7 +556,7 @@ class LegRace:
         """What a checkpoint needs to resume without spending privacy twice (the ledger holds
         the uses and what one use released, see _spending)."""
         return {"mode": self.mode, "noise_multiplier": self.noise_multiplier, "clip": self.clip,
-                "ledger": self.ledger.state_dict()}
+                "batch_size": self.batch_size, "ledger": self.ledger.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Take over a checkpoint's privacy ledger. The engine must release with the checkpoint's
@@ -565,9 +571,15 @@ class LegRace:
             raise ValueError(f"checkpoint was trained with noise_multiplier={saved_z}, clip={saved_clip}, this engine "
                              f"has {have}: make the engine with the checkpoint's noise_multiplier and clip, so "
                              "the privacy already spent is accounted at the noise it was spent with")
+        self.take_batch_size(state)
         self.ledger.load_state_dict(state["ledger"])
         if self.ledger.uses:
             self._spending()  # (checked again before each pass, once a loader has planned the model)
+
+    def take_batch_size(self, state: dict, default: int = 1) -> None:
+        """Price uses at the batch size a checkpoint's run priced them at (at least): a later
+        loader with smaller batches (an evaluation) must not make the run's uses cheaper."""
+        self.batch_size = max(self.batch_size, int(state.get("batch_size", default)))
 
     def _noise_setting(self) -> tuple[Optional[float], Optional[float]]:
         """(noise multiplier, clip) this engine releases with, as state_dict records them; z is

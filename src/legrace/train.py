@@ -199,10 +199,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     else:
         engine = _engine(cfg, cfg.noise_multiplier, cfg.clip, ledger_path, secret, audit)
     shuffle = torch.Generator().manual_seed(cfg.seed)
+    # (validation first: the noise is calibrated for the larger of the two loaders' batches)
+    val_loader = engine.private_loader(_loader(data.val, cfg, False), "validation") if data.val is not None else None
     model, optimizer, train_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=_loader(data.train, cfg, True, shuffle), epochs=cfg.epochs
     )
-    val_loader = engine.private_loader(_loader(data.val, cfg, False), "validation") if data.val is not None else None
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     start_epoch, history, step_times = 0, [], []
     if state is not None:
@@ -356,7 +357,9 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
     else:
         data = load_data(data_spec, val_fraction=0.0, image_size=state["image_size"], split="test")
         ds = data.train
-        if data_spec == cfg.data and not data_spec.startswith("cifar10:"):
+        saved = state.get("data_fingerprint")
+        same = data.fingerprint == saved if saved and data.fingerprint else data_spec == cfg.data
+        if same and not data_spec.startswith("cifar10:"):  # the run's own samples, however the path is spelled
             names = ("train", "validation")
         else:
             names = (f"evaluate {data_spec}",)
@@ -373,6 +376,7 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
     try:  # the engine is closed however this ends (a private worker process exits with it)
         try:
             engine.ledger.load_state_dict(state["engine"]["ledger"])  # never forgets a use either way
+            engine.take_batch_size(state["engine"], cfg.batch_size)  # the run's uses keep the price they were spent at
             engine.ledger.save()
         except OSError as err:
             raise TrainError(f"cannot record this evaluation's privacy cost in {ledger_path}: {err}") from err
