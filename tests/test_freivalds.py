@@ -107,10 +107,10 @@ class Tampering(Accelerator):
         return reply
 
 
-def step(verify, what, monkeypatch):
+def step(verify, what, monkeypatch, wire_dtype=None):
     monkeypatch.setattr("legrace.engine.Accelerator", lambda device, **options: Tampering(what))
     torch.manual_seed(0)
-    engine = LegRace(rank=2, noise_multiplier=1.0, clip=1.0, verify=verify)
+    engine = LegRace(rank=2, noise_multiplier=1.0, clip=1.0, verify=verify, wire_dtype=wire_dtype)
     model = engine.convert(SmallCNN(1, 3))
     F.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.randint(0, 3, (4,))).backward()
 
@@ -121,6 +121,19 @@ def test_verify_catches_a_tampering_accelerator_that_otherwise_goes_unnoticed(wh
     step(False, what, monkeypatch)  # shapes, dtypes and values are plausible: nothing else notices
     with pytest.raises(BoundaryError, match=f"integrity check failed: the accelerator's {message}"):
         step(True, what, monkeypatch)
+
+
+@pytest.mark.parametrize("what,message", [("forward", "Y_res of layer 1"), ("resend", "Y_res of layer 2")])
+def test_verify_with_a_bfloat16_wire_gets_answers_it_can_check_closely(what, message, monkeypatch):
+    # answered in bfloat16, Y_res could only be checked to bfloat16's rounding (a channel scaled by
+    # 3% went through); under verification the accelerator answers in the weight's float32
+    with pytest.raises(BoundaryError, match=f"integrity check failed: the accelerator's {message}"):
+        step(True, what, monkeypatch, wire_dtype="bfloat16")
+    monkeypatch.undo()
+    engine = LegRace(rank=2, noise_multiplier=1.0, clip=1.0, verify=True, wire_dtype="bfloat16")
+    model = engine.convert(SmallCNN(1, 3))
+    F.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.randint(0, 3, (4,))).backward()  # honest: passes
+    assert engine.boundary.verifier.checks == 8
 
 
 def test_verify_passes_an_honest_training_step():

@@ -121,7 +121,7 @@ class Accelerator:
     def _forward(self, m: ConvForward) -> ConvForwardReply:
         conv = self._conv(m.layer)
         x = self._to_device(m.residual.tensor)  # kept as sent (e.g. bfloat16: half the memory)
-        y = self._conv_of(conv, x)
+        y = self._conv_of(conv, x, m.full_answer)
         stored = None
         if m.keep:  # only once the conv succeeded: a refused request leaves nothing behind
             stored = next(self._ids)
@@ -150,17 +150,17 @@ class Accelerator:
         done.synchronize()
         return host
 
-    def _conv_of(self, conv: _Conv, x: Tensor) -> Tensor:
-        """conv(x, W) computed in W's dtype, answered in the dtype x was sent in."""
+    def _conv_of(self, conv: _Conv, x: Tensor, full: bool = False) -> Tensor:
+        """conv(x, W) computed in W's dtype, answered in the dtype x was sent in (in W's with `full`)."""
         y = F.conv2d(x.to(conv.weight.dtype), conv.weight, None, conv.stride, conv.padding, conv.dilation)
-        return self._to_host(y.to(x.dtype))
+        return self._to_host(y if full else y.to(x.dtype))
 
     def _resend(self, m: ResendOutput) -> ConvForwardReply:
         conv = self._conv(m.layer)
         x = self._stored.get(m.stored)
         if x is None:
             raise AcceleratorError(f"no stored residual {m.stored} for layer {m.layer}")
-        return ConvForwardReply(self._conv_of(conv, x), None)
+        return ConvForwardReply(self._conv_of(conv, x, m.full_answer), None)
 
     def _backward(self, m: ConvBackward) -> ConvBackwardReply:
         conv = self._conv(m.layer)

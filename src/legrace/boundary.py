@@ -13,6 +13,7 @@ Trusted -> untrusted (what the adversary may see):
   ResendOutput   the id of a stored residual whose Y_res the trusted side wants again in
                  backward (it keeps no conv outputs; see legrace.recompute). Carries no data:
                  the reply is the same post-processing of an already released residual.
+                 (Both may ask for Y_res in the weight's dtype: `full_answer`, a flag.)
   Free           ids of stored residuals that no backward pass will use.
 
 Untrusted -> trusted (checked for shape, dtype and finiteness before use; with verify=True also
@@ -85,6 +86,9 @@ class ConvForward:
     layer: int
     residual: NoisedResidual
     keep: bool  # keep X_res~ on the accelerator for this layer's weight gradient
+    # answer Y_res in the weight's dtype, not the residual's (a bfloat16 wire under verification:
+    # a bfloat16 answer is only checkable to bfloat16's rounding, about 3% of its scale)
+    full_answer: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class ConvBackward:
 class ResendOutput:
     layer: int
     stored: int  # id of the kept X_res~: the accelerator answers conv(X_res~, W) again
+    full_answer: bool = False  # as ConvForward's
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,7 @@ class Stored:
                  dtype: Optional[torch.dtype] = None) -> None:
         self.id = id
         self.residual = residual
-        self.dtype = dtype  # the dtype the residual crossed in: a resent Y_res comes back in it
+        self.dtype = dtype  # the dtype a resent Y_res comes back in (that of the first answer)
         self._boundary = boundary
 
     @property
@@ -383,22 +388,28 @@ class Boundary:
         if not isinstance(residual, NoisedResidual):
             raise TypeError("only a NoisedResidual made by the Gaussian mechanism may cross")
         request = f"ConvForward of layer {layer}"
-        dtype = residual.tensor.dtype
-        flight = self._start(ConvForward(layer, residual, keep), wait, reply_bytes((out_shape, dtype)))
+        full = self._full_answer(layer, residual.tensor.dtype)
+        dtype = self._weights[layer].dtype if full else residual.tensor.dtype
+        flight = self._start(ConvForward(layer, residual, keep, full), wait, reply_bytes((out_shape, dtype)))
 
         def finish() -> tuple[Tensor, Optional[Stored]]:
             reply = self._expect(flight.reply(), ConvForwardReply, request)
-            y = _checked(reply.y_res, out_shape, residual.tensor.dtype, f"Y_res of layer {layer}")
+            y = _checked(reply.y_res, out_shape, dtype, f"Y_res of layer {layer}")
             if keep and reply.stored is None:
                 raise BoundaryError(f"the accelerator did not keep the residual of layer {layer} for backward")
             if self.verifier is not None:
                 self.verifier.conv_forward(layer, residual.tensor, self._weights[layer], y, *self._convs[layer])
             if not keep:
                 return y, None
-            return y, Stored(reply.stored, self, residual.tensor if self.verifier is not None else None,
-                             residual.tensor.dtype)
+            return y, Stored(reply.stored, self, residual.tensor if self.verifier is not None else None, dtype)
 
         return finish() if wait else Pending(finish)
+
+    def _full_answer(self, layer: int, sent: torch.dtype) -> bool:
+        """Ask for Y_res in the weight's dtype when a check must see more than the wire's rounding:
+        under verification, a residual sent in a smaller dtype (bfloat16)."""
+        held = self._weights.get(layer)
+        return self.verifier is not None and held is not None and held.dtype.itemsize > sent.itemsize
 
     def hold_weight(self, layer: int, weight: Tensor) -> None:
         """Before a backward request: send `weight` again if the accelerator holds another for
@@ -414,7 +425,8 @@ class Boundary:
         if stored.taken:
             raise BoundaryError(f"the residual of layer {layer} was already used by its backward pass")
         request = f"ResendOutput of layer {layer}"
-        flight = self._start(ResendOutput(layer, stored.id), wait, reply_bytes((out_shape, stored.dtype)))
+        full = stored.residual is not None and stored.dtype != stored.residual.dtype
+        flight = self._start(ResendOutput(layer, stored.id, full), wait, reply_bytes((out_shape, stored.dtype)))
 
         def finish() -> Tensor:
             reply = self._expect(flight.reply(), ConvForwardReply, request)
@@ -520,10 +532,10 @@ _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 WIRE_FIELDS: dict[type, dict[str, str]] = {
     RegisterConv: {"layer": "id", "stride": "ints", "padding": "ints", "dilation": "ints"},
     SetWeight: {"layer": "id", "weight": "tensor"},
-    ConvForward: {"layer": "id", "residual": "residual", "keep": "bool"},
+    ConvForward: {"layer": "id", "residual": "residual", "keep": "bool", "full_answer": "bool"},
     ConvBackward: {"layer": "id", "stored": "id?", "grad_y": "tensor", "x_shape": "ints", "need_grad_x": "bool",
                    "need_grad_w": "bool"},
-    ResendOutput: {"layer": "id", "stored": "id"},
+    ResendOutput: {"layer": "id", "stored": "id", "full_answer": "bool"},
     Free: {"stored": "ints"},
     Ack: {},
     ConvForwardReply: {"y_res": "tensor", "stored": "id?"},
