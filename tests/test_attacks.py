@@ -241,3 +241,10 @@ def test_attack_views_calibrate_the_noise_as_training_does():
     engine.make_private(module=cnn(), optimizer=None, data_loader=loader, epochs=5)
     assert engine.releases_per_sample == 1
     assert calibrated_noise(cnn(), "legrace", 8, 8.0, 5, 64, 1e-5, (1, 8, 8)) == engine.noise_multiplier
+
+
+def test_a_fresh_target_model_is_the_one_its_seed_makes():
+    # (was: new random weights on every call, whatever --seed said)
+    weights = [list(digits_target(seed=seed).model.state_dict().values()) for seed in (0, 0, 1)]
+    assert all(torch.equal(p, q) for p, q in zip(weights[0], weights[1]))
+    assert not torch.equal(weights[0][0], weights[2][0])

@@ -83,6 +83,8 @@ def load_target(checkpoint: Optional[str] = None, config: Optional[TrainConfig] 
     used = set(members) | set(held_out)
     order = torch.randperm(len(base), generator=torch.Generator().manual_seed(config.seed + 1)).tolist()
     unused = [i for i in order if i not in used]
+    if state is None:  # a fresh model: the weights a run with this seed starts from (as run_training seeds)
+        torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
     noise = clip = None
