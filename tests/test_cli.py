@@ -391,3 +391,24 @@ def test_evaluate_prices_the_runs_uses_as_the_run_did_and_knows_its_data_by_cont
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accounted_as"] == ["train", "validation"] and result["uses"] == {"train": 2, "validation": 3}
+
+
+def test_a_run_whose_batchnorm_cannot_train_on_one_sample_is_refused_before_it_starts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "resnet18", "--batch-size", "1", "--max-samples", "20", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "cannot train on batches of one sample" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists() and not (out / "privacy_ledger.json").exists()  # nothing spent
+
+
+def test_resume_from_a_checkpoint_without_its_optimizer_is_refused_by_name(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--max-samples", "100", "--out", str(out), "--no-progress"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", "--epochs", "2", "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "cannot be resumed: it holds no optimizer" in capsys.readouterr().err

@@ -165,6 +165,11 @@ def test_npz_classes(tmp_path):
         load_data(spec)
     _one_line_error(ei, "bad.npz", "classes")
 
+    spec = _write_npz(tmp_path / "twice.npz", x=x, y=np.array([0, 1, 2, 0]), classes=np.array(["a", "a", "b"]))
+    with pytest.raises(DataError) as ei:  # matched by name at evaluation: 'a' would be one output
+        load_data(spec)
+    _one_line_error(ei, "twice.npz", "'a' more than once")
+
 
 def _bad_npz_cases():
     ok_x = np.zeros((4, 3, 3, 1), dtype=np.uint8)
@@ -294,6 +299,12 @@ def test_imagefolder_missing_or_empty(tmp_path):
     with pytest.raises(DataError) as ei:
         load_data(f"imagefolder:{tmp_path / 'empty'}")
     _one_line_error(ei, "empty", "no images")
+
+    root = _make_folder(tmp_path / "linked")
+    (root / "cats" / "zz.png").symlink_to(tmp_path / "nowhere.png")  # a broken symlink
+    with pytest.raises(DataError) as ei:
+        load_data(f"imagefolder:{root}")
+    _one_line_error(ei, "zz.png", "cannot read")
 
 
 def test_an_unreadable_image_is_a_data_error_naming_it(tmp_path):

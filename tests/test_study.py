@@ -102,3 +102,10 @@ def test_rank_profile_measures_energy_and_residuals(tmp_path):
     assert 0.01 < layers[1]["residual_relative_median"] < 1  # 16 channels of 4x4, R = 4
     paths = write_profile(result, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_tables_keep_the_sign_of_an_infinite_value():
+    from legrace.results import _cell, text_table
+
+    assert (_cell(float("-inf")), _cell(float("inf"))) == ("-inf", "inf")
+    assert "-inf" in text_table([{"a": float("-inf")}], ["a"])

@@ -189,6 +189,9 @@ def _load_npz(path: Path, size: int | None) -> _Loaded:
             raise DataError(f"npz:{path}: classes has {names.size} names "
                             f"but labels go up to {num_classes - 1}")
         classes = [v.decode() if isinstance(v, bytes) else str(v) for v in names.tolist()]
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        if twice:  # evaluation matches classes by name: two outputs of one name cannot be told apart
+            raise DataError(f"npz:{path}: classes names {', '.join(map(repr, twice))} more than once; names must differ")
         num_classes = len(classes)
 
     images = torch.from_numpy(x).permute(0, 3, 1, 2)  # NCHW view, no copy
@@ -229,7 +232,10 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
                         f"expected DIR/CLASS/IMAGE files ({err})") from err
     files = []
     for path, label in ds.samples:  # names, sizes and times: cheaper than reading every image
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as err:  # a broken symlink, a file removed since the listing
+            raise DataError(f"imagefolder:{root}: cannot read {path} ({err.strerror})") from None
         files.append((os.path.relpath(path, root), label, st.st_size, st.st_mtime_ns))
     return ds, len(ds.classes), 3, size, list(ds.classes), _fingerprint(files)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +28,7 @@ def _cell(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.6g}"
+        return f"{v:.6g}"  # (inf and -inf print as such)
     return str(v)
 
 
@@ -39,7 +38,7 @@ def text_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return "inf" if math.isinf(v) else f"{v:.3g}" if abs(v) < 1000 else f"{v:.4g}"
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.4g}"  # (inf and -inf print as such)
         return str(v)
 
     cells = [[show(r.get(c)) for c in columns] for r in rows]

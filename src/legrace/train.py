@@ -3,6 +3,7 @@ around `LegRace.make_private`, with metrics, a summary and resumable checkpoints
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -92,6 +94,24 @@ def _loader(ds, cfg: TrainConfig, train: bool, generator: Optional[torch.Generat
                       drop_last=train and len(ds) > cfg.batch_size and len(ds) % cfg.batch_size == 1)
 
 
+def _check_one_sample_batches(model: nn.Module, data: DataSplit, cfg: TrainConfig) -> None:
+    """Refuse, before anything is written or released, a run whose batches of one sample a
+    BatchNorm cannot train on (one value per channel on its 1x1 maps): it would fail in its first
+    step, with the output folder taken and a pass spent at each --resume."""
+    if min(cfg.batch_size, len(data.train)) > 1 or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return
+    x = torch.zeros(1, data.in_channels, data.image_size, data.image_size)
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(x)
+    except ValueError as err:
+        if "more than 1 value per channel" not in str(err):
+            raise
+        raise TrainError(f"{cfg.model} cannot train on batches of one sample at {data.image_size}x{data.image_size}: "
+                         "a BatchNorm would see one value per channel. Use --batch-size 2 or more (and at least 2 "
+                         "training samples)") from None
+
+
 def check_same_data(state: dict, data: DataSplit, use: str) -> None:
     """Refuse data whose content differs from what the checkpoint's run read: its seeded split
     would then move samples the run trained on into the validation split."""
@@ -159,6 +179,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         if not ckpt_path.exists():
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
         state, saved = load_checkpoint(ckpt_path)
+        lacking = {"optimizer", "scheduler", "history", "step_times", "rng"} - set(state)
+        if lacking:  # evaluate needs less; resuming needs these too
+            raise TrainError(f"--resume: {ckpt_path} cannot be resumed: it holds no {', '.join(sorted(lacking))}")
         changed = [name for name in given if name not in RUN_SETTINGS and hasattr(saved, name)
                    and getattr(cfg, name) != getattr(saved, name)]
         if changed:
@@ -186,6 +209,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         check_same_data(state, data, "--resume")
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
+    _check_one_sample_batches(model, data, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     try:
         audit = open(cfg.audit, "a" if state is not None else "w") if cfg.audit else None
