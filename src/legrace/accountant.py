@@ -84,7 +84,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, releases: Re
     while epsilon(hi, releases, delta, accountant) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e7:
-            raise ValueError(f"epsilon {target_epsilon} is out of reach for {releases} releases")
+            total = sum(n for _, n in releases)
+            raise ValueError(f"target epsilon {target_epsilon} at delta {delta} is out of reach for {total} releases "
+                             "per sample: raise the target epsilon or delta, or train fewer epochs")
     for _ in range(200):  # bisection on the accountant's own epsilon, no accountant math here
         mid = (lo + hi) / 2
         eps = epsilon(mid, releases, delta, accountant)

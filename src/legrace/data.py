@@ -139,6 +139,8 @@ def _load_digits(size: int | None) -> _Loaded:
 def _load_npz(path: Path, size: int | None) -> _Loaded:
     if not path.is_file():
         raise DataError(f"npz:{path}: file not found")
+    if not zipfile.is_zipfile(path):  # numpy's own message for a .npy or another file misleads
+        raise DataError(f"npz:{path}: not an .npz archive (numpy.savez writes one, with arrays x and y)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f.files]
