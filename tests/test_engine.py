@@ -628,13 +628,15 @@ def test_uses_spent_at_a_higher_price_are_not_taken_over_cheaper(tmp_path):
         for x, _ in loader:
             model(x)
     state = engine.state_dict()
-    for other, loader_batch in ((LegRace(rank=1, clip=0.5, noise_multiplier=3.0), 4),  # smaller B at the coupled point
-                                (LegRace(rank=4, clip=0.5, noise_multiplier=3.0), 16)):  # R = 4 covers a point
-        other.load_state_dict(state)
-        with pytest.raises(ValueError, match="less: make the engine with the same model, rank and batch size"):
-            other.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=loader_batch))
-            for x, _ in other.private_loader(tiny_loader(batch=loader_batch), "train"):
-                pass
+    smaller = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    smaller.load_state_dict(state)  # the checkpoint's batch size comes with it: its uses stay priced at 16
+    smaller.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=4))
+    assert smaller.batch_size == 16 and smaller.get_epsilon() == pytest.approx(engine.get_epsilon())
+    other = LegRace(rank=4, clip=0.5, noise_multiplier=3.0)  # R = 4 covers a point: one release fewer per use
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="less: make the engine with the same model, rank and batch size"):
+        other.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=16))
+        next(iter(other.private_loader(tiny_loader(batch=16), "train")))
     same = LegRace(rank=1, clip=0.5, noise_multiplier=3.0, ledger_path=tmp_path / "ledger.json")
     same.load_state_dict(state)
     model, _, loader = same.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=16))
