@@ -22,8 +22,8 @@ def test_bench_smoke(tmp_path):
     assert modes["legrace"]["accelerator_macs"] > 0 and modes["tee_only"]["accelerator_macs"] == 0
     assert modes["gpu_only"]["trusted_macs"] == 0
     # the first conv's 3 channels are covered by R = 8: it stays inside, so legrace's accelerator
-    # does less than gpu_only's, which runs every conv
-    assert 0 < modes["legrace"]["accelerator_macs"] < modes["gpu_only"]["accelerator_macs"]
+    # does less than dp_only's, which gets every conv (and, outputs rebuilt, each Y_res twice)
+    assert 0 < modes["legrace"]["accelerator_macs"] < modes["dp_only"]["accelerator_macs"]
     assert 0 < modes["legrace"]["trusted_saved_bytes"] < modes["tee_only"]["trusted_saved_bytes"]
     assert len(modes["legrace"]["layers"]) == 3
     assert "tee_only_step / legrace_trusted" in report["ratios"]
@@ -462,3 +462,123 @@ def test_bench_refuses_a_keep_budget_that_would_keep_nothing_more(tmp_path, caps
         assert main(["bench", "--model", "cnn", "--input-size", "16", "--modes", "legrace", "--keep-outputs-mb", "5",
                      *args, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err and not out.exists()
+
+
+def _counted_step(run, monkeypatch) -> tuple[int, int]:
+    """One timed step of `run`, with the MACs torch counts in it: (trusted side, in-process accelerator)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from legrace.accelerator import Accelerator
+
+    handle, accelerator = Accelerator.handle, [0]
+
+    def counted(self, message):
+        with FlopCounterMode(display=False) as inner:
+            reply = handle(self, message)
+        accelerator[0] += inner.get_total_flops() // 2
+        return reply
+
+    with monkeypatch.context() as patch, FlopCounterMode(display=False) as everything:
+        patch.setattr(Accelerator, "handle", counted)
+        run.timed_step()
+    return everything.get_total_flops() // 2 - accelerator[0], accelerator[0]
+
+
+@pytest.mark.parametrize("model,size,mode,rank,rebuild,trusted", [
+    ("cnn", 16, "legrace", 8, True, None),  # (torch overcounts the grouped low-rank conv's dW)
+    ("cnn", 16, "legrace", 8, False, None),  # outputs kept: no Y_res computed again
+    ("cnn", 16, "dp_only", 8, True, "exact"),  # R = 0: no decomposition; every conv crosses
+    ("cnn", 16, "legrace", 0, True, "exact"),  # --rank 0
+    ("cnn", 8, "legrace", 8, True, "approx"),  # the last conv's 2x2 map is covered by R: nothing crosses
+    ("resnet18", 8, "legrace", 8, True, None),  # shared releases and 1x1 maps
+])
+def test_macs_are_what_the_accelerator_and_the_trusted_side_compute(monkeypatch, model, size, mode, rank, rebuild,
+                                                                     trusted):
+    # was: a conv whose map R covers, R = 0's Gram matrix and the accelerator's rebuilt Y_res were miscounted
+    from legrace.bench import _ModeRun
+    from legrace.models import build_model
+
+    torch.manual_seed(0)
+    run = _ModeRun(mode, build_model(model, num_classes=10, image_size=size), torch.randn(2, 3, size, size),
+                   torch.randint(0, 10, (2,)), train=True, rank=rank, accelerator="cpu", iters=2,
+                   rebuild_outputs=rebuild)
+    computed_trusted, computed_accelerator = _counted_step(run, monkeypatch)
+    counted = run.result()
+    assert counted["accelerator_macs"] == computed_accelerator > 0
+    if trusted == "exact":
+        assert counted["trusted_macs"] == computed_trusted
+    elif trusted == "approx":  # the rest: Cholesky QR's R x R work and A·V where conv(A·V, W) is cheaper
+        assert counted["trusted_macs"] == pytest.approx(computed_trusted, rel=0.05)
+
+
+def test_bench_subtracts_the_time_weights_spend_in_transport_from_the_trusted_time():
+    # was: SetWeight (sent each forward) and hold_weight were booked as trusted work
+    import time
+
+    from legrace.bench import _ModeRun
+    from legrace.boundary import SetWeight
+    from legrace.models import build_model
+
+    class SlowWeights:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def request(self, message, reply_bytes=None):
+            if isinstance(message, SetWeight):
+                time.sleep(0.05)
+            return self.inner.request(message, reply_bytes)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    torch.manual_seed(0)
+    run = _ModeRun("legrace", build_model("cnn", num_classes=10, image_size=16), torch.randn(2, 3, 16, 16),
+                   torch.randint(0, 10, (2,)), train=True, rank=8, accelerator="cpu", iters=2, overlap=False)
+    boundary = run.engine.boundary
+    boundary.transport = SlowWeights(boundary.transport)
+    before = boundary.seconds_waiting
+    run.timed_step()
+    waited = run.steps[-1] - run.trusted[-1]
+    assert waited == pytest.approx(boundary.seconds_waiting - before) and waited >= 2 * 0.05  # two convs send
+    layers = run.layers[-1]
+    assert sum(v for (_, kind), v in layers.items() if kind.startswith("wait")) == pytest.approx(waited)
+    for point in (1, 2):  # each layer's wait is within its own time: its trusted share stays >= 0
+        assert 0.05 <= layers[point, "wait_fwd"] <= layers[point, "total_fwd"]
+    assert all(layer["trusted_seconds"] >= 0 for layer in run.result()["layers"])
+
+
+def test_bench_refuses_batches_of_one_that_a_batchnorm_cannot_train_on(tmp_path, capsys):
+    # was: torch's "Expected more than 1 value per channel when training" after the engines had started
+    from legrace.bench import _check_one_sample_batches
+    from legrace.models import build_model
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "resnet18", "--input-size", "8", "--batch-size", "1",
+                 "--modes", "tee_only,legrace", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a BatchNorm would see one value per channel" in err and "--batch-size" in err and "--input-size" in err
+    assert not out.exists()
+    _check_one_sample_batches(build_model("cnn", num_classes=10, image_size=8), "cnn", 8)  # 2x2 maps: trains
+    assert main(["bench", "--model", "cnn", "--input-size", "4", "--batch-size", "1", "--infer", "--repeats", "1",
+                 "--warmup", "0", "--modes", "tee_only", "--out", str(out)]) == 0  # inference uses running stats
+
+
+def test_bench_passes_its_accelerator_timeout_to_every_engine(tmp_path, capsys, monkeypatch):
+    import legrace.bench as bench
+
+    timeouts = []
+
+    class Recorded(bench.LegRace):
+        def __init__(self, *args, **kwargs):
+            timeouts.append(kwargs.get("accelerator_timeout"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "LegRace", Recorded)
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
+                 "--warmup", "0", "--modes", "tee_only,legrace", "--accelerator-timeout", "7.5",
+                 "--out", str(out)]) == 0
+    assert timeouts == [7.5, 7.5] and json.loads((out / "bench.json").read_text())["accelerator_timeout"] == 7.5
+    with pytest.raises(SystemExit) as stop:  # refused by argparse, before any model is built
+        main(["bench", "--model", "cnn", "--accelerator-timeout", "0", "--out", str(tmp_path / "x")])
+    assert stop.value.code == 2 and "--accelerator-timeout: must be > 0, got 0" in capsys.readouterr().err

@@ -132,16 +132,26 @@ def _trusted_saved_bytes(model: nn.Module, step, outputs=None) -> int:
 
 def _decomposition_macs(N: int, hw: int, R: int, iters: int) -> int:
     """One sample's light SVD and X_res = X - A·V, as `decompose._light` computes them: through
-    the Gram matrix X·X^T with few channels, otherwise a pass over X per half-iteration."""
+    the Gram matrix X·X^T with few channels, otherwise a pass over X per half-iteration. R = 0
+    (dp_only, --rank 0): decompose returns at once."""
+    if R <= 0:
+        return 0
     if N <= GRAM_MAX_CHANNELS:
         return N * N * hw + max(iters - 1, 0) * N * N * R + 2 * N * hw * R
     return (2 * max(iters, 1) + 1) * N * hw * R
 
 
+def _crosses(m: nn.Module, hw: tuple[int, int]) -> bool:
+    """Whether a conv talks to the accelerator on an h x w map: not silent, not lowrank_only, and
+    R below h·w (SplitConv2d.sends_at). One that does not runs wholly inside, its dL/dX too."""
+    return isinstance(m, SplitConv2d) and m.sends_at(hw)
+
+
 def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train: bool,
           rebuilt: frozenset = frozenset(), engine: Optional[LegRace] = None) -> dict:
     """Trusted and accelerator multiply-accumulates of one step, counted from the layer shapes.
-    `rebuilt`: decomposition points whose output backward rebuilt (one more low-rank conv each).
+    `rebuilt`: decomposition points whose output backward rebuilt (one more low-rank conv each on
+    the trusted side, and where the conv crosses, its Y_res again on the accelerator).
     A conv whose input is the model's input (the image) computes no dL/dX in backward."""
     shapes = []
     hooks = [m.register_forward_hook(
@@ -175,14 +185,15 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
         if direct_is_cheaper(N, R, h * w):
             lowrank = full  # conv(A·V, W), see split_conv.lowrank_conv
         exact = rank != "auto" and R in (N, h * w)  # X_main = X: no decomposition
-        silent = getattr(m, "silent", False)  # SplitConv2d.silent: nothing crosses, dL/dX is trusted too
-        reuses = getattr(m, "same_as", None) is not None  # an earlier conv's split of the same input
+        crosses = _crosses(m, (h, w))
+        reuses = crosses and getattr(m, "same_as", None) is not None  # an earlier conv's split of the same input
+        rebuilds = 1 if train and getattr(m, "point", point) in rebuilt else 0
         decomposition = 0 if exact or reuses else B * _decomposition_macs(N, h * w, R, iters)
-        trusted += lowrank * (1 + (1 if train else 0) + (1 if point in rebuilt else 0)) + decomposition
-        if mode == "lowrank_only" or silent:
-            trusted += full if train and not on_image else 0  # dL/dX stays inside
+        trusted += lowrank * (1 + (1 if train else 0) + rebuilds) + decomposition
+        if crosses:
+            accel += full * (1 + bwd + rebuilds)  # a rebuilt output's Y_res is computed again (ResendOutput)
         else:
-            accel += full * (1 + bwd)
+            trusted += full if train and not on_image else 0  # dL/dX stays inside
     return {"trusted_macs": trusted, "accelerator_macs": accel}
 
 
@@ -193,11 +204,13 @@ class _ModeRun:
                  accelerator: str, iters: int, noise_ahead: Optional[int] = None,
                  wire_dtype: Optional[str] = None, overlap: Optional[bool] = None,
                  pinned: Optional[bool] = None, rebuild_outputs: Optional[bool] = None,
-                 keep_outputs_mb: float = 0.0, secret: Optional[str] = None) -> None:
+                 keep_outputs_mb: float = 0.0, secret: Optional[str] = None,
+                 accelerator_timeout: float = 120.0) -> None:
         releasing = mode in ("legrace", "dp_only")
         self.mode, self.train, self.rank, self.iters = mode, train, rank, iters
         self.engine = LegRace(mode="tee_only" if mode == TEE_CHANNELS_LAST else mode, rank=rank,
                               accelerator=accelerator, secret=secret, power_iters=iters,
+                              accelerator_timeout=accelerator_timeout,
                               **({"noise_multiplier": 1.0, "clip": 1.0, "noise_ahead": noise_ahead,
                                   "wire_dtype": wire_dtype, "overlap": overlap, "pinned_memory": pinned,
                                   "keep_outputs_mb": keep_outputs_mb,
@@ -229,17 +242,21 @@ class _ModeRun:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def _waiting(self) -> float:
+        """The boundary's transport time so far: every request of a step (weights included) counts."""
+        return self.engine.boundary.seconds_waiting if self.engine.boundary is not None else 0.0
+
     def timed_step(self) -> None:
         if self.config is not None:
             self.config.timings = LayerTimings()
         before = self.timer.seconds if self.timer else 0.0
         noise_before = self.mechanism.noise_thread_seconds if self.mechanism else 0.0
+        waiting = self._waiting()
         t0 = time.perf_counter()
         self.step()
         total = time.perf_counter() - t0
-        waited = 0.0
+        waited = self._waiting() - waiting
         if self.config is not None:
-            waited = sum(v for (_, kind), v in self.config.timings.seconds.items() if kind.startswith("wait"))
             self.layers.append(self.config.timings.seconds)
             self.config.timings = None
         self.steps.append(total)
@@ -278,17 +295,21 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
               overlap: Optional[bool] = None, pinned: Optional[bool] = None,
               rebuild_outputs: Optional[bool] = None, keep_outputs_mb: float = 0.0,
-              out: Union[str, Path, None] = None, secret: Optional[str] = None, log=print) -> dict:
+              out: Union[str, Path, None] = None, secret: Optional[str] = None,
+              accelerator_timeout: float = 120.0, log=print) -> dict:
     _check_settings(modes, batch_size, warmup, repeats)
     if keep_outputs_mb and not train:
         raise ValueError("--keep-outputs-mb keeps conv outputs for backward; --infer has no backward")
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
+    if train and batch_size == 1:
+        _check_one_sample_batches(model, model_name, input_size)
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
     runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
                      noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap, pinned=pinned,
-                     rebuild_outputs=rebuild_outputs, keep_outputs_mb=keep_outputs_mb, secret=secret)
+                     rebuild_outputs=rebuild_outputs, keep_outputs_mb=keep_outputs_mb, secret=secret,
+                     accelerator_timeout=accelerator_timeout)
             for m in modes]
     if out is not None:  # made before the timing (the engines have checked their settings): a bad path
         out = output_folder(out)  # fails now, not after minutes of timing
@@ -309,7 +330,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
         log("note: glibc malloc returns large blocks to the OS, so every new activation is page-faulted "
             f"again; for timings closer to an enclave's fixed heap, run with GLIBC_TUNABLES={MALLOC_TUNABLES}")
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
-              "rank": rank, "power_iters": iters, "accelerator": accelerator, "wire_dtype": wire_dtype or "float32",
+              "rank": rank, "power_iters": iters, "accelerator": accelerator, "accelerator_timeout": accelerator_timeout,
+              "wire_dtype": wire_dtype or "float32",
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
               "pinned_memory": any(r.engine.pinned_memory for r in runs if r.engine.boundary is not None),
               "rebuild_outputs": next((r.engine.rebuild_outputs for r in runs if r.engine.boundary is not None), None),
@@ -424,6 +446,22 @@ def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int
             raise ValueError(f"{name} must be at least {least}, got {value}")
 
 
+def _check_one_sample_batches(model: nn.Module, model_name: str, input_size: int) -> None:
+    """Refuse, before any engine or worker starts, training on batches of one sample that a
+    BatchNorm cannot take (one value per channel on its 1x1 maps): torch would fail in the first step."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(torch.zeros(1, 3, input_size, input_size))
+    except ValueError as err:
+        if "more than 1 value per channel" not in str(err):
+            raise
+        raise ValueError(f"{model_name} cannot train on batches of one sample at {input_size}x{input_size}: a "
+                         "BatchNorm would see one value per channel. Use --batch-size 2 or more, a larger "
+                         "--input-size, or --infer") from None
+
+
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="time steps of each mode side by side (JSON + PNG charts)")
     b.add_argument("--model", default="vgg16", help=f"one of {', '.join(model_names())} (default vgg16)")
@@ -446,6 +484,8 @@ def add_parser(sub) -> None:
                         "(a worker process) or tcp://HOST:PORT (a `legrace worker`; gpu_only needs a device of "
                         "this machine) (default cpu)")
     b.add_argument("--secret", default=None, help="a tcp:// worker's shared secret (default $LEGRACE_SECRET)")
+    b.add_argument("--accelerator-timeout", type=positive(float), default=120.0,
+                   help="seconds to wait for one answer of a worker before giving up (default 120)")
     b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the noised residuals on the wire (bfloat16: half the bytes, no privacy cost)")
     b.add_argument("--noise-ahead", type=int, default=None,
@@ -478,6 +518,6 @@ def _cli(args: argparse.Namespace) -> int:
               warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
               noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, pinned=args.pinned,
               rebuild_outputs=args.rebuild_outputs, keep_outputs_mb=args.keep_outputs_mb, out=args.out,
-              secret=args.secret)
+              secret=args.secret, accelerator_timeout=args.accelerator_timeout)
     print(f"wrote {Path(args.out) / 'bench.json'} and charts")
     return 0

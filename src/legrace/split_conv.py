@@ -224,7 +224,7 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
                                "backward, so its output cannot be rebuilt; step the optimizer after backward")
         pending = y_main = y_res = None
         if stored is not None:  # asked for first: the accelerator works while the trusted side does
-            cfg.boundary.hold_weight(layer.point, weight)
+            _timed_call(cfg, layer.point, "bwd", cfg.boundary.hold_weight, layer.point, weight)
             pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
                                   out_shape, wait=False)
         if A.shape[-1] > 0:
@@ -322,7 +322,7 @@ class _SplitConvFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_w = g_main = pending = None
         if ctx.sent:  # sent first: the accelerator works while the trusted side does its part
-            cfg.boundary.hold_weight(layer.point, weight)
+            _timed_call(cfg, layer.point, "bwd", cfg.boundary.hold_weight, layer.point, weight)
             pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.conv_backward,
                                   layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape),
                                   need_x, need_w, wait=False)
@@ -424,8 +424,12 @@ class SplitConv2d(nn.Module):
     def _sync_weight(self) -> None:
         # Every forward: a change through `.data` (weight clipping, pruning masks, EMA swaps) moves
         # no version counter, and a remote accelerator holds a copy. Training changes W every step
-        # anyway; beside a batch's residuals, W is a small message.
-        self.config.boundary.set_weight(self.point, self.weight)
+        # anyway; beside a batch's residuals, W is a small message. Timed as the layer's (its transport
+        # time as waiting, the rest as trusted work), like its conv requests, for `legrace bench`.
+        cfg, t0 = self.config, time.perf_counter()
+        _timed_call(cfg, self.point, "fwd", cfg.boundary.set_weight, self.point, self.weight)
+        if cfg.timings is not None:
+            cfg.timings.add(self.point, "total_fwd", time.perf_counter() - t0)
 
     def extra_repr(self) -> str:
         return (
