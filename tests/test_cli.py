@@ -412,3 +412,15 @@ def test_resume_from_a_checkpoint_without_its_optimizer_is_refused_by_name(tmp_p
     capsys.readouterr()
     assert main(["train", "--epochs", "2", "--out", str(out), "--resume", "--no-progress"]) == 2
     assert "cannot be resumed: it holds no optimizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [(["--seed", "99999999999999999999999"], "--seed: must be an integer"),
+                                          (["--noise-seed", "-5"], "--noise-seed: must be an integer")])
+def test_seeds_out_of_range_are_refused_when_parsed(args, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_a_model_name_is_normalised_so_resume_compares_like_with_like():
+    assert build_parser().parse_args(["train", "--model", " CNN"]).model == "cnn"

@@ -54,6 +54,21 @@ def positive(kind):
     return parse
 
 
+def seed(text: str) -> int:
+    """argparse type: a seed torch and numpy both take, 0 <= seed < 2^63."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2^63 - 1, got {text}")
+    return value
+
+
+def _model_name(text: str) -> str:
+    return text.strip().lower()  # 'VGG11' and ' cnn' are the same model on --resume
+
+
 def mebibytes(text: str) -> float:
     """argparse type: a memory budget in MiB, a finite number >= 0."""
     try:
@@ -74,7 +89,7 @@ def _accelerator_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train_options(t: argparse.ArgumentParser) -> None:
     """The options of `legrace train` (also parsed alone, to tell which ones a command line gave)."""
-    t.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
+    t.add_argument("--model", type=_model_name, default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
     t.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR (default digits)")
     t.add_argument("--epochs", type=positive(int), default=None,
                    help="passes over the training split (default 10; with --resume, the checkpoint's)")
@@ -93,8 +108,8 @@ def _train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP (default 1e-5)")
     t.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the training data held out for validation (default 0.1)")
-    t.add_argument("--seed", type=int, default=0, help="model init, data split and shuffling (noise stays secret)")
-    t.add_argument("--noise-seed", type=int, default=None, help="fix the noise generator: experiments only, insecure")
+    t.add_argument("--seed", type=seed, default=0, help="model init, data split and shuffling (noise stays secret)")
+    t.add_argument("--noise-seed", type=seed, default=None, help="fix the noise generator: experiments only, insecure")
     t.add_argument("--max-samples", type=positive(int), default=None, help="use only this many samples")
     t.add_argument("--image-size", type=positive(int), default=None, help="resize images (imagefolder default 32)")
     t.add_argument("--download", action="store_true", help="allow downloading cifar10 (needs network)")
