@@ -30,7 +30,7 @@ from legrace.accelerator import full_float32
 from legrace.cli import mebibytes, positive
 from legrace.decompose import GRAM_MAX_CHANNELS
 from legrace.engine import MODES, LegRace
-from legrace.models import build_model, model_names
+from legrace.models import build_model, fails_on_one_sample, model_names
 from legrace.outputs import output_folder
 from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
 
@@ -302,8 +302,10 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
         raise ValueError("--keep-outputs-mb keeps conv outputs for backward; --infer has no backward")
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=num_classes, image_size=input_size)
-    if train and batch_size == 1:
-        _check_one_sample_batches(model, model_name, input_size)
+    if train and batch_size == 1 and fails_on_one_sample(model, 3, input_size):  # before any engine or worker starts
+        raise ValueError(f"{model_name} cannot train on batches of one sample at {input_size}x{input_size}: a "
+                         "BatchNorm would see one value per channel. Use --batch-size 2 or more, a larger "
+                         "--input-size, or --infer")
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
     runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
@@ -444,22 +446,6 @@ def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int
     for name, value, least in (("batch size", batch_size, 1), ("warm-up steps", warmup, 0), ("repeats", repeats, 1)):
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
-
-
-def _check_one_sample_batches(model: nn.Module, model_name: str, input_size: int) -> None:
-    """Refuse, before any engine or worker starts, training on batches of one sample that a
-    BatchNorm cannot take (one value per channel on its 1x1 maps): torch would fail in the first step."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return
-    try:
-        with torch.no_grad():
-            copy.deepcopy(model).train()(torch.zeros(1, 3, input_size, input_size))
-    except ValueError as err:
-        if "more than 1 value per channel" not in str(err):
-            raise
-        raise ValueError(f"{model_name} cannot train on batches of one sample at {input_size}x{input_size}: a "
-                         "BatchNorm would see one value per channel. Use --batch-size 2 or more, a larger "
-                         "--input-size, or --infer") from None
 
 
 def add_parser(sub) -> None:

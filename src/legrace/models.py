@@ -9,6 +9,8 @@ images, the usual CIFAR-style stem/head so 32x32 inputs are not downsampled to n
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torchvision
 from torch import nn
@@ -153,3 +155,19 @@ def build_model(
     else:
         _adapt_vgg(model, in_channels, num_classes, small)
     return model
+
+
+def fails_on_one_sample(model: nn.Module, in_channels: int, image_size: int) -> bool:
+    """Whether training steps on batches of one sample would fail: a BatchNorm on 1x1 maps sees
+    one value per channel. Found by a forward of a copy on zeros, so callers can refuse such a run
+    before it writes or releases anything."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(torch.zeros(1, in_channels, image_size, image_size))
+    except ValueError as err:
+        if "more than 1 value per channel" not in str(err):
+            raise
+        return True
+    return False

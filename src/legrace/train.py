@@ -3,7 +3,6 @@ around `LegRace.make_private`, with metrics, a summary and resumable checkpoints
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from legrace.data import DataSplit, load_data
 from legrace.engine import LegRace
 from legrace.mechanism import derive_seed
-from legrace.models import build_model
+from legrace.models import build_model, fails_on_one_sample
 from legrace.outputs import output_folder
 
 
@@ -98,18 +97,10 @@ def _check_one_sample_batches(model: nn.Module, data: DataSplit, cfg: TrainConfi
     """Refuse, before anything is written or released, a run whose batches of one sample a
     BatchNorm cannot train on (one value per channel on its 1x1 maps): it would fail in its first
     step, with the output folder taken and a pass spent at each --resume."""
-    if min(cfg.batch_size, len(data.train)) > 1 or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return
-    x = torch.zeros(1, data.in_channels, data.image_size, data.image_size)
-    try:
-        with torch.no_grad():
-            copy.deepcopy(model).train()(x)
-    except ValueError as err:
-        if "more than 1 value per channel" not in str(err):
-            raise
+    if min(cfg.batch_size, len(data.train)) == 1 and fails_on_one_sample(model, data.in_channels, data.image_size):
         raise TrainError(f"{cfg.model} cannot train on batches of one sample at {data.image_size}x{data.image_size}: "
                          "a BatchNorm would see one value per channel. Use --batch-size 2 or more (and at least 2 "
-                         "training samples)") from None
+                         "training samples)")
 
 
 def check_same_data(state: dict, data: DataSplit, use: str) -> None:
