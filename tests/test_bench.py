@@ -549,8 +549,7 @@ def test_bench_subtracts_the_time_weights_spend_in_transport_from_the_trusted_ti
 
 def test_bench_refuses_batches_of_one_that_a_batchnorm_cannot_train_on(tmp_path, capsys):
     # was: torch's "Expected more than 1 value per channel when training" after the engines had started
-    from legrace.bench import _check_one_sample_batches
-    from legrace.models import build_model
+    from legrace.models import build_model, fails_on_one_sample
 
     out = tmp_path / "bench"
     assert main(["bench", "--model", "resnet18", "--input-size", "8", "--batch-size", "1",
@@ -558,7 +557,8 @@ def test_bench_refuses_batches_of_one_that_a_batchnorm_cannot_train_on(tmp_path,
     err = capsys.readouterr().err
     assert "a BatchNorm would see one value per channel" in err and "--batch-size" in err and "--input-size" in err
     assert not out.exists()
-    _check_one_sample_batches(build_model("cnn", num_classes=10, image_size=8), "cnn", 8)  # 2x2 maps: trains
+    assert not fails_on_one_sample(build_model("cnn", num_classes=10, image_size=8), 3, 8)  # 2x2 maps: trains
+    assert fails_on_one_sample(build_model("resnet18", num_classes=10, image_size=8), 3, 8)
     assert main(["bench", "--model", "cnn", "--input-size", "4", "--batch-size", "1", "--infer", "--repeats", "1",
                  "--warmup", "0", "--modes", "tee_only", "--out", str(out)]) == 0  # inference uses running stats
 
