@@ -424,3 +424,9 @@ def test_seeds_out_of_range_are_refused_when_parsed(args, message, capsys):
 
 def test_a_model_name_is_normalised_so_resume_compares_like_with_like():
     assert build_parser().parse_args(["train", "--model", " CNN"]).model == "cnn"
+
+
+def test_a_delta_of_one_over_n_or_more_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match="at least 1/n"):
+        assert main(["train", "--epochs", "1", "--max-samples", "100", "--delta", "0.05", "--out", str(tmp_path / "r"),
+                     "--no-progress"]) == 0

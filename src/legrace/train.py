@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -201,6 +202,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size)
     _check_one_sample_batches(model, data, cfg)
+    if cfg.mode in ("legrace", "dp_only") and cfg.delta >= 1 / len(data.train):
+        warnings.warn(f"--delta {cfg.delta:g} is at least 1/n for {len(data.train)} training samples: a mechanism "
+                      "that publishes one sample outright meets such a delta; use delta well below 1/n", stacklevel=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     try:
         audit = open(cfg.audit, "a" if state is not None else "w") if cfg.audit else None
