@@ -56,18 +56,17 @@ class PrivateDataLoader:
         try:
             for i, batch in enumerate(self.loader):
                 if i == 0:  # accounted before the first release of the pass
-                    engine._spending()
-                    self.ledger.record_pass(self.name)
+                    engine._record_use(self.name)
                     engine._open_passes += 1
                     opened = True
-                engine._yielded_rows += _rows(batch, self.loader)  # what the pass may release (_released)
+                engine._paid_rows += _rows(batch, self.loader)  # what the pass may release (_released)
                 yield _to_device(batch, self.device) if self.device is not None else batch
         finally:
             if opened:
                 engine._open_passes -= 1
                 if not engine._open_passes:
                     engine._pass_rows.clear()
-                    engine._yielded_rows = engine._charged_rows = 0
+                    engine._paid_rows = 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -233,9 +232,8 @@ class LegRace:
         self.batch_size = 1
         self._open_passes = 0  # private loaders iterating now
         self._unaccounted = 0  # `unaccounted` blocks open now
-        self._yielded_rows = 0  # samples the open passes have yielded so far
+        self._paid_rows = 0  # samples the open passes' uses pay for: those yielded, and those charged extra
         self._pass_rows: dict[int, int] = {}  # samples released per point while passes are open
-        self._charged_rows = 0  # of those, samples charged as extra uses (more than one forward per sample)
         self._batchnorms: list[nn.Module] = []  # the converted model's BatchNorms (batch coupling)
         self._splits: list[tuple[SplitConv2d, bool]] = []  # each split conv, and whether it follows a BatchNorm
         self._unplanned: Optional[nn.Module] = None  # the user's model, until a loader plans its map sizes
@@ -423,9 +421,9 @@ class LegRace:
             self.batch_size = rows  # every use is priced at the larger batch from now on (never less)
         if self._open_passes:
             n = self._pass_rows[point] = self._pass_rows.get(point, 0) + rows
-            if n <= self._yielded_rows + self._charged_rows:
+            if n <= self._paid_rows:
                 return
-            self._charged_rows += rows  # this forward's rows, at every point, paid by one use below
+            self._paid_rows += rows  # this forward's rows, at every point, paid by one use below
             what = ("the model released more samples' residuals than the private loaders' open passes have yielded "
                     "(a second forward of a batch, or other data during a pass)")
         else:
@@ -439,8 +437,12 @@ class LegRace:
             self._warned.add(what)
             warnings.warn(f"{what}: each such forward is accounted as one more use of every data set's samples, "
                           "the worst case; feed each private sample through those loaders once per pass", stacklevel=5)
+        self._record_use(OUTSIDE_A_LOADER)
+
+    def _record_use(self, name: str) -> None:
+        """One use of data set `name`, recorded before anything of it is released."""
         self._spending()
-        self.ledger.record_pass(OUTSIDE_A_LOADER)
+        self.ledger.record_pass(name)
 
     def _spending(self) -> None:
         """Check, before uses are spent, that this engine prices a use at least as dearly as the
