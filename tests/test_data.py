@@ -289,6 +289,21 @@ def test_imagefolder(tmp_path):
     assert (len(s.train), len(s.val)) == (3, 3)
 
 
+def test_imagefolder_fingerprint_ignores_times_and_place_not_listing(tmp_path):
+    import os
+    import shutil
+
+    root = _make_folder(tmp_path / "imgs")
+    before = load_data(f"imagefolder:{root}").fingerprint
+    os.utime(root / "cats" / "0.png", ns=(1, 1))  # touched (was: a resume refused as "content changed")
+    copy = shutil.copytree(root, tmp_path / "copy", copy_function=shutil.copyfile)  # new place, new times
+    assert load_data(f"imagefolder:{root}").fingerprint == load_data(f"imagefolder:{copy}").fingerprint == before
+    (copy / "dogs" / "2.png").rename(copy / "cats" / "9.png")  # a sample moved to another class
+    assert load_data(f"imagefolder:{copy}").fingerprint != before
+    (root / "dogs" / "2.png").write_bytes((root / "dogs" / "2.png").read_bytes() + b"x")  # a changed file
+    assert load_data(f"imagefolder:{root}").fingerprint != before
+
+
 def test_imagefolder_missing_or_empty(tmp_path):
     with pytest.raises(DataError) as ei:
         load_data(f"imagefolder:{tmp_path / 'absent'}")

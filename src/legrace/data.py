@@ -232,13 +232,17 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
     except (OSError, RuntimeError) as err:  # FileNotFoundError: no class folders / no images
         raise DataError(f"imagefolder:{root}: no images found; "
                         f"expected DIR/CLASS/IMAGE files ({err})") from err
+    # Names, classes and sizes, not every image's bytes (cheaper) and not modification times: the
+    # split follows the sorted listing, so these pin it, while a copy, a checkout or `touch` of the
+    # same files (new times, same content) must still resume. An edit that keeps a file's exact
+    # size goes unnoticed.
     files = []
-    for path, label in ds.samples:  # names, sizes and times: cheaper than reading every image
+    for path, label in ds.samples:
         try:
             st = os.stat(path)
         except OSError as err:  # a broken symlink, a file removed since the listing
             raise DataError(f"imagefolder:{root}: cannot read {path} ({err.strerror})") from None
-        files.append((os.path.relpath(path, root), label, st.st_size, st.st_mtime_ns))
+        files.append((os.path.relpath(path, root), label, st.st_size))
     return ds, len(ds.classes), 3, size, list(ds.classes), _fingerprint(files)
 
 
