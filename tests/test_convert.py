@@ -7,7 +7,7 @@ from torch import nn
 
 from legrace import LegRace
 from legrace.compact import PackedReLU
-from legrace.convert import UnsupportedModelError, batch_coupled, conv_nodes, convert, trace
+from legrace.convert import UnsupportedModelError, batch_coupled, conv_nodes, convert, probe_conv_inputs, trace
 from legrace.split_conv import SplitConv2d
 
 
@@ -288,3 +288,47 @@ def test_models_tracing_would_misread_are_refused_by_layer_name():
         engine().convert(split)
     with pytest.raises(ValueError, match="expects a floating-point input, got torch.int64"):
         split(torch.ones(2, 3, 6, 6, dtype=torch.long))
+
+
+class Mixer(nn.Module):
+    """Two convs with `mix` between them: an operation traced from supported pieces."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.conv1, self.bn, self.conv2, self.mix = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), mix
+
+    def forward(self, x):
+        return self.conv2(self.mix(self.bn(self.conv1(x))))
+
+
+@pytest.mark.parametrize("mix", [
+    lambda h: h + h[0],  # every sample gets the first one's activation
+    lambda h: h + h[-1],
+    lambda h: h + torch.flatten(h, 0, 1)[:h.size(1)],  # the first sample's channels, through a flatten
+])
+def test_a_model_that_mixes_the_batch_before_a_conv_is_refused_by_that_conv(mix):
+    model = Mixer(mix)
+    with pytest.raises(UnsupportedModelError, match="layer 'conv2'.*mixes the batch"):
+        probe_conv_inputs(model, (3, 8, 8))
+    with pytest.raises(UnsupportedModelError, match="layer 'conv2'.*mixes the batch"):
+        LegRace(mode="legrace", rank=2, noise_multiplier=1.0).make_private(
+            module=Mixer(mix), optimizer=None,
+            data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, 8, 8)), batch_size=4))
+
+
+def test_the_probe_passes_per_sample_models_and_reports_map_sizes():
+    model = Mixer(lambda h: F.max_pool2d(torch.relu(h), 2))
+    model.train()
+    running = model.bn.running_mean.clone()
+    assert probe_conv_inputs(model, (3, 8, 8)) == [(8, 8), (4, 4)]  # BatchNorm passes: eval mode inside
+    assert model.training and torch.equal(model.bn.running_mean, running)  # the modes and the statistics are left alone
+    state = torch.random.get_rng_state()
+    probe_conv_inputs(model, (3, 8, 8))
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded generators of its own
+
+
+def test_a_model_that_changes_the_batch_dimension_is_refused():
+    model = Mixer(lambda h: h.reshape(-1, 2, h.size(2), h.size(3)))  # each sample's 4 channels as 2 rows of 2
+    model.conv2 = nn.Conv2d(2, 4, 3)
+    with pytest.raises(UnsupportedModelError, match="layer 'conv2' gets 4 rows for a batch of 2"):
+        probe_conv_inputs(model, (3, 8, 8))

@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -661,3 +662,17 @@ def test_misused_settings_are_refused_with_a_message():
                                                          data_loader=tiny_loader(), epochs=2.5)
     with pytest.raises(ValueError, match="calibrates its noise in make_private"):
         LegRace(rank=1, target_epsilon=8.0).convert(SmallCNN(1, 3))
+
+
+def test_a_loader_that_hides_the_input_shape_is_warned_of_the_unchecked_batch_mixing():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(tiny_loader().dataset)
+
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    with pytest.warns(UserWarning, match="not checked that the model keeps samples apart"):
+        engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=DataLoader(Stream(), batch_size=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a map-style data set shows the shape: checked, no warning
+        LegRace(rank=1, clip=0.5, noise_multiplier=3.0).make_private(module=SmallCNN(1, 3), optimizer=None,
+                                                                     data_loader=tiny_loader())

@@ -153,6 +153,61 @@ def batch_coupled(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[bool]:
     return [any(after_bn[i] for i in n.all_input_nodes) for n in nodes]
 
 
+def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Optional[torch.Tensor] = None,
+                      convs: Optional[list[nn.Conv2d]] = None) -> list[tuple[int, ...]]:
+    """Each conv call's input map size, from forwards of `module` in eval mode, without autograd, on
+    seeded random batches of two (no private value is read).
+
+    The same forwards check what the accountant assumes (DESIGN section 7): a sample's conv inputs,
+    and so its releases, depend on that sample alone. The batch is run as drawn, then with each
+    sample replaced in turn; the other sample's input to every conv must not move. An operation
+    that mixes the batch (a view that folds the batch into features, an index that takes another
+    sample, a custom reduction over dim 0) is refused, naming the first conv it reaches. BatchNorm
+    mixes the batch only in training mode, which the accountant prices (accountant.py); in eval
+    mode it does not, so it passes here.
+    """
+    convs = list(convs) if convs is not None else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    names = {id(m): name for name, m in module.named_modules()}
+    base = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(1))
+    batches = [(base, None), (torch.stack([fresh[0], base[1]]), 1), (torch.stack([base[0], fresh[1]]), 0)]
+    first: list[tuple[str, torch.Size, torch.Tensor]] = []
+    problem: list[str] = []
+
+    def record(m: nn.Module, args: tuple) -> None:
+        first.append((names.get(id(m), "?"), args[0].shape, args[0].detach().clone()))
+
+    def compare(x: torch.Tensor, seen: Iterator, row: int) -> None:
+        name, _, kept = next(seen, ("?", None, None))
+        if problem or kept is None:
+            return
+        if x.shape[0] != 2:
+            problem.append(f"layer '{name}' gets {x.shape[0]} rows for a batch of 2 samples: the model changes "
+                           "the batch dimension before it")
+        elif x.shape != kept.shape or not torch.allclose(
+                x.detach()[row], kept[row], rtol=1e-4, atol=1e-4 * float(kept[row].abs().max().clamp_min(1e-30))):
+            problem.append(f"the input of layer '{name}' for one sample changes with another sample of the batch: "
+                           "an operation before it mixes the batch (a view or flatten that folds the batch into "
+                           "features, an index that takes another sample, a reduction over dim 0)")
+
+    for x, row in batches:
+        if like is not None:
+            x = x.to(device=like.device, dtype=like.dtype)
+        seen = iter(list(first))
+        hook = record if row is None else (lambda m, args, seen=seen, row=row: compare(args[0], seen, row))
+        hooks = [m.register_forward_pre_hook(hook) for m in convs]
+        try:
+            with torch.no_grad(), every_module_in_mode(module, False):
+                module(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        if problem:
+            raise UnsupportedModelError(f"{problem[0]}. legrace accounts each release by its own sample alone "
+                                        "(BatchNorm in training mode excepted, priced apart), so such a model is refused")
+    return [tuple(shape[2:]) for _, shape, _ in first]
+
+
 def same_input(nodes: list[fx.Node]) -> list[Optional[int]]:
     """For each conv node: the first earlier decomposition point that reads the very same input
     node (a ResNet block's downsample conv and its first conv), or None."""

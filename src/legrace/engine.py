@@ -22,7 +22,7 @@ from legrace.accelerator import Accelerator, local_device
 from legrace.accountant import (ACCOUNTANTS, OUTSIDE_A_LOADER, PrivacyLedger, calibrate_noise_multiplier,
                                  check_delta, covers, epsilon)
 from legrace.boundary import AuditLog, Boundary, InProcessTransport
-from legrace.convert import convert, every_module_in_mode
+from legrace.convert import UnsupportedModelError, convert, probe_conv_inputs
 from legrace.tap import conv_modules
 from legrace.recompute import ConvOutputs
 from legrace.decompose import METHODS, Rank, validate_rank
@@ -362,24 +362,25 @@ class LegRace:
         self._coupled = {split.point for split, bn in self._splits if bn}
 
     def _plan_map_sizes(self, module: nn.Module, data_loader: Any) -> None:
-        """Find each conv's input size from one sample of the loader (a forward of the user's
-        model in eval mode, without autograd, on zeros: no private value is read), so a conv whose
-        map R covers (R >= h*w) is known to release nothing before the noise is calibrated."""
+        """Find each conv's input size from the shape of the loader's samples, so a conv whose map
+        R covers (R >= h*w) is known to release nothing before the noise is calibrated; the same
+        forwards refuse a model that mixes the batch before a conv (convert.probe_conv_inputs: on
+        seeded random inputs, in eval mode, no private value is read)."""
         shape = _sample_shape(data_loader)
-        if shape is None:
-            return
-        sizes = []
-        hooks = [m.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[2:])))
-                 for m in conv_modules(module)]
+        like = next((p for p in module.parameters() if p.is_floating_point()), None)  # the model's dtype and device
         try:
-            like = next((p for p in module.parameters() if p.is_floating_point()), None)  # the model's dtype and device
-            with torch.no_grad(), every_module_in_mode(module, False):
-                module(torch.zeros(2, *shape[1:]) if like is None else like.new_zeros(2, *shape[1:]))
-        except Exception:  # the loader's samples are not the model's input: plan nothing
+            if shape is None:
+                raise ValueError("its data set's first sample is not one image tensor")
+            sizes = probe_conv_inputs(module, shape[1:], like, conv_modules(module))
+        except UnsupportedModelError:
+            raise
+        except Exception as err:  # the loader's samples are not the model's input: plan nothing
+            why = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            warnings.warn(f"legrace could not run the model on inputs shaped like this loader's samples ({why}), so "
+                          "it has not checked that the model keeps samples apart before each conv (a model that "
+                          "mixes the batch would be under-accounted) nor found the convs that release nothing",
+                          stacklevel=3)
             return
-        finally:
-            for h in hooks:
-                h.remove()
         if len(sizes) == len(self._splits):
             for (split, _), hw in zip(self._splits, sizes):
                 split.plan(hw)
