@@ -321,11 +321,25 @@ def test_imagefolder_missing_or_empty(tmp_path):
     _one_line_error(ei, "zz.png", "cannot read")
 
 
-def test_an_unreadable_image_is_a_data_error_naming_it(tmp_path):
+def test_unreadable_images_are_refused_at_load_naming_them(tmp_path):
     root = _make_folder(tmp_path / "imgs")
-    (root / "cats" / "broken.png").write_bytes(b"not a png")
+    (root / "cats" / "broken.png").write_bytes(b"not a png")  # was found only mid-pass, by the loader
+    (root / "dogs" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError) as ei:
+        load_data(f"imagefolder:{root}", val_fraction=0)
+    _one_line_error(ei, "2 file(s)", "broken.png", "empty.jpg", "not readable images")
+
+
+def test_an_image_cut_short_after_its_header_is_a_data_error_at_load_naming_it(tmp_path):
+    root = _make_folder(tmp_path / "imgs")
+    from PIL import Image
+
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(root / "cats" / "whole.png")
+    whole = (root / "cats" / "whole.png").read_bytes()
+    (root / "cats" / "cut.png").write_bytes(whole[:len(whole) // 2])  # the header reads, the pixels do not
     s = load_data(f"imagefolder:{root}", val_fraction=0)
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(DataError, match="cut.png"):
         [s.train[i] for i in range(len(s.train))]
 
 

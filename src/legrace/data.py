@@ -243,7 +243,28 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
         except OSError as err:  # a broken symlink, a file removed since the listing
             raise DataError(f"imagefolder:{root}: cannot read {path} ({err.strerror})") from None
         files.append((os.path.relpath(path, root), label, st.st_size))
+    _check_headers(root, [path for path, _ in ds.samples])
     return ds, len(ds.classes), 3, size, list(ds.classes), _fingerprint(files)
+
+
+def _check_headers(root: Path, paths: list[str]) -> None:
+    """Refuse, before training, files whose header PIL cannot read (a text file named .jpg, an
+    empty or cut-off download). Found mid-run instead, such a file would stop a pass that has
+    already spent privacy, and deleting it changes the data, which a resume then refuses. Only
+    headers are read (PIL opens lazily): pixel data cut short is still found at load."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 (the header is parsed by open)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            bad.append(f"{os.path.relpath(path, root)} ({type(err).__name__})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(f"imagefolder:{root}: {len(bad)} file(s) are not readable images: "
+                        f"{', '.join(bad[:3])}{more}; remove or replace them before training")
 
 
 def _check_options(val_fraction: float, max_samples: int | None, image_size: int | None, split: str) -> None:
