@@ -589,11 +589,14 @@ def test_a_loader_that_repeats_samples_within_a_pass_is_refused(sampler):
         engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=DataLoader(ds, batch_size=8, sampler=pick))
 
 
-def test_an_iterable_dataset_read_by_several_workers_is_refused():
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(tiny_loader().dataset)
+class Stream(torch.utils.data.IterableDataset):
+    """tiny_loader's samples as an iterable-style data set (no length, no indexing)."""
 
+    def __iter__(self):
+        return iter(tiny_loader().dataset)
+
+
+def test_an_iterable_dataset_read_by_several_workers_is_refused():
     engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
     with pytest.raises(ValueError, match="several workers"):
         engine.make_private(module=SmallCNN(1, 3), optimizer=None,
@@ -665,10 +668,6 @@ def test_misused_settings_are_refused_with_a_message():
 
 
 def test_a_loader_that_hides_the_input_shape_is_warned_of_the_unchecked_batch_mixing():
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(tiny_loader().dataset)
-
     engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
     with pytest.warns(UserWarning, match="not checked that the model keeps samples apart"):
         engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=DataLoader(Stream(), batch_size=8))
