@@ -332,3 +332,30 @@ def test_a_model_that_changes_the_batch_dimension_is_refused():
     model.conv2 = nn.Conv2d(2, 4, 3)
     with pytest.raises(UnsupportedModelError, match="layer 'conv2' gets 4 rows for a batch of 2"):
         probe_conv_inputs(model, (3, 8, 8))
+
+
+def test_the_probe_passes_batchnorm_without_running_stats_and_always_on_dropout():
+    stat_free = Mixer(lambda h: h)
+    stat_free.bn = nn.BatchNorm2d(4, track_running_stats=False)  # batch statistics even in eval mode
+    assert probe_conv_inputs(stat_free, (3, 8, 8)) == [(8, 8), (8, 8)]
+    assert stat_free.bn.running_mean is None and stat_free.bn.running_var is None
+
+    dropping = Mixer(lambda h: F.dropout(h, 0.5))  # training=True whatever the mode: draws in every forward
+    state = torch.random.get_rng_state()
+    assert probe_conv_inputs(dropping, (3, 8, 8)) == [(8, 8), (8, 8)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_small_cross_sample_term_is_found():
+    with pytest.raises(UnsupportedModelError, match="mixes the batch"):
+        probe_conv_inputs(Mixer(lambda h: h + 1e-5 * h[0]), (3, 8, 8))
+
+
+def test_a_model_refused_for_mixing_the_batch_can_be_mended_and_given_to_the_same_engine():
+    engine = LegRace(mode="legrace", rank=2, noise_multiplier=1.0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, 8, 8)), batch_size=4)
+    with pytest.raises(UnsupportedModelError, match="mixes the batch"):
+        engine.make_private(module=Mixer(lambda h: h + h[0]), optimizer=None, data_loader=loader)
+    model, _, _ = engine.make_private(module=Mixer(lambda h: h), optimizer=None, data_loader=loader)
+    with engine.unaccounted():
+        assert model(torch.randn(4, 3, 8, 8)).shape == (4, 4, 6, 6)

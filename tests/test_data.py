@@ -304,6 +304,29 @@ def test_imagefolder_fingerprint_ignores_times_and_place_not_listing(tmp_path):
     assert load_data(f"imagefolder:{root}").fingerprint != before
 
 
+def test_imagefolder_still_matches_the_fingerprint_of_checkpoints_made_with_modification_times(tmp_path):
+    import os
+
+    root = _make_folder(tmp_path / "imgs")
+    s = load_data(f"imagefolder:{root}")
+    listed = sorted(p for p in root.rglob("*.png"))
+    old_form = data._fingerprint([(os.path.relpath(p, root), int(p.parent.name == "dogs"), p.stat().st_size,
+                                   p.stat().st_mtime_ns) for p in listed])  # as checkpoints before 2026-12-04 hold
+    assert s.matches(old_form) and s.matches(s.fingerprint) and not s.matches("0" * 32) and not s.matches("")
+    os.utime(listed[0], ns=(1, 1))
+    assert not load_data(f"imagefolder:{root}").matches(old_form)  # that form keeps the times it was made with
+
+
+def test_an_image_too_large_for_pil_is_refused_by_name(tmp_path, monkeypatch):
+    from PIL import Image
+
+    root = _make_folder(tmp_path / "imgs")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # the 10x7 cat images become "decompression bombs"
+    with pytest.raises(DataError) as ei:
+        load_data(f"imagefolder:{root}")
+    _one_line_error(ei, "cats/0.png", "DecompressionBombError")
+
+
 def test_imagefolder_missing_or_empty(tmp_path):
     with pytest.raises(DataError) as ei:
         load_data(f"imagefolder:{tmp_path / 'absent'}")

@@ -164,7 +164,10 @@ def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Op
     that mixes the batch (a view that folds the batch into features, an index that takes another
     sample, a custom reduction over dim 0) is refused, naming the first conv it reaches. BatchNorm
     mixes the batch only in training mode, which the accountant prices (accountant.py); in eval
-    mode it does not, so it passes here.
+    mode it does not, so it passes here; one that keeps no running statistics normalises with the
+    batch's even in eval mode, and is given mean 0 and variance 1 for the probe (it is priced as
+    coupled all the same). Random operations (a dropout that ignores the mode) draw the same
+    numbers in every forward, from a forked generator: the caller's stays where it was.
     """
     convs = list(convs) if convs is not None else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     names = {id(m): name for name, m in module.named_modules()}
@@ -185,11 +188,13 @@ def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Op
             problem.append(f"layer '{name}' gets {x.shape[0]} rows for a batch of 2 samples: the model changes "
                            "the batch dimension before it")
         elif x.shape != kept.shape or not torch.allclose(
-                x.detach()[row], kept[row], rtol=1e-4, atol=1e-4 * float(kept[row].abs().max().clamp_min(1e-30))):
+                x.detach()[row], kept[row], rtol=1e-6, atol=1e-6 * float(kept[row].abs().max().clamp_min(1e-30))):
             problem.append(f"the input of layer '{name}' for one sample changes with another sample of the batch: "
                            "an operation before it mixes the batch (a view or flatten that folds the batch into "
                            "features, an index that takes another sample, a reduction over dim 0)")
 
+    statless = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
+    devices = [like.device] if like is not None and like.device.type == "cuda" else []
     for x, row in batches:
         if like is not None:
             x = x.to(device=like.device, dtype=like.dtype)
@@ -197,11 +202,20 @@ def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Op
         hook = record if row is None else (lambda m, args, seen=seen, row=row: compare(args[0], seen, row))
         hooks = [m.register_forward_pre_hook(hook) for m in convs]
         try:
-            with torch.no_grad(), every_module_in_mode(module, False):
+            for m in statless:
+                m.running_mean, m.running_var = torch.zeros(m.num_features), torch.ones(m.num_features)
+                if like is not None:
+                    m.running_mean, m.running_var = m.running_mean.to(like), m.running_var.to(like)
+            with torch.no_grad(), every_module_in_mode(module, False), torch.random.fork_rng(devices):
+                torch.random.default_generator.manual_seed(0)  # (torch.manual_seed would reseed every GPU too)
+                if devices:
+                    torch.cuda.manual_seed(0)  # the model's device, restored by fork_rng
                 module(x)
         finally:
             for h in hooks:
                 h.remove()
+            for m in statless:
+                m.running_mean = m.running_var = None
         if problem:
             raise UnsupportedModelError(f"{problem[0]}. legrace accounts each release by its own sample alone "
                                         "(BatchNorm in training mode excepted, priced apart), so such a model is refused")

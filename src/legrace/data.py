@@ -12,6 +12,7 @@ import numbers
 import os
 import warnings
 import zipfile
+from typing import Union
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,9 @@ SPEC_FORMS = "digits, npz:PATH, cifar10:DIR, imagefolder:DIR"
 MAX_CLASSES = 1 << 16
 DEFAULT_FOLDER_SIZE = 32
 
-# What each loader returns: dataset, num_classes, in_channels, image_size, classes, fingerprint.
-_Loaded = tuple[Dataset, int, int, int, list[str], str]
+# What each loader returns: dataset, num_classes, in_channels, image_size, classes, fingerprint
+# (or the fingerprint and the forms earlier versions computed, which checkpoints may hold).
+_Loaded = tuple[Dataset, int, int, int, list[str], Union[str, tuple[str, ...]]]
 
 
 def _fingerprint(*parts) -> str:
@@ -65,6 +67,11 @@ class DataSplit:
     classes: list[str]
     spec: str
     fingerprint: str = ""  # of the whole source, before max_samples and the split (see _fingerprint)
+    earlier_fingerprints: tuple[str, ...] = ()  # the same data as earlier versions fingerprinted it
+
+    def matches(self, saved: str) -> bool:
+        """Whether a checkpoint's fingerprint `saved` names this data (in any version's form)."""
+        return bool(saved) and saved in (self.fingerprint, *self.earlier_fingerprints)
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +122,11 @@ def _open_image(path: str):
     """torchvision's image loader, with a DataError naming a file it cannot read."""
     from torchvision.datasets.folder import default_loader
 
+    from PIL import Image
+
     try:
         return default_loader(path)
-    except OSError as err:  # PIL.UnidentifiedImageError among them
+    except (OSError, Image.DecompressionBombError) as err:  # PIL.UnidentifiedImageError among them
         raise DataError(f"imagefolder: cannot read the image {path} ({type(err).__name__})") from err
 
 
@@ -236,15 +245,16 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
     # split follows the sorted listing, so these pin it, while a copy, a checkout or `touch` of the
     # same files (new times, same content) must still resume. An edit that keeps a file's exact
     # size goes unnoticed.
-    files = []
+    files, timed = [], []
     for path, label in ds.samples:
         try:
             st = os.stat(path)
         except OSError as err:  # a broken symlink, a file removed since the listing
             raise DataError(f"imagefolder:{root}: cannot read {path} ({err.strerror})") from None
         files.append((os.path.relpath(path, root), label, st.st_size))
+        timed.append((*files[-1], st.st_mtime_ns))  # the form of checkpoints made before 2026-12-04
     _check_headers(root, [path for path, _ in ds.samples])
-    return ds, len(ds.classes), 3, size, list(ds.classes), _fingerprint(files)
+    return ds, len(ds.classes), 3, size, list(ds.classes), (_fingerprint(files), _fingerprint(timed))
 
 
 def _check_headers(root: Path, paths: list[str]) -> None:
@@ -259,7 +269,7 @@ def _check_headers(root: Path, paths: list[str]) -> None:
         try:
             with Image.open(path) as img:
                 img.size  # noqa: B018 (the header is parsed by open)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             bad.append(f"{os.path.relpath(path, root)} ({type(err).__name__})")
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -310,7 +320,8 @@ def load_data(
             loaded = _load_imagefolder(path, image_size)
     else:
         raise DataError(f"unknown data spec {spec!r}; accepted forms: {SPEC_FORMS}")
-    dataset, num_classes, in_channels, size, classes, fingerprint = loaded
+    dataset, num_classes, in_channels, size, classes, fingerprints = loaded
+    fingerprint, *earlier = (fingerprints,) if isinstance(fingerprints, str) else fingerprints
 
     gen = torch.Generator().manual_seed(seed)
     if max_samples is not None and max_samples < len(dataset):
@@ -327,4 +338,5 @@ def load_data(
     else:
         train, val = dataset, None
     return DataSplit(train=train, val=val, num_classes=num_classes, in_channels=in_channels,
-                     image_size=size, classes=classes, spec=spec, fingerprint=fingerprint)
+                     image_size=size, classes=classes, spec=spec, fingerprint=fingerprint,
+                     earlier_fingerprints=tuple(earlier))

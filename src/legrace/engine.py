@@ -22,7 +22,7 @@ from legrace.accelerator import Accelerator, local_device
 from legrace.accountant import (ACCOUNTANTS, OUTSIDE_A_LOADER, PrivacyLedger, calibrate_noise_multiplier,
                                  check_delta, covers, epsilon)
 from legrace.boundary import AuditLog, Boundary, InProcessTransport
-from legrace.convert import UnsupportedModelError, convert, probe_conv_inputs
+from legrace.convert import UnsupportedModelError, check_modules, convert, probe_conv_inputs
 from legrace.tap import conv_modules
 from legrace.recompute import ConvOutputs
 from legrace.decompose import METHODS, Rank, validate_rank
@@ -253,8 +253,14 @@ class LegRace:
         """
         if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be an int >= 1 (how many times each sample is used), got {epochs!r}")
+        # The model is checked before it is converted: a refused model can be mended and given to
+        # the same engine again.
+        sizes = self._probe(module, data_loader) if self.mode in ("legrace", "dp_only") else None
         model = self._convert_once(module)
-        loader = self.private_loader(data_loader, name="train")  # (plans the map sizes, before calibrating)
+        if self._unplanned is not None:  # the map sizes, before calibrating
+            self._plan(sizes)
+            self._unplanned = None
+        loader = self.private_loader(data_loader, name="train")
         if self.target_epsilon is not None and self.releases_per_sample > 0 and self.mechanism is None:
             if epochs is None:
                 raise ValueError("target_epsilon needs epochs (how many times each sample is used)")
@@ -289,7 +295,7 @@ class LegRace:
         self.batch_size = max(self.batch_size, batch_size)
         device = self.device if self.mode == "gpu_only" else None
         if self._unplanned is not None:  # the first loader's samples tell each conv's map size
-            self._plan_map_sizes(self._unplanned, data_loader)
+            self._plan(self._probe(self._unplanned, data_loader))
             self._unplanned = None
         return PrivateDataLoader(data_loader, self, name, device)
 
@@ -361,27 +367,33 @@ class LegRace:
         self._coupled_points = sum(a and bn for a, bn in accounted)
         self._coupled = {split.point for split, bn in self._splits if bn}
 
-    def _plan_map_sizes(self, module: nn.Module, data_loader: Any) -> None:
-        """Find each conv's input size from the shape of the loader's samples, so a conv whose map
-        R covers (R >= h*w) is known to release nothing before the noise is calibrated; the same
-        forwards refuse a model that mixes the batch before a conv (convert.probe_conv_inputs: on
-        seeded random inputs, in eval mode, no private value is read)."""
+    def _probe(self, module: nn.Module, data_loader: Any) -> Optional[list[tuple[int, ...]]]:
+        """Each conv's input size, from the shape of the loader's samples; the same forwards refuse
+        a model that mixes the batch before a conv (convert.probe_conv_inputs: seeded random
+        inputs, eval mode, no private value is read). None, with a warning, if the model cannot
+        run on inputs of that shape. Called by make_private or private_loader (the warning's
+        stacklevel points at their caller)."""
+        check_modules(module)  # first: a forward would initialise a lazy layer that convert refuses
         shape = _sample_shape(data_loader)
         like = next((p for p in module.parameters() if p.is_floating_point()), None)  # the model's dtype and device
         try:
             if shape is None:
                 raise ValueError("its data set's first sample is not one image tensor")
-            sizes = probe_conv_inputs(module, shape[1:], like, conv_modules(module))
+            return probe_conv_inputs(module, shape[1:], like, conv_modules(module))
         except UnsupportedModelError:
             raise
-        except Exception as err:  # the loader's samples are not the model's input: plan nothing
+        except Exception as err:  # the loader's samples are not the model's input
             why = (str(err).splitlines() or [type(err).__name__])[0][:200]
             warnings.warn(f"legrace could not run the model on inputs shaped like this loader's samples ({why}), so "
                           "it has not checked that the model keeps samples apart before each conv (a model that "
                           "mixes the batch would be under-accounted) nor found the convs that release nothing",
                           stacklevel=3)
-            return
-        if len(sizes) == len(self._splits):
+            return None
+
+    def _plan(self, sizes: Optional[list[tuple[int, ...]]]) -> None:
+        """Tell each split conv its map size, so one whose map R covers (R >= h*w) is known to
+        release nothing before the noise is calibrated."""
+        if sizes is not None and len(sizes) == len(self._splits):
             for (split, _), hw in zip(self._splits, sizes):
                 split.plan(hw)
             self._count_releases()

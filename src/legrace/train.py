@@ -108,7 +108,7 @@ def check_same_data(state: dict, data: DataSplit, use: str) -> None:
     """Refuse data whose content differs from what the checkpoint's run read: its seeded split
     would then move samples the run trained on into the validation split."""
     saved = state.get("data_fingerprint")
-    if saved and data.fingerprint and saved != data.fingerprint:
+    if saved and data.fingerprint and not data.matches(saved):
         raise TrainError(f"{use}: the data at {data.spec} is not what the run read (its content changed since), so "
                          "the run's validation split would no longer be held out; use the original data or start a "
                          "new run")
@@ -377,7 +377,7 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
         data = load_data(data_spec, val_fraction=0.0, image_size=state["image_size"], split="test")
         ds = data.train
         saved = state.get("data_fingerprint")
-        same = data.fingerprint == saved if saved and data.fingerprint else data_spec == cfg.data
+        same = data.matches(saved) if saved and data.fingerprint else data_spec == cfg.data
         if same and not data_spec.startswith("cifar10:"):  # the run's own samples, however the path is spelled
             names = ("train", "validation")
         else:
