@@ -203,9 +203,8 @@ def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Op
         hooks = [m.register_forward_pre_hook(hook) for m in convs]
         try:
             for m in statless:
-                m.running_mean, m.running_var = torch.zeros(m.num_features), torch.ones(m.num_features)
-                if like is not None:
-                    m.running_mean, m.running_var = m.running_mean.to(like), m.running_var.to(like)
+                m.running_mean, m.running_var = (torch.zeros(m.num_features, device=x.device, dtype=x.dtype),
+                                                 torch.ones(m.num_features, device=x.device, dtype=x.dtype))
             with torch.no_grad(), every_module_in_mode(module, False), torch.random.fork_rng(devices):
                 torch.random.default_generator.manual_seed(0)  # (torch.manual_seed would reseed every GPU too)
                 if devices:

@@ -12,9 +12,9 @@ import numbers
 import os
 import warnings
 import zipfile
-from typing import Union
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -120,9 +120,8 @@ class _PilToNormalised:
 
 def _open_image(path: str):
     """torchvision's image loader, with a DataError naming a file it cannot read."""
-    from torchvision.datasets.folder import default_loader
-
     from PIL import Image
+    from torchvision.datasets.folder import default_loader
 
     try:
         return default_loader(path)

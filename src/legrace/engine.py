@@ -255,6 +255,7 @@ class LegRace:
             raise ValueError(f"epochs must be an int >= 1 (how many times each sample is used), got {epochs!r}")
         # The model is checked before it is converted: a refused model can be mended and given to
         # the same engine again.
+        self._check_unused()
         sizes = self._probe(module, data_loader) if self.mode in ("legrace", "dp_only") else None
         model = self._convert_once(module)
         if self._unplanned is not None:  # the map sizes, before calibrating
@@ -312,12 +313,15 @@ class LegRace:
         return self._convert_once(module)
 
     def _convert_once(self, module: nn.Module) -> nn.Module:
-        if self._converted:
-            raise ValueError("this LegRace engine already wraps a model (make_private or convert was called "
-                             "before); its noise and privacy ledger belong to that model: make a new engine")
+        self._check_unused()
         model = self._convert(module)
         self._converted = True  # (not before: a model refused can be mended and converted by the same engine)
         return model
+
+    def _check_unused(self) -> None:
+        if self._converted:
+            raise ValueError("this LegRace engine already wraps a model (make_private or convert was called "
+                             "before); its noise and privacy ledger belong to that model: make a new engine")
 
     def _convert(self, module: nn.Module) -> nn.Module:
         if self.mode == "gpu_only":
