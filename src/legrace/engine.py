@@ -260,7 +260,6 @@ class LegRace:
         model = self._convert_once(module)
         if self._unplanned is not None:  # the map sizes, before calibrating
             self._plan(sizes)
-            self._unplanned = None
         loader = self.private_loader(data_loader, name="train")
         if self.target_epsilon is not None and self.releases_per_sample > 0 and self.mechanism is None:
             if epochs is None:
@@ -297,7 +296,6 @@ class LegRace:
         device = self.device if self.mode == "gpu_only" else None
         if self._unplanned is not None:  # the first loader's samples tell each conv's map size
             self._plan(self._probe(self._unplanned, data_loader))
-            self._unplanned = None
         return PrivateDataLoader(data_loader, self, name, device)
 
     def convert(self, module: nn.Module) -> nn.Module:
@@ -396,7 +394,8 @@ class LegRace:
 
     def _plan(self, sizes: Optional[list[tuple[int, ...]]]) -> None:
         """Tell each split conv its map size, so one whose map R covers (R >= h*w) is known to
-        release nothing before the noise is calibrated."""
+        release nothing before the noise is calibrated. Done once: later loaders plan nothing."""
+        self._unplanned = None
         if sizes is not None and len(sizes) == len(self._splits):
             for (split, _), hw in zip(self._splits, sizes):
                 split.plan(hw)
