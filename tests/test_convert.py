@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -356,3 +357,38 @@ def test_a_model_refused_for_mixing_the_batch_can_be_mended_and_given_to_the_sam
     model, _, _ = engine.make_private(module=Mixer(lambda h: h), optimizer=None, data_loader=loader)
     with engine.unaccounted():
         assert model(torch.randn(4, 3, 8, 8)).shape == (4, 4, 6, 6)
+
+
+@pytest.mark.parametrize("n, other", [(4, 3), (5, 4), (8, 5), (16, 9)])
+def test_the_probe_on_a_larger_batch_finds_every_pair_of_samples(n, other):
+    with pytest.raises(UnsupportedModelError, match="layer 'conv2'.*mixes the batch"):
+        probe_conv_inputs(Mixer(lambda h: h + h[other]), (3, 8, 8), batch_size=n)
+    for victim in range(n):  # sample `victim` alone reads its neighbour: found whichever pair it is
+        def mix(h, victim=victim):
+            return torch.cat([h[:victim], h[victim:victim + 1] + h[(victim + 1) % n], h[victim + 1:]])
+        with pytest.raises(UnsupportedModelError, match="mixes the batch"):
+            probe_conv_inputs(Mixer(mix), (3, 8, 8), batch_size=n)
+    assert probe_conv_inputs(Mixer(lambda h: h), (3, 8, 8), batch_size=n) == [(8, 8), (8, 8)]
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        probe_conv_inputs(Mixer(lambda h: h), (3, 8, 8), batch_size=1)
+
+
+def by_fours(h):
+    """Per sample, but runs only on batches of a multiple of 4 rows."""
+    return h.reshape(-1, 4, h.size(1), h.size(2), h.size(3)).reshape(h.shape)
+
+
+@pytest.mark.parametrize("mix, refused", [
+    (lambda h: h + h[3], True),  # needs 4 samples to run, then mixes
+    (lambda h: by_fours(h) + 1, False),  # needs 4 samples, and keeps them apart
+])
+def test_a_model_that_cannot_run_on_two_samples_is_probed_at_the_loaders_batch_size(mix, refused):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8)), batch_size=8)
+    engine = LegRace(mode="legrace", rank=2, noise_multiplier=1.0)
+    if refused:
+        with pytest.raises(UnsupportedModelError, match="layer 'conv2'.*mixes the batch"):
+            engine.make_private(module=Mixer(mix), optimizer=None, data_loader=loader)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # checked at batch 8: no warning
+            engine.make_private(module=Mixer(mix), optimizer=None, data_loader=loader)

@@ -154,52 +154,67 @@ def batch_coupled(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[bool]:
 
 
 def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Optional[torch.Tensor] = None,
-                      convs: Optional[list[nn.Conv2d]] = None) -> list[tuple[int, ...]]:
+                      convs: Optional[list[nn.Conv2d]] = None, batch_size: int = 2) -> list[tuple[int, ...]]:
     """Each conv call's input map size, from forwards of `module` in eval mode, without autograd, on
-    seeded random batches of two (no private value is read).
+    seeded random batches of `batch_size` (no private value is read).
 
     The same forwards check what the accountant assumes (DESIGN section 7): a sample's conv inputs,
-    and so its releases, depend on that sample alone. The batch is run as drawn, then with each
-    sample replaced in turn; the other sample's input to every conv must not move. An operation
-    that mixes the batch (a view that folds the batch into features, an index that takes another
-    sample, a custom reduction over dim 0) is refused, naming the first conv it reaches. BatchNorm
-    mixes the batch only in training mode, which the accountant prices (accountant.py); in eval
-    mode it does not, so it passes here; one that keeps no running statistics normalises with the
-    batch's even in eval mode, and is given mean 0 and variance 1 for the probe (it is priced as
-    coupled all the same). Random operations (a dropout that ignores the mode) draw the same
-    numbers in every forward, from a forked generator: the caller's stays where it was.
+    and so its releases, depend on that sample alone. The batch is run as drawn, then, for each bit
+    of a sample's index, with the samples whose bit is set replaced, and then those whose bit is
+    clear: the other samples' inputs to every conv must not move. Any two samples differ in some
+    bit, so every pair is tried both ways in 1 + 2·ceil(log2(batch_size)) forwards (3 for a pair).
+    An operation that mixes the batch (a view that folds the batch into features, an index that
+    takes another sample, a custom reduction over dim 0) is refused, naming the first conv it
+    reaches. BatchNorm mixes the batch only in training mode, which the accountant prices
+    (accountant.py); in eval mode it does not, so it passes here; one that keeps no running
+    statistics normalises with the batch's even in eval mode, and is given mean 0 and variance 1
+    for the probe (it is priced as coupled all the same). Random operations (a dropout that ignores
+    the mode) draw the same numbers in every forward, from a forked generator: the caller's stays
+    where it was.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"the probe needs a batch of at least 2 samples, got {batch_size!r}")
     convs = list(convs) if convs is not None else [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     names = {id(m): name for name, m in module.named_modules()}
-    base = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
-    fresh = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(1))
-    batches = [(base, None), (torch.stack([fresh[0], base[1]]), 1), (torch.stack([base[0], fresh[1]]), 0)]
+    n = batch_size
+    base = torch.randn(n, *sample_shape, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(n, *sample_shape, generator=torch.Generator().manual_seed(1))
+    index = torch.arange(n)
+    batches: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = [(base, None)]
+    for bit in range((n - 1).bit_length()):
+        for side in (1, 0):
+            replaced = (index >> bit & 1) == side
+            batches.append((torch.where(replaced.view(-1, *[1] * len(sample_shape)), fresh, base), ~replaced))
     first: list[tuple[str, torch.Size, torch.Tensor]] = []
     problem: list[str] = []
 
     def record(m: nn.Module, args: tuple) -> None:
         first.append((names.get(id(m), "?"), args[0].shape, args[0].detach().clone()))
 
-    def compare(x: torch.Tensor, seen: Iterator, row: int) -> None:
+    def compare(x: torch.Tensor, seen: Iterator, kept_rows: torch.Tensor) -> None:
         name, _, kept = next(seen, ("?", None, None))
         if problem or kept is None:
             return
-        if x.shape[0] != 2:
-            problem.append(f"layer '{name}' gets {x.shape[0]} rows for a batch of 2 samples: the model changes "
+        if x.shape[0] != n:
+            problem.append(f"layer '{name}' gets {x.shape[0]} rows for a batch of {n} samples: the model changes "
                            "the batch dimension before it")
-        elif x.shape != kept.shape or not torch.allclose(
-                x.detach()[row], kept[row], rtol=1e-6, atol=1e-6 * float(kept[row].abs().max().clamp_min(1e-30))):
+            return
+        if x.shape == kept.shape:  # each kept row within rtol = 1e-6 and atol = 1e-6 of the row's largest value
+            rows = kept_rows.to(kept.device)
+            now, then = x.detach()[rows], kept[rows]
+            scale = then.flatten(1).abs().amax(1).clamp_min(1e-30).view(-1, *[1] * (then.dim() - 1))
+        if x.shape != kept.shape or not bool(((now - then).abs() <= 1e-6 * (then.abs() + scale)).all()):
             problem.append(f"the input of layer '{name}' for one sample changes with another sample of the batch: "
                            "an operation before it mixes the batch (a view or flatten that folds the batch into "
                            "features, an index that takes another sample, a reduction over dim 0)")
 
     statless = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
     devices = [like.device] if like is not None and like.device.type == "cuda" else []
-    for x, row in batches:
+    for x, rows in batches:
         if like is not None:
             x = x.to(device=like.device, dtype=like.dtype)
         seen = iter(list(first))
-        hook = record if row is None else (lambda m, args, seen=seen, row=row: compare(args[0], seen, row))
+        hook = record if rows is None else (lambda m, args, seen=seen, rows=rows: compare(args[0], seen, rows))
         hooks = [m.register_forward_pre_hook(hook) for m in convs]
         try:
             for m in statless:
