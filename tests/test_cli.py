@@ -391,6 +391,17 @@ def test_evaluate_prices_the_runs_uses_as_the_run_did_and_knows_its_data_by_cont
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accounted_as"] == ["train", "validation"] and result["uses"] == {"train": 2, "validation": 3}
+    # the run's own file after its content changed (a few samples replaced): still the run's data,
+    # not a data set of its own, whose pass would not be composed with the run's uses
+    x[:5] = 255 - x[:5]
+    _npz(tmp_path / "d.npz", x, digits.target[:200])
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accounted_as"] == ["train", "validation"] and result["uses"] == {"train": 3, "validation": 4}
+    # other data is a data set of its own
+    other = _npz(tmp_path / "e.npz", 255 - x, digits.target[:200])
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", other]) == 0
+    assert json.loads(capsys.readouterr().out)["accounted_as"] == [f"evaluate {other}"]
 
 
 def test_a_run_whose_batchnorm_cannot_train_on_one_sample_is_refused_before_it_starts(tmp_path, capsys):

@@ -398,3 +398,15 @@ def test_the_fingerprint_follows_the_content_not_the_split(tmp_path):
     x[3, 0, 0, 0] ^= 1
     assert load_data(_write_npz(tmp_path / "c.npz", x=x, y=y)).fingerprint != a.fingerprint
     assert load_data("digits").fingerprint == load_data("digits", val_fraction=0.5).fingerprint
+
+
+def test_same_source_knows_a_path_however_it_is_spelled(tmp_path, monkeypatch):
+    from legrace.data import same_source
+
+    monkeypatch.chdir(tmp_path)
+    assert same_source("digits", "digits")
+    assert same_source(f"npz:{tmp_path}/d.npz", "npz:./d.npz")
+    assert same_source(f"imagefolder:{tmp_path}/f/", "imagefolder:f")
+    assert not same_source("npz:./d.npz", "npz:./e.npz")
+    assert not same_source("npz:./d", "imagefolder:./d")  # another loader reads other samples from it
+    assert not same_source("digits", "npz:digits")

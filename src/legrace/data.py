@@ -287,6 +287,21 @@ def _check_options(val_fraction: float, max_samples: int | None, image_size: int
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
 
 
+def same_source(a: str, b: str) -> bool:
+    """Whether two data specs name the same data set or the same file or folder, however its path
+    is spelled (whatever the content there now)."""
+    if a == b:
+        return True
+    kind_a, sep_a, arg_a = a.partition(":")
+    kind_b, sep_b, arg_b = b.partition(":")
+    if kind_a != kind_b or not (sep_a and sep_b and arg_a and arg_b):
+        return False
+    try:
+        return Path(arg_a).expanduser().resolve() == Path(arg_b).expanduser().resolve()
+    except (OSError, RuntimeError):  # an unresolvable path (a symlink loop): compare as written
+        return False
+
+
 def load_data(
     spec: str = "digits",
     *,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from legrace.data import DataSplit, load_data
+from legrace.data import DataSplit, load_data, same_source
 from legrace.engine import LegRace
 from legrace.mechanism import derive_seed
 from legrace.models import build_model, fails_on_one_sample
@@ -353,7 +353,8 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
 
     The pass releases residuals as training does, so it is recorded in the run's ledger
     (privacy_ledger.json beside the checkpoint) as a use of the data it reads: `split="val"`, the
-    run's held-out validation split; `split="all"` on the run's own --data, its train and
+    run's held-out validation split; `split="all"` on the run's own --data (the same content
+    anywhere, or the run's file or folder even after its content changed), its train and
     validation samples (CIFAR-10's test split excepted); any other data, a data set of its own,
     taken to be disjoint from the training data. `accelerator` (not the checkpoint's, whose worker
     may be gone) serves the released residuals.
@@ -377,8 +378,11 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
         data = load_data(data_spec, val_fraction=0.0, image_size=state["image_size"], split="test")
         ds = data.train
         saved = state.get("data_fingerprint")
-        same = data.matches(saved) if saved and data.fingerprint else data_spec == cfg.data
-        if same and not data_spec.startswith("cifar10:"):  # the run's own samples, however the path is spelled
+        # The run's own samples: the same content, wherever it is, or the run's own file or folder
+        # even if it changed since (most of its samples may still be there; the worst case is
+        # that they all are, so the pass is composed with the run's uses).
+        same = bool(saved and data.fingerprint and data.matches(saved)) or same_source(data_spec, cfg.data)
+        if same and not data_spec.startswith("cifar10:"):
             names = ("train", "validation")
         else:
             names = (f"evaluate {data_spec}",)
