@@ -675,3 +675,26 @@ def test_a_loader_that_hides_the_input_shape_is_warned_of_the_unchecked_batch_mi
         warnings.simplefilter("error")  # a map-style data set shows the shape: checked, no warning
         LegRace(rank=1, clip=0.5, noise_multiplier=3.0).make_private(module=SmallCNN(1, 3), optimizer=None,
                                                                      data_loader=tiny_loader())
+
+
+class Records(torch.utils.data.Dataset):
+    """tiny_loader's samples as dicts, as Hugging Face data sets give them."""
+
+    def __init__(self):
+        self.x, self.y = tiny_loader().dataset.tensors
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def test_a_loader_of_dicts_shows_its_input_shape_by_its_one_image_tensor():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked: no warning
+        LegRace(rank=1, clip=0.5, noise_multiplier=3.0).make_private(
+            module=SmallCNN(1, 3), optimizer=None, data_loader=DataLoader(Records(), batch_size=8))
+        batches = list(DataLoader(Records(), batch_size=8))  # a list of batches of dicts
+        LegRace(rank=1, clip=0.5, noise_multiplier=3.0).make_private(module=SmallCNN(1, 3), optimizer=None,
+                                                                     data_loader=batches)

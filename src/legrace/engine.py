@@ -637,6 +637,10 @@ def _sample_shape(data_loader: Any) -> Optional[tuple[int, ...]]:
     try:
         dataset = getattr(data_loader, "dataset", None)
         first = dataset[0] if dataset is not None else data_loader[0]
+        if isinstance(first, dict):  # {"image": x, "label": y}: its one floating-point tensor of an image's rank
+            images = [v for v in first.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                      and v.dim() == (3 if dataset is not None else 4)]
+            first = images[0] if len(images) == 1 else None
         x = first[0] if isinstance(first, (list, tuple)) else first
         x = x if dataset is None else x.unsqueeze(0)
         return tuple(x.shape) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
