@@ -378,24 +378,28 @@ def test_evaluate_prices_the_runs_uses_as_the_run_did_and_knows_its_data_by_cont
     x = np.repeat((digits.images[:200] * 16).astype(np.uint8)[..., None], 3, axis=-1)[:, :8, :8]
     spec = _npz(tmp_path / "d.npz", x, digits.target[:200])
     out = tmp_path / "run"
-    assert main(["train", "--data", spec, "--epochs", "1", "--batch-size", "64", "--out", str(out), "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)  # the run reads its data by a relative path
+    assert main(["train", "--data", "npz:./d.npz", "--epochs", "1", "--batch-size", "64", "--out", str(out),
+                 "--no-progress"]) == 0
     trained = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
     # the validation split (20 samples) is smaller than the run's batches: its pass must not make the
     # run's batch-coupled releases (priced at 64) cheaper, nor be refused for it
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", spec, "--split", "val"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz", "--split", "val"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 20 and result["epsilon"] >= trained["epsilon"]
     # the same file under another spelling of its path is the run's own data: a use of both sets
-    monkeypatch.chdir(tmp_path)
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", spec]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accounted_as"] == ["train", "validation"] and result["uses"] == {"train": 2, "validation": 3}
-    # the run's own file after its content changed (a few samples replaced): still the run's data,
-    # not a data set of its own, whose pass would not be composed with the run's uses
+    # the run's own file after its content changed (a few samples replaced), from another directory
+    # by another relative path: still the run's data, not a data set of its own, whose pass would
+    # not be composed with the run's uses
     x[:5] = 255 - x[:5]
     _npz(tmp_path / "d.npz", x, digits.target[:200])
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz"]) == 0
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:../d.npz"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accounted_as"] == ["train", "validation"] and result["uses"] == {"train": 3, "validation": 4}
     # other data is a data set of its own

@@ -373,6 +373,14 @@ def test_the_probe_on_a_larger_batch_finds_every_pair_of_samples(n, other):
         probe_conv_inputs(Mixer(lambda h: h), (3, 8, 8), batch_size=1)
 
 
+def test_the_probe_takes_infinities_that_do_not_move_as_unmoved():
+    overflowing = Mixer(lambda h: torch.where(torch.arange(h.size(1)).view(1, -1, 1, 1) == 0, float("inf"), h))
+    assert probe_conv_inputs(overflowing, (3, 8, 8)) == [(8, 8), (8, 8)]
+    mixing = Mixer(lambda h: torch.where(torch.arange(h.size(1)).view(1, -1, 1, 1) == 0, float("inf"), h + h[0]))
+    with pytest.raises(UnsupportedModelError, match="mixes the batch"):  # an infinity widens no tolerance
+        probe_conv_inputs(mixing, (3, 8, 8))
+
+
 def by_fours(h):
     """Per sample, but runs only on batches of a multiple of 4 rows."""
     return h.reshape(-1, 4, h.size(1), h.size(2), h.size(3)).reshape(h.shape)
@@ -384,11 +392,12 @@ def by_fours(h):
 ])
 def test_a_model_that_cannot_run_on_two_samples_is_probed_at_the_loaders_batch_size(mix, refused):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8)), batch_size=8)
-    engine = LegRace(mode="legrace", rank=2, noise_multiplier=1.0)
-    if refused:
-        with pytest.raises(UnsupportedModelError, match="layer 'conv2'.*mixes the batch"):
-            engine.make_private(module=Mixer(mix), optimizer=None, data_loader=loader)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # checked at batch 8: no warning
-            engine.make_private(module=Mixer(mix), optimizer=None, data_loader=loader)
+    for data in (loader, list(loader)):  # a DataLoader, and a list of batches (no batch_size: its first batch's)
+        engine = LegRace(mode="legrace", rank=2, noise_multiplier=1.0)
+        if refused:
+            with pytest.raises(UnsupportedModelError, match="layer 'conv2'.*mixes the batch"):
+                engine.make_private(module=Mixer(mix), optimizer=None, data_loader=data)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # checked at batch 8: no warning
+                engine.make_private(module=Mixer(mix), optimizer=None, data_loader=data)

@@ -400,13 +400,12 @@ def test_the_fingerprint_follows_the_content_not_the_split(tmp_path):
     assert load_data("digits").fingerprint == load_data("digits", val_fraction=0.5).fingerprint
 
 
-def test_same_source_knows_a_path_however_it_is_spelled(tmp_path, monkeypatch):
-    from legrace.data import same_source
+def test_source_of_knows_a_path_however_it_is_spelled(tmp_path, monkeypatch):
+    from legrace.data import source_of
 
     monkeypatch.chdir(tmp_path)
-    assert same_source("digits", "digits")
-    assert same_source(f"npz:{tmp_path}/d.npz", "npz:./d.npz")
-    assert same_source(f"imagefolder:{tmp_path}/f/", "imagefolder:f")
-    assert not same_source("npz:./d.npz", "npz:./e.npz")
-    assert not same_source("npz:./d", "imagefolder:./d")  # another loader reads other samples from it
-    assert not same_source("digits", "npz:digits")
+    assert source_of("digits") == "digits"
+    assert source_of(f"npz:{tmp_path}/d.npz") == source_of("npz:./d.npz") == f"npz:{tmp_path.resolve()}/d.npz"
+    assert source_of(f"imagefolder:{tmp_path}/f/") == source_of("imagefolder:f")
+    assert source_of("npz:./d.npz") != source_of("npz:./e.npz")
+    assert source_of("npz:./d") != source_of("imagefolder:./d")  # another loader reads other samples from it

@@ -202,8 +202,10 @@ def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Op
         if x.shape == kept.shape:  # each kept row within rtol = 1e-6 and atol = 1e-6 of the row's largest value
             rows = kept_rows.to(kept.device)
             now, then = x.detach()[rows], kept[rows]
-            scale = then.flatten(1).abs().amax(1).clamp_min(1e-30).view(-1, *[1] * (then.dim() - 1))
-        if x.shape != kept.shape or not bool(((now - then).abs() <= 1e-6 * (then.abs() + scale)).all()):
+            finite = torch.where(then.isfinite(), then.abs(), torch.zeros_like(then))
+            scale = finite.flatten(1).amax(1).clamp_min(1e-30).view(-1, *[1] * (then.dim() - 1))
+        if x.shape != kept.shape or not bool(((now == then) | ((now - then).abs() <= 1e-6 * (finite + scale)))
+                                             .all()):  # (== for infinities, which an overflow can give)
             problem.append(f"the input of layer '{name}' for one sample changes with another sample of the batch: "
                            "an operation before it mixes the batch (a view or flatten that folds the batch into "
                            "features, an index that takes another sample, a reduction over dim 0)")

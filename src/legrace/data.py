@@ -287,19 +287,16 @@ def _check_options(val_fraction: float, max_samples: int | None, image_size: int
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
 
 
-def same_source(a: str, b: str) -> bool:
-    """Whether two data specs name the same data set or the same file or folder, however its path
-    is spelled (whatever the content there now)."""
-    if a == b:
-        return True
-    kind_a, sep_a, arg_a = a.partition(":")
-    kind_b, sep_b, arg_b = b.partition(":")
-    if kind_a != kind_b or not (sep_a and sep_b and arg_a and arg_b):
-        return False
+def source_of(spec: str) -> str:
+    """The data set, file or folder a spec names, its path made absolute from the working directory:
+    the same for every spelling of one path (whatever the content there now)."""
+    kind, sep, arg = spec.partition(":")
+    if not (sep and arg):
+        return spec
     try:
-        return Path(arg_a).expanduser().resolve() == Path(arg_b).expanduser().resolve()
-    except (OSError, RuntimeError):  # an unresolvable path (a symlink loop): compare as written
-        return False
+        return f"{kind}:{Path(arg).expanduser().resolve()}"
+    except (OSError, RuntimeError):  # an unresolvable path (a symlink loop): as written
+        return spec
 
 
 def load_data(

@@ -391,7 +391,8 @@ class LegRace:
             except UnsupportedModelError:
                 raise
             except Exception:  # a model that needs more samples (h[3], a view by 4 rows): try the loader's
-                batch = min(getattr(data_loader, "batch_size", None) or 0, PROBE_MAX_BATCH)
+                batch = getattr(data_loader, "batch_size", None) or _rows(data_loader[0])  # (else a list of batches)
+                batch = min(batch, PROBE_MAX_BATCH)
                 if batch <= 2:
                     raise
                 return probe_conv_inputs(module, shape[1:], like, conv_modules(module), batch_size=batch)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from legrace.data import DataSplit, load_data, same_source
+from legrace.data import DataSplit, load_data, source_of
 from legrace.engine import LegRace
 from legrace.mechanism import derive_seed
 from legrace.models import build_model, fails_on_one_sample
@@ -248,7 +248,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
                           "engine": engine.state_dict(), "history": history, "step_times": step_times,
                           "rng": torch.get_rng_state(), "shuffle_rng": shuffle.get_state(),
                           "num_classes": data.num_classes, "classes": data.classes,
-                          "data_fingerprint": data.fingerprint,
+                          "data_fingerprint": data.fingerprint, "data_source": source_of(cfg.data),
                           "in_channels": data.in_channels, "image_size": data.image_size})
 
     if state is None:  # before the first release: a crash in epoch 1 can then be resumed, its pass accounted
@@ -381,7 +381,9 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
         # The run's own samples: the same content, wherever it is, or the run's own file or folder
         # even if it changed since (most of its samples may still be there; the worst case is
         # that they all are, so the pass is composed with the run's uses).
-        same = bool(saved and data.fingerprint and data.matches(saved)) or same_source(data_spec, cfg.data)
+        # (A checkpoint from before data_source: its --data resolved from here.)
+        same = bool(saved and data.fingerprint and data.matches(saved)) or \
+            source_of(data_spec) == state.get("data_source", source_of(cfg.data))
         if same and not data_spec.startswith("cifar10:"):
             names = ("train", "validation")
         else:
