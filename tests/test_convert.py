@@ -401,3 +401,4 @@ def test_a_model_that_cannot_run_on_two_samples_is_probed_at_the_loaders_batch_s
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # checked at batch 8: no warning
                 engine.make_private(module=Mixer(mix), optimizer=None, data_loader=data)
+

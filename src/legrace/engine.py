@@ -391,7 +391,8 @@ class LegRace:
             except UnsupportedModelError:
                 raise
             except Exception:  # a model that needs more samples (h[3], a view by 4 rows): try the loader's
-                batch = getattr(data_loader, "batch_size", None) or _rows(data_loader[0])  # (else a list of batches)
+                batch = getattr(data_loader, "batch_size", None) or (  # else a list of batches: its first's
+                    _rows(data_loader[0]) if isinstance(data_loader, (list, tuple)) and data_loader else 0)
                 batch = min(batch, PROBE_MAX_BATCH)
                 if batch <= 2:
                     raise
