@@ -185,14 +185,14 @@ def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Op
         for side in (1, 0):
             replaced = (index >> bit & 1) == side
             batches.append((torch.where(replaced.view(-1, *[1] * len(sample_shape)), fresh, base), ~replaced))
-    first: list[tuple[str, torch.Size, torch.Tensor]] = []
+    first: list[tuple[str, torch.Tensor]] = []  # each conv's name and input in the first forward
     problem: list[str] = []
 
     def record(m: nn.Module, args: tuple) -> None:
-        first.append((names.get(id(m), "?"), args[0].shape, args[0].detach().clone()))
+        first.append((names.get(id(m), "?"), args[0].detach().clone()))
 
     def compare(x: torch.Tensor, seen: Iterator, kept_rows: torch.Tensor) -> None:
-        name, _, kept = next(seen, ("?", None, None))
+        name, kept = next(seen, ("?", None))
         if problem or kept is None:
             return
         if x.shape[0] != n:
@@ -236,7 +236,7 @@ def probe_conv_inputs(module: nn.Module, sample_shape: tuple[int, ...], like: Op
         if problem:
             raise UnsupportedModelError(f"{problem[0]}. legrace accounts each release by its own sample alone "
                                         "(BatchNorm in training mode excepted, priced apart), so such a model is refused")
-    return [tuple(shape[2:]) for _, shape, _ in first]
+    return [tuple(kept.shape[2:]) for _, kept in first]
 
 
 def same_input(nodes: list[fx.Node]) -> list[Optional[int]]:

@@ -282,16 +282,10 @@ class LegRace:
         sampler that draws a sample more than once per pass is refused.
         """
         _check_sampling(data_loader)
-        batch_size = getattr(data_loader, "batch_size", None)
-        if batch_size is None and not isinstance(data_loader, (list, tuple)):
+        batch_size = _batch_size(data_loader)
+        if batch_size is None:
             raise ValueError("cannot tell the loader's batch size (needed to account BatchNorm's batch coupling); "
                              "use a DataLoader with batch_size set")
-        if batch_size is not None and hasattr(data_loader, "dataset"):
-            try:  # a batch never holds more than the data set
-                batch_size = min(batch_size, len(data_loader.dataset))
-            except TypeError:  # an iterable-style data set has no length
-                pass
-        batch_size = batch_size or _longest_batch(data_loader)
         if batch_size > self.batch_size and self.target_epsilon is not None and self.mechanism is not None \
                 and self.batch_coupled_releases_per_sample:
             warnings.warn(f"this loader's batches of {batch_size} are larger than the {self.batch_size} the noise was "
@@ -391,9 +385,7 @@ class LegRace:
             except UnsupportedModelError:
                 raise
             except Exception:  # a model that needs more samples (h[3], a view by 4 rows): try the loader's
-                batch = getattr(data_loader, "batch_size", None) or (  # else a list of batches: its first's
-                    _rows(data_loader[0]) if isinstance(data_loader, (list, tuple)) and data_loader else 0)
-                batch = min(batch, PROBE_MAX_BATCH)
+                batch = min(_batch_size(data_loader) or 0, PROBE_MAX_BATCH)
                 if batch <= 2:
                     raise
                 return probe_conv_inputs(module, shape[1:], like, conv_modules(module), batch_size=batch)
@@ -650,8 +642,16 @@ def _sample_shape(data_loader: Any) -> Optional[tuple[int, ...]]:
         return None
 
 
-def _longest_batch(batches) -> int:
-    return max((_rows(b) for b in batches), default=1)
+def _batch_size(data_loader: Any) -> Optional[int]:
+    """The most samples a batch of this loader holds: its batch_size (at most its data set's
+    length), or a list of batches' longest; None if it cannot tell."""
+    batch_size = getattr(data_loader, "batch_size", None)
+    if batch_size is None:
+        return max((_rows(b) for b in data_loader), default=1) if isinstance(data_loader, (list, tuple)) else None
+    try:  # a batch never holds more than the data set (an empty one: 1, as for an empty list)
+        return min(batch_size, len(data_loader.dataset)) or 1
+    except (AttributeError, TypeError):  # no data set, or an iterable-style one (no length)
+        return batch_size
 
 
 def _rows(batch: Any, loader: Any = None) -> int:
