@@ -7,13 +7,13 @@
 #      on the CPU, accelerator on the GPU) and gpu_only; VGG-19 inference; the ResNets again with
 #      conv outputs kept in the memory the 1/8 target leaves (--keep-outputs-mb);
 #   4. then, until the deadline: the trusted side's profile with the GPU as accelerator
-#      (profile_trusted.py); the bound the noise alone puts on the trusted-time ratio
-#      (noise_ceiling.py), the noise rate per generator thread (noise_rate.py) and the bound that
-#      TEE-only's work outside the split convs puts on it (shared_work.py); what one busy
-#      thread costs torch's threads (busy_thread.py); legrace alone on VGG-16 without each default
-#      (pinned copies, inline noise, overlap); the training steps with 3/4 of the cores as torch
-#      threads (FEW) for every mode; OpenMP's wait policy;
-#   5. the whole fast test suite, if time is left.
+#      (profile_trusted.py); the bound that TEE-only's work outside the split convs puts on the
+#      trusted-time ratio, for each model (shared_work.py); the rest of the fast test suite; the
+#      bound the noise alone puts on that ratio (noise_ceiling.py) and the noise rate per generator
+#      thread (noise_rate.py); what one busy thread costs torch's threads (busy_thread.py); legrace
+#      alone on VGG-16 without each default (pinned copies, inline noise, overlap); the training
+#      steps with 3/4 of the cores as torch threads (FEW) for every mode; OpenMP's wait policy.
+# TABLES=0 skips the copy rates and the tables of step 3 (for a run of the follow-ups alone).
 # Each step has a time limit and the whole run a deadline (DEADLINE seconds, default 480), so what
 # finished comes back even if the machine is slow. Results: $OUT/log.txt, $OUT/summary.md,
 # $OUT/transfers.json, each bench's JSON and charts under $RUNS (default $OUT/runs), and the same
@@ -29,6 +29,7 @@ ACCELERATOR=${ACCELERATOR:-cuda}
 SIZE=${SIZE:-224}
 BATCH=${BATCH:-32}
 DEADLINE=${DEADLINE:-480}
+TABLES=${TABLES:-1}
 FEW=${FEW:-$(( $(nproc) * 3 / 4 > 0 ? $(nproc) * 3 / 4 : 1 ))}  # torch threads for the second table
 RUNS=${RUNS:-$OUT/runs}  # each bench's folder (on the device tool: outside $OUT, packed below)
 mkdir -p "$OUT" "$RUNS"
@@ -75,35 +76,43 @@ bench() {  # bench NAME LIMIT ARGS...
 
 [ "$ACCELERATOR" = cpu ] || step 90 cuda-tests $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compact.py \
     tests/test_kernels.py
-# fail fast: if the first benchmark breaks (not merely runs out of time), stop here and leave the
-# device time for a fixed rerun
-bench vgg16-train 140 --model vgg16 --modes "$TEE,legrace,gpu_only"
-rc=$?; if (( rc != 0 && rc != 124 && rc != 137 )); then say "first benchmark failed"; exit 1; fi
-[ "$ACCELERATOR" = cpu ] || step 40 transfers $PY benchmarks/cuda_transfers.py --out "$OUT/transfers.json"
-bench resnet18-train 90 --model resnet18 --modes "$TEE,legrace,gpu_only"
-bench vgg19-train 140 --model vgg19 --modes "$TEE,legrace,gpu_only"
-bench resnet34-train 100 --model resnet34 --modes "$TEE,legrace,gpu_only"
-bench vgg19-infer 90 --model vgg19 --modes "$TEE,legrace,gpu_only" --infer
-# the ResNets again, keeping the conv outputs costliest to rebuild in the memory the 1/8 target
-# leaves (23 and 48 MiB bring trusted memory to 1/8 of TEE-only's at 224x224, batch 32)
-bench resnet18-train-keep23 60 --model resnet18 --modes "$TEE,legrace,gpu_only" --keep-outputs-mb 23
-bench resnet34-train-keep48 80 --model resnet34 --modes "$TEE,legrace,gpu_only" --keep-outputs-mb 48
+if (( TABLES )); then
+  # fail fast: if the first benchmark breaks (not merely runs out of time), stop here and leave the
+  # device time for a fixed rerun
+  bench vgg16-train 140 --model vgg16 --modes "$TEE,legrace,gpu_only"
+  rc=$?; if (( rc != 0 && rc != 124 && rc != 137 )); then say "first benchmark failed"; exit 1; fi
+  [ "$ACCELERATOR" = cpu ] || step 40 transfers $PY benchmarks/cuda_transfers.py --out "$OUT/transfers.json"
+  bench resnet18-train 90 --model resnet18 --modes "$TEE,legrace,gpu_only"
+  bench vgg19-train 140 --model vgg19 --modes "$TEE,legrace,gpu_only"
+  bench resnet34-train 100 --model resnet34 --modes "$TEE,legrace,gpu_only"
+  bench vgg19-infer 90 --model vgg19 --modes "$TEE,legrace,gpu_only" --infer
+  # the ResNets again, keeping the conv outputs costliest to rebuild in the memory the 1/8 target
+  # leaves (23 and 48 MiB bring trusted memory to 1/8 of TEE-only's at 224x224, batch 32)
+  bench resnet18-train-keep23 60 --model resnet18 --modes "$TEE,legrace,gpu_only" --keep-outputs-mb 23
+  bench resnet34-train-keep48 80 --model resnet34 --modes "$TEE,legrace,gpu_only" --keep-outputs-mb 48
+fi
 # in order of what they tell, so that the deadline cuts the least telling:
 # where the trusted side's time goes with the GPU as accelerator (with the CPU accelerator its
 # convs would share OpenMP's threads with the trusted side and inflate the noise's share)
-step 60 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size 8 \
+step 75 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
     --accelerator "$ACCELERATOR"
+# the bound that TEE-only's own work outside the split convs (ReLU, pooling, BatchNorm, the
+# classifier, the first conv), which the trusted side does too, puts on the same ratio
+for m in vgg16 vgg19 resnet18 resnet34; do
+  step 60 "shared-work-$m" $PY benchmarks/shared_work.py --model "$m" --input-size "$SIZE" --batch-size "$BATCH" \
+      --out "$RUNS/shared_work_$m.json"
+done
+step 45 shared-work-vgg19-infer $PY benchmarks/shared_work.py --model vgg19 --infer --input-size "$SIZE" \
+    --batch-size "$BATCH" --out "$RUNS/shared_work_vgg19-infer.json"
+# the rest of the fast test suite (the CUDA tests ran first), in 4 processes if pytest-xdist is here
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
+[ "$ACCELERATOR" = cpu ] || OMP_NUM_THREADS=4 step 240 full-tests $PY -m pytest -q -p no:cacheprovider $XDIST tests \
+    --ignore=tests/test_cuda.py --ignore=tests/test_compact.py --ignore=tests/test_kernels.py
 # the bound that drawing the noise alone puts on TEE-only ÷ trusted time with this host's cores,
 # and how the noise rate grows with generator threads (pageable and page-locked)
 step 60 noise-ceiling $PY benchmarks/noise_ceiling.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
     --out "$RUNS/noise_ceiling_vgg16.json"
 step 40 noise-rate $PY benchmarks/noise_rate.py --out "$RUNS/noise_rate.json"
-# the bound that TEE-only's own work outside the split convs (ReLU, pooling, BatchNorm, the
-# classifier, the first conv), which the trusted side does too, puts on the same ratio
-for m in vgg16 resnet18; do
-  step 45 "shared-work-$m" $PY benchmarks/shared_work.py --model "$m" --input-size "$SIZE" --batch-size "$BATCH" \
-      --out "$RUNS/shared_work_$m.json"
-done
 step 60 busy-thread $PY benchmarks/busy_thread.py --model vgg11 --input-size 112 --batch-size 16 \
     --out "$RUNS/busy_thread.json"
 # legrace alone on VGG-16 against its defaults: pageable copies, noise drawn ahead, legs in turn
@@ -122,5 +131,4 @@ GOMP_SPINCOUNT=10000 bench vgg16-train-spin10k 90 --model vgg16 --modes tee_only
 OMP_WAIT_POLICY=PASSIVE bench vgg16-train-omp-passive 90 --model vgg16 --modes tee_only,legrace,gpu_only
 $PY benchmarks/summarize_bench.py "$RUNS" > "$OUT/summary.md" 2>>"$LOG"
 cat "$OUT/summary.md" | tee -a "$LOG"
-[ "$ACCELERATOR" = cpu ] || step 300 full-tests $PY -m pytest -q -p no:cacheprovider tests
 say "done"

@@ -417,6 +417,11 @@ def test_shared_work_counts_the_first_conv_as_shared_and_bounds_the_ratio(monkey
     assert result["split_conv_seconds"] > 0 and result["shared_seconds"] > 0
     assert result["profiled_step_seconds"] == pytest.approx(result["split_conv_seconds"] + result["shared_seconds"])
     assert result["bound"] == result["profiled_step_seconds"] / result["shared_seconds"]
+    # against the faster TEE-only baseline: its step over the shared work in wall seconds
+    fastest = min(result["tee_only_step_seconds"], result["tee_only_channels_last_step_seconds"])
+    shared_wall = result["shared_seconds"] * result["tee_only_step_seconds"] / result["profiled_step_seconds"]
+    assert result["bound_fastest"] == pytest.approx(fastest / shared_wall)
+    assert result["bound_fastest"] <= result["bound"] * (1 + 1e-9)
     assert result["train"] and "training" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", sys.argv + ["--infer"])
     module["main"]()
