@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from legrace import LegRace
 from legrace.accountant import epsilon
 from legrace.boundary import ConvForward, InProcessTransport, SetWeight
+from legrace.convert import UnsupportedModelError
 from legrace.engine import AUTO_NOISE_STD
 from legrace.models import SmallCNN, build_model
 
@@ -667,14 +668,60 @@ def test_misused_settings_are_refused_with_a_message():
         LegRace(rank=1, target_epsilon=8.0).convert(SmallCNN(1, 3))
 
 
-def test_a_loader_that_hides_the_input_shape_is_warned_of_the_unchecked_batch_mixing():
+class FirstSampleMixer(nn.Module):
+    """Adds the batch's first sample to every sample before its second conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 3, 3)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        return self.conv2(h + h[0])
+
+
+def test_a_loader_over_an_iterable_dataset_has_the_model_checked_on_its_first_batch():
+    # its samples show only by iterating (peeking could use up a stream): checked when the first batch comes
     engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
-    with pytest.warns(UserWarning, match="not checked that the model keeps samples apart"):
-        engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=DataLoader(Stream(), batch_size=8))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a map-style data set shows the shape: checked, no warning
-        LegRace(rank=1, clip=0.5, noise_multiplier=3.0).make_private(module=SmallCNN(1, 3), optimizer=None,
-                                                                     data_loader=tiny_loader())
+        warnings.simplefilter("error")  # no warning: the check is not skipped, only deferred
+        model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None,
+                                               data_loader=DataLoader(Stream(), batch_size=8))
+        with torch.no_grad():
+            for x, _ in loader:
+                model(x)
+    assert engine.get_epsilon() > 0
+
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    model, _, loader = engine.make_private(module=FirstSampleMixer(), optimizer=None,
+                                           data_loader=DataLoader(Stream(), batch_size=8))
+    seen = spy_on_releases(engine)
+    with pytest.raises(UnsupportedModelError, match="layer 'conv2'.*mixes the batch.*first batch of a loader whose "
+                                                    "samples show only by iterating.*new LegRace engine"):
+        next(iter(loader))
+    assert not seen and engine.get_epsilon() == 0  # refused before the pass was accounted or anything released
+
+
+class VectorStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([(torch.randn(5), 0)] * 8)
+
+
+def test_samples_the_model_cannot_take_are_warned_of_at_the_users_call():
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    with pytest.warns(UserWarning, match="not checked that the model keeps samples apart") as caught:
+        engine.make_private(module=SmallCNN(1, 3), optimizer=None,
+                            data_loader=DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 5)), batch_size=4))
+    assert [w.filename for w in caught if "keeps samples apart" in str(w.message)] == [__file__]
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    _, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None,
+                                       data_loader=DataLoader(VectorStream(), batch_size=4))
+    with pytest.warns(UserWarning, match="not checked that the model keeps samples apart") as caught:
+        next(iter(loader))  # checked on the first batch, and warned of there
+    assert [w.filename for w in caught if "keeps samples apart" in str(w.message)] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        next(iter(loader))
 
 
 class Records(torch.utils.data.Dataset):

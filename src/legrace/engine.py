@@ -61,6 +61,8 @@ class PrivateDataLoader:
         try:
             for i, batch in enumerate(self.loader):
                 if i == 0:  # accounted before the first release of the pass
+                    if engine._unchecked is not None:  # (before the use: a refused model spends nothing)
+                        engine._check_first_batch(batch)
                     engine._record_use(self.name)
                     engine._open_passes += 1
                     opened = True
@@ -246,6 +248,7 @@ class LegRace:
         self._outside_uses = 0  # forwards among them (the most releases at one point)
         self._coupled: set[int] = set()  # points after a BatchNorm
         self._warned: set[str] = set()
+        self._unchecked: Optional[nn.Module] = None  # a model whose loader shows its samples only by iterating
 
     # ---- wrapping the user's objects ----------------------------------------------------------
 
@@ -261,7 +264,7 @@ class LegRace:
         # The model is checked before it is converted: a refused model can be mended and given to
         # the same engine again.
         self._check_unused()
-        sizes = self._probe(module, data_loader) if self.mode in ("legrace", "dp_only") else None
+        sizes = self._probe_loader(module, data_loader) if self.mode in ("legrace", "dp_only") else None
         model = self._convert_once(module)
         if self._unplanned is not None:  # the map sizes, before calibrating
             self._plan(sizes)
@@ -294,7 +297,7 @@ class LegRace:
         self.batch_size = max(self.batch_size, batch_size)
         device = self.device if self.mode == "gpu_only" else None
         if self._unplanned is not None:  # the first loader's samples tell each conv's map size
-            self._plan(self._probe(self._unplanned, data_loader))
+            self._plan(self._probe_loader(self._unplanned, data_loader))
         return PrivateDataLoader(data_loader, self, name, device)
 
     def convert(self, module: nn.Module) -> nn.Module:
@@ -368,14 +371,37 @@ class LegRace:
         self._coupled_points = sum(a and bn for a, bn in accounted)
         self._coupled = {split.point for split, bn in self._splits if bn}
 
-    def _probe(self, module: nn.Module, data_loader: Any) -> Optional[list[tuple[int, ...]]]:
+    def _probe_loader(self, module: nn.Module, data_loader: Any) -> Optional[list[tuple[int, ...]]]:
         """Each conv's input size, from the shape of the loader's samples; the same forwards refuse
         a model that mixes the batch before a conv (convert.probe_conv_inputs: seeded random
-        inputs, eval mode, no private value is read). None, with a warning, if the model cannot
-        run on inputs of that shape. Called by make_private or private_loader (the warning's
-        stacklevel points at their caller)."""
+        inputs, eval mode, no private value is read). Called by make_private or private_loader.
+
+        A loader that shows its samples only by iterating (an IterableDataset: peeking could use up
+        a one-shot stream) has the model checked on its first batch instead (_check_first_batch),
+        before that pass is accounted or anything released; its convs stay unplanned (priced as
+        releasing, the conservative side)."""
         check_modules(module)  # first: a forward would initialise a lazy layer that convert refuses
         shape = _sample_shape(data_loader)
+        if shape is None and _iterable_only(data_loader):
+            self._unchecked = module
+            return None
+        return self._probe(module, shape, _batch_size(data_loader), stacklevel=4)
+
+    def _check_first_batch(self, batch: Any) -> None:
+        """The batch-mixing check of a model whose loader showed no sample before its first batch."""
+        module, self._unchecked = self._unchecked, None
+        try:
+            self._probe(module, _input_shape(batch, batched=True), _rows(batch), stacklevel=4)
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"{err} (found at the first batch of a loader whose samples show only by "
+                                        "iterating, before anything was released or accounted; give the mended model "
+                                        "to a new LegRace engine)") from None
+
+    def _probe(self, module: nn.Module, shape: Optional[tuple[int, ...]], batch_size: Optional[int],
+               stacklevel: int) -> Optional[list[tuple[int, ...]]]:
+        """probe_conv_inputs on inputs of `shape` (a batch's), again at the batch size (up to
+        PROBE_MAX_BATCH) for a model that cannot run on two samples; None, with a warning that
+        points `stacklevel` frames up at the user's call, if the model cannot run on such inputs."""
         like = next((p for p in module.parameters() if p.is_floating_point()), None)  # the model's dtype and device
         try:
             if shape is None:
@@ -385,7 +411,7 @@ class LegRace:
             except UnsupportedModelError:
                 raise
             except Exception:  # a model that needs more samples (h[3], a view by 4 rows): try the loader's
-                batch = min(_batch_size(data_loader) or 0, PROBE_MAX_BATCH)
+                batch = min(batch_size or 0, PROBE_MAX_BATCH)
                 if batch <= 2:
                     raise
                 return probe_conv_inputs(module, shape[1:], like, conv_modules(module), batch_size=batch)
@@ -396,7 +422,7 @@ class LegRace:
             warnings.warn(f"legrace could not run the model on inputs shaped like this loader's samples ({why}), so "
                           "it has not checked that the model keeps samples apart before each conv (a model that "
                           "mixes the batch would be under-accounted) nor found the convs that release nothing",
-                          stacklevel=3)
+                          stacklevel=stacklevel)
             return None
 
     def _plan(self, sizes: Optional[list[tuple[int, ...]]]) -> None:
@@ -459,7 +485,7 @@ class LegRace:
         if what not in self._warned:
             self._warned.add(what)
             warnings.warn(f"{what}: each such forward is accounted as one more use of every data set's samples, "
-                          "the worst case; feed each private sample through those loaders once per pass", stacklevel=5)
+                          "the worst case; feed each private sample through those loaders once per pass", stacklevel=4)
         self._record_use(OUTSIDE_A_LOADER)
 
     def _record_use(self, name: str) -> None:
@@ -630,16 +656,35 @@ def _sample_shape(data_loader: Any) -> Optional[tuple[int, ...]]:
     neither tells)."""
     try:
         dataset = getattr(data_loader, "dataset", None)
-        first = dataset[0] if dataset is not None else data_loader[0]
-        if isinstance(first, dict):  # {"image": x, "label": y}: its one floating-point tensor of an image's rank
-            images = [v for v in first.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                      and v.dim() == (3 if dataset is not None else 4)]
-            first = images[0] if len(images) == 1 else None
-        x = first[0] if isinstance(first, (list, tuple)) else first
-        x = x if dataset is None else x.unsqueeze(0)
-        return tuple(x.shape) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+        if dataset is None:
+            shape = _input_shape(data_loader[0], batched=True)
+            return None if shape is None else (1, *shape[1:])
+        return _input_shape(dataset[0], batched=False)
     except Exception:  # an iterable-style data set, or samples of another form
         return None
+
+
+def _input_shape(item: Any, batched: bool) -> Optional[tuple[int, ...]]:
+    """The shape of a batch of inputs, from one sample (batched=False) or one batch: an image
+    tensor, a tuple or list that starts with one, or a dict holding one floating-point image
+    tensor ({"image": x, "label": y}); None for anything else."""
+    rank = 4 if batched else 3
+    if isinstance(item, dict):
+        images = [v for v in item.values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == rank]
+        item = images[0] if len(images) == 1 else None
+    x = item[0] if isinstance(item, (list, tuple)) and item else item
+    if not isinstance(x, torch.Tensor) or x.dim() != rank:
+        return None
+    return tuple(x.shape) if batched else (1, *x.shape)
+
+
+def _iterable_only(data_loader: Any) -> bool:
+    """Whether the loader shows its samples only by iterating (an IterableDataset, or no data set
+    and no indexing)."""
+    dataset = getattr(data_loader, "dataset", None)
+    if dataset is None:
+        return not isinstance(data_loader, (list, tuple)) and not hasattr(data_loader, "__getitem__")
+    return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 def _batch_size(data_loader: Any) -> Optional[int]:
