@@ -81,9 +81,6 @@ def main() -> None:
     p.add_argument("--infer", action="store_true", help="time inference (no_grad forward) instead of training")
     p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--no-overlap", action="store_true", help="the two legs of each conv one after the other")
-    p.add_argument("--pin-requests", choices=("default", "on", "off"), default="default",
-                   help="copy dL/dY into page-locked memory on the trusted side's threads (on) or on the "
-                        "accelerator's thread (off); default: the engine's")
     add_threads_argument(p)
     args = p.parse_args()
     apply_threads(args)
@@ -100,8 +97,6 @@ def profile(args: argparse.Namespace) -> None:
     model, x, y = model_and_batch(args)
     run = _ModeRun("legrace", model, x, y, train=not args.infer, rank=8, accelerator=args.accelerator, iters=2,
                    overlap=False if args.no_overlap else None)
-    if args.pin_requests != "default":
-        run.engine.boundary.pin_requests = args.pin_requests == "on"
     for _ in range(2):  # warm-up
         run.step()
     seconds.clear()
@@ -113,8 +108,7 @@ def profile(args: argparse.Namespace) -> None:
     print(f"{args.model} {'inference' if args.infer else 'training'} {args.input_size}x{args.input_size} "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads, {args.accelerator} accelerator: "
           f"step {step:.3f} s, trusted side {trusted:.3f} s (mean of {args.steps} steps; overlap "
-          f"{'on' if run.engine.overlap else 'off'}, dL/dY pinned by the trusted side: "
-          f"{'yes' if run.engine.boundary.pin_requests else 'no'})")
+          f"{'on' if run.engine.overlap else 'off'})")
     for label, s in sorted(per_step.items(), key=lambda kv: -kv[1]):
         print(f"{s * 1e3:9.1f} ms  {label}")
     counted = sum(s for label, s in per_step.items() if not label.startswith(" "))

@@ -327,20 +327,14 @@ class Boundary:
     a request), so the trusted side computes its own part while the accelerator computes its
     part. One request is in flight at a time: any other request first collects its answer.
     `seconds_waiting` counts only the time the trusted side is blocked on the accelerator.
-
-    `pin_requests`: copy dL/dY into page-locked memory here, on the trusted side's thread with
-    torch's threads, so that an in-process CUDA accelerator moves it by DMA. Otherwise that
-    accelerator's own thread copies it into a pinned buffer: one busy thread beside torch's, which
-    stalls their parallel regions (docs/performance.md, "GPU runs").
     """
 
     def __init__(self, transport: Transport, audit: Optional[AuditLog] = None, verifier=None,
-                 overlap: bool = False, pin_requests: bool = False) -> None:
+                 overlap: bool = False) -> None:
         self.transport = transport
         self.audit = audit
         self.verifier = verifier
         self.overlap = overlap
-        self.pin_requests = pin_requests
         self.crossings = 0
         self.bytes_out = 0
         self.bytes_in = 0
@@ -450,10 +444,7 @@ class Boundary:
         """dL/dX and the residual's part of dL/dW (None where not asked for)."""
         residual = stored.residual if stored is not None else None
         sid = stored.take() if stored is not None else None
-        sent = grad_y.contiguous()
-        if self.pin_requests and not sent.is_pinned():
-            sent = torch.empty(sent.shape, dtype=sent.dtype, pin_memory=True).copy_(sent)
-        msg = ConvBackward(layer, sid, sent, tuple(x_shape), need_grad_x, need_grad_w and sid is not None)
+        msg = ConvBackward(layer, sid, grad_y.contiguous(), tuple(x_shape), need_grad_x, need_grad_w and sid is not None)
         flight = self._start(msg, wait, reply_bytes((x_shape, grad_y.dtype), (w_shape, grad_y.dtype)))
 
         def finish() -> tuple[Optional[Tensor], Optional[Tensor]]:
