@@ -420,13 +420,14 @@ def test_shared_work_counts_the_first_conv_as_shared_and_bounds_the_ratio(monkey
     # against the faster TEE-only baseline: its step over the shared work in wall seconds
     fastest = min(result["tee_only_step_seconds"], result["tee_only_channels_last_step_seconds"])
     shared_wall = result["shared_seconds"] * result["tee_only_step_seconds"] / result["profiled_step_seconds"]
+    assert result["tee_only_channels_last_step_seconds"] > 0
     assert result["bound_fastest"] == pytest.approx(fastest / shared_wall)
-    assert result["bound_fastest"] <= result["bound"] * (1 + 1e-9)
     assert result["train"] and "training" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", sys.argv + ["--infer"])
     module["main"]()
     (result,) = json.loads(out.read_text())["results"]
     assert not result["train"] and "inference" in capsys.readouterr().out and result["bound"] > 1
+    assert 0 < result["bound_fastest"] and result["tee_only_channels_last_step_seconds"] > 0
 
 
 def test_macs_of_tee_only_are_those_torch_counts_for_a_step():

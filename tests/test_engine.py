@@ -696,10 +696,41 @@ def test_a_loader_over_an_iterable_dataset_has_the_model_checked_on_its_first_ba
     model, _, loader = engine.make_private(module=FirstSampleMixer(), optimizer=None,
                                            data_loader=DataLoader(Stream(), batch_size=8))
     seen = spy_on_releases(engine)
-    with pytest.raises(UnsupportedModelError, match="layer 'conv2'.*mixes the batch.*first batch of a loader whose "
-                                                    "samples show only by iterating.*new LegRace engine"):
+    x = next(iter(DataLoader(Stream(), batch_size=8)))[0]
+    with pytest.raises(ValueError, match="not yet checked for mixing.*Iterate the private loader first"):
+        model(x)  # private data outside the loader, before its first batch: nothing crosses unchecked
+    refused = "layer 'conv2'.*mixes the batch.*first batch of a loader whose samples show only by iterating"
+    with pytest.raises(UnsupportedModelError, match=refused + ".*new LegRace engine"):
         next(iter(loader))
-    assert not seen and engine.get_epsilon() == 0  # refused before the pass was accounted or anything released
+    for _ in range(2):  # the refusal stays: a second pass, and a forward outside, are refused alike
+        with pytest.raises(UnsupportedModelError, match=refused):
+            for x, _ in loader:
+                model(x)
+        with pytest.raises(UnsupportedModelError, match=refused):
+            model(x)
+    assert not seen and engine.get_epsilon() == 0  # refused before a pass was accounted or anything released
+    with engine.unaccounted():
+        model(torch.randn(2, 1, 8, 8))  # data that is not private may still run (nothing to account)
+    assert seen
+
+
+def test_a_model_refused_before_its_conversion_leaves_no_check_pending():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)  # data-dependent control flow: fx cannot trace
+
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    with pytest.raises(UnsupportedModelError, match="could not trace"):
+        engine.make_private(module=Untraceable(), optimizer=None, data_loader=DataLoader(Stream(), batch_size=8))
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    with torch.no_grad():
+        for x, _ in loader:  # the mended model, with a map-style loader: checked at make_private, nothing pending
+            model(x)
+    assert engine.get_epsilon() > 0
 
 
 class VectorStream(torch.utils.data.IterableDataset):

@@ -61,8 +61,8 @@ class PrivateDataLoader:
         try:
             for i, batch in enumerate(self.loader):
                 if i == 0:  # accounted before the first release of the pass
-                    if engine._unchecked is not None:  # (before the use: a refused model spends nothing)
-                        engine._check_first_batch(batch)
+                    if engine._unchecked is not None or engine._refusal:  # (before the use: a refused model
+                        engine._check_first_batch(batch)                     # spends nothing)
                     engine._record_use(self.name)
                     engine._open_passes += 1
                     opened = True
@@ -249,6 +249,7 @@ class LegRace:
         self._coupled: set[int] = set()  # points after a BatchNorm
         self._warned: set[str] = set()
         self._unchecked: Optional[nn.Module] = None  # a model whose loader shows its samples only by iterating
+        self._refusal: Optional[str] = None  # why that model was refused at its first batch
 
     # ---- wrapping the user's objects ----------------------------------------------------------
 
@@ -378,8 +379,9 @@ class LegRace:
 
         A loader that shows its samples only by iterating (an IterableDataset: peeking could use up
         a one-shot stream) has the model checked on its first batch instead (_check_first_batch),
-        before that pass is accounted or anything released; its convs stay unplanned (priced as
-        releasing, the conservative side)."""
+        before that pass is accounted; until then the model releases nothing (_released). Its
+        convs stay unplanned (priced as releasing, the conservative side)."""
+        self._unchecked = None  # (a model refused before it was converted leaves nothing pending)
         check_modules(module)  # first: a forward would initialise a lazy layer that convert refuses
         shape = _sample_shape(data_loader)
         if shape is None and _iterable_only(data_loader):
@@ -388,14 +390,18 @@ class LegRace:
         return self._probe(module, shape, _batch_size(data_loader), stacklevel=4)
 
     def _check_first_batch(self, batch: Any) -> None:
-        """The batch-mixing check of a model whose loader showed no sample before its first batch."""
-        module, self._unchecked = self._unchecked, None
-        try:
-            self._probe(module, _input_shape(batch, batched=True), _rows(batch), stacklevel=4)
-        except UnsupportedModelError as err:
-            raise UnsupportedModelError(f"{err} (found at the first batch of a loader whose samples show only by "
-                                        "iterating, before anything was released or accounted; give the mended model "
-                                        "to a new LegRace engine)") from None
+        """The batch-mixing check of a model whose loader showed no sample before its first batch.
+        A refusal stays: every later pass and release of this engine is refused the same way."""
+        if self._unchecked is not None:
+            try:
+                self._probe(self._unchecked, _input_shape(batch, batched=True), _rows(batch), stacklevel=4)
+            except UnsupportedModelError as err:
+                self._refusal = (f"{err} (found at the first batch of a loader whose samples show only by iterating, "
+                                 "before anything was released or accounted; give the mended model to a new LegRace "
+                                 "engine)")
+            self._unchecked = None
+        if self._refusal:
+            raise UnsupportedModelError(self._refusal)
 
     def _probe(self, module: nn.Module, shape: Optional[tuple[int, ...]], batch_size: Optional[int],
                stacklevel: int) -> Optional[list[tuple[int, ...]]]:
@@ -405,7 +411,8 @@ class LegRace:
         like = next((p for p in module.parameters() if p.is_floating_point()), None)  # the model's dtype and device
         try:
             if shape is None:
-                raise ValueError("its data set's first sample is not one image tensor")
+                raise ValueError("its samples are not image tensors (an image, a tuple that starts with one, or a "
+                                 "dict holding one)")
             try:
                 return probe_conv_inputs(module, shape[1:], like, conv_modules(module))
             except UnsupportedModelError:
@@ -460,6 +467,13 @@ class LegRace:
         """
         if self._unaccounted:
             return
+        if self._refusal:
+            raise UnsupportedModelError(self._refusal)
+        if self._unchecked is not None:
+            raise ValueError("this model is not yet checked for mixing samples of a batch: its loader shows its "
+                             "samples only by iterating, and its first batch is checked before anything is "
+                             "released. Iterate the private loader first (or run this forward in "
+                             "engine.unaccounted() if its data is not private)")
         if rows > self.batch_size and point in self._coupled and any(bn.training for bn in self._batchnorms):
             if self.target_epsilon is not None:  # the noise was calibrated for the smaller batch
                 raise ValueError(
@@ -485,7 +499,7 @@ class LegRace:
         if what not in self._warned:
             self._warned.add(what)
             warnings.warn(f"{what}: each such forward is accounted as one more use of every data set's samples, "
-                          "the worst case; feed each private sample through those loaders once per pass", stacklevel=4)
+                          "the worst case; feed each private sample through those loaders once per pass", stacklevel=5)
         self._record_use(OUTSIDE_A_LOADER)
 
     def _record_use(self, name: str) -> None:
