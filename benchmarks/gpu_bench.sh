@@ -99,7 +99,7 @@ step 75 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$S
 # the bound that TEE-only's own work outside the split convs (ReLU, pooling, BatchNorm, the
 # classifier, the first conv), which the trusted side does too, puts on the same ratio
 for m in vgg16 vgg19 resnet18 resnet34; do
-  step 60 "shared-work-$m" $PY benchmarks/shared_work.py --model "$m" --input-size "$SIZE" --batch-size "$BATCH" \
+  step 75 "shared-work-$m" $PY benchmarks/shared_work.py --model "$m" --input-size "$SIZE" --batch-size "$BATCH" \
       --out "$RUNS/shared_work_$m.json"
 done
 step 45 shared-work-vgg19-infer $PY benchmarks/shared_work.py --model vgg19 --infer --input-size "$SIZE" \

@@ -99,13 +99,34 @@ def test_target_check_of_a_gpu_run():
                    "TEE-only step / legrace step >= 15x": ("15.00x", "yes"),
                    "legrace step / GPU-only step <= 5x": ("5.50x", "no")}
     inference = rows("vgg19-infer", {"model": "vgg19", "train": False, "ratios": ratios, "accelerator": "process:cuda"})
-    assert [row[1:] for row in inference] == [["inference: TEE-only step / legrace step (paper: 11.2x)", "15.00x", "yes"]]
+    assert [row[1:] for row in inference] == [["inference: TEE-only step / legrace step (paper: 11.2x)", "15.00x", "yes",
+                                               ""]]
     # gpu_only timed on the CPU (the default --modes without a GPU) is no GPU run: its targets are not checked
     cpu_run = {"model": "vgg16", "train": True, "ratios": ratios, "accelerator": "cpu"}
     assert [row[1] for row in rows("vgg16-train", cpu_run)] == ["TEE-only step / trusted time >= 15x",
                                                                 "TEE-only memory / trusted memory >= 8x"]
     resnet = rows("r", {"model": "resnet34", "train": True, "ratios": {"tee_only_step / legrace_trusted": 9.99}})
-    assert [row[1:] for row in resnet] == [["TEE-only step / trusted time >= 10x", "9.99x", "no"]]
+    assert [row[1:] for row in resnet] == [["TEE-only step / trusted time >= 10x", "9.99x", "no", ""]]
+    # with shared_work.py's cap for the run: shown beside every TEE-only time ratio, not beside memory or GPU-only
+    capped = {row[1]: row[4] for row in rows("vgg16-train", gpu_run, 4.34)}
+    assert capped == {"TEE-only step / trusted time >= 15x": "4.3x", "TEE-only memory / trusted memory >= 8x": "",
+                      "TEE-only step / legrace step >= 15x": "4.3x", "legrace step / GPU-only step <= 5x": ""}
+
+
+def test_summary_finds_shared_work_caps_of_the_same_setting(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "summarize_bench.py"
+    caps = runpy.run_path(str(script), run_name="not_main")["shared_work_caps"]
+    result = {"model": "vgg16", "train": True, "input_size": 224, "batch_size": 32, "threads": 16, "bound": 5.4,
+              "shared_seconds": 0.6}
+    (tmp_path / "shared_work_vgg16.json").write_text(json.dumps({"results": [{**result, "bound_fastest": 4.3}]}))
+    (tmp_path / "shared_work_old.json").write_text(json.dumps({"results": [{**result, "model": "vgg19"}]}))
+    (tmp_path / "transfers.json").write_text(json.dumps({"results": [{"bytes": 1}]}))  # another kind of result
+    (tmp_path / "noise_rate.json").write_text(json.dumps([1, 2]))  # not a results file
+    (tmp_path / "broken.json").write_text("{")
+    assert caps(tmp_path) == {("vgg16", True, 224, 32, 16): 4.3, ("vgg19", True, 224, 32, 16): 5.4}
 
 
 def test_bench_keeps_conv_outputs_when_told(tmp_path):
@@ -428,6 +449,15 @@ def test_shared_work_counts_the_first_conv_as_shared_and_bounds_the_ratio(monkey
     (result,) = json.loads(out.read_text())["results"]
     assert not result["train"] and "inference" in capsys.readouterr().out and result["bound"] > 1
     assert 0 < result["bound_fastest"] and result["tee_only_channels_last_step_seconds"] > 0
+
+    # of several profiled steps, the loosest cap is kept (a disturbed profile must not tighten it)
+    profiles = iter([{"split_conv_seconds": 5.0, "shared_seconds": 1.0}, {"split_conv_seconds": 5.0, "shared_seconds": 0.5},
+                     {"split_conv_seconds": 5.0, "shared_seconds": 2.0}])
+    monkeypatch.setitem(module["main"].__globals__, "split_step", lambda events, image: next(profiles))
+    monkeypatch.setattr(sys, "argv", [a for a in sys.argv if a != "--infer"][:-3] + ["3", "--out", str(out)])
+    module["main"]()
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["profiled_steps"] == 3 and result["bound"] == 11.0 and result["shared_seconds"] == 0.5
 
 
 def test_macs_of_tee_only_are_those_torch_counts_for_a_step():
