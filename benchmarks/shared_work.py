@@ -47,7 +47,7 @@ def split_step(events, image_shape: list[int]) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--steps", type=count, default=3, help="timed plain TEE-only steps (after one warm-up)")
+    p.add_argument("--steps", type=count, default=3, help="timed steps of each TEE-only baseline (after one warm-up), and profiled steps")
     p.add_argument("--infer", action="store_true", help="inference (no_grad forward) instead of training")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_threads_argument(p)

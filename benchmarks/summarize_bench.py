@@ -32,13 +32,14 @@ def shared_work_caps(folder: Path) -> dict[tuple, float]:
     caps = {}
     for f in sorted(folder.glob("*.json")):
         try:
-            results = json.loads(f.read_text()).get("results", [])
-        except (ValueError, AttributeError):
+            results = json.loads(f.read_text()).get("results") or []
+            for r in results:
+                key = tuple(r.get(k) for k in ("model", "train", "input_size", "batch_size", "threads"))
+                cap = r.get("bound_fastest", r.get("bound"))
+                if "shared_seconds" in r and None not in key and cap is not None:
+                    caps[key] = cap
+        except (ValueError, AttributeError, TypeError):  # not JSON, or not shared_work.py's
             continue
-        for r in results:
-            if isinstance(r, dict) and "shared_seconds" in r:
-                key = (r["model"], r["train"], r["input_size"], r["batch_size"], r["threads"])
-                caps[key] = r.get("bound_fastest", r["bound"])
     return caps
 
 

@@ -126,6 +126,9 @@ def test_summary_finds_shared_work_caps_of_the_same_setting(tmp_path):
     (tmp_path / "transfers.json").write_text(json.dumps({"results": [{"bytes": 1}]}))  # another kind of result
     (tmp_path / "noise_rate.json").write_text(json.dumps([1, 2]))  # not a results file
     (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "shared_work_before.json").write_text(json.dumps({"results": [{"model": "vgg16", "shared_seconds": 1.0,
+                                                                              "bound": 9.0}]}))  # no setting: skipped
+    (tmp_path / "empty.json").write_text(json.dumps({"results": None}))
     assert caps(tmp_path) == {("vgg16", True, 224, 32, 16): 4.3, ("vgg19", True, 224, 32, 16): 5.4}
 
 

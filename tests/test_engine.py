@@ -732,6 +732,13 @@ def test_a_model_refused_before_its_conversion_leaves_no_check_pending():
             model(x)
     assert engine.get_epsilon() > 0
 
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    with pytest.raises(UnsupportedModelError, match="could not trace"):
+        engine.make_private(module=Untraceable(), optimizer=None, data_loader=DataLoader(Stream(), batch_size=8))
+    model = engine.convert(SmallCNN(1, 3))  # no loader at all: its forwards are charged as outside ones
+    with torch.no_grad(), pytest.warns(UserWarning, match="outside a pass over a private loader"):
+        model(torch.randn(4, 1, 8, 8))
+
 
 class VectorStream(torch.utils.data.IterableDataset):
     def __iter__(self):

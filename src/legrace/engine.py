@@ -266,7 +266,11 @@ class LegRace:
         # the same engine again.
         self._check_unused()
         sizes = self._probe_loader(module, data_loader) if self.mode in ("legrace", "dp_only") else None
-        model = self._convert_once(module)
+        try:
+            model = self._convert_once(module)
+        except BaseException:
+            self._unchecked = None  # a model refused here leaves no check pending for the next one
+            raise
         if self._unplanned is not None:  # the map sizes, before calibrating
             self._plan(sizes)
         loader = self.private_loader(data_loader, name="train")
@@ -381,7 +385,7 @@ class LegRace:
         a one-shot stream) has the model checked on its first batch instead (_check_first_batch),
         before that pass is accounted; until then the model releases nothing (_released). Its
         convs stay unplanned (priced as releasing, the conservative side)."""
-        self._unchecked = None  # (a model refused before it was converted leaves nothing pending)
+        self._unchecked = None
         check_modules(module)  # first: a forward would initialise a lazy layer that convert refuses
         shape = _sample_shape(data_loader)
         if shape is None and _iterable_only(data_loader):
