@@ -61,8 +61,8 @@ class PrivateDataLoader:
         try:
             for i, batch in enumerate(self.loader):
                 if i == 0:  # accounted before the first release of the pass
-                    if engine._unchecked is not None or engine._refusal:  # (before the use: a refused model
-                        engine._check_first_batch(batch)                     # spends nothing)
+                    if engine._unchecked is not None or engine._refusal:
+                        engine._check_first_batch(batch)  # before the use: a refused model spends nothing
                     engine._record_use(self.name)
                     engine._open_passes += 1
                     opened = True
@@ -385,7 +385,6 @@ class LegRace:
         a one-shot stream) has the model checked on its first batch instead (_check_first_batch),
         before that pass is accounted; until then the model releases nothing (_released). Its
         convs stay unplanned (priced as releasing, the conservative side)."""
-        self._unchecked = None
         check_modules(module)  # first: a forward would initialise a lazy layer that convert refuses
         shape = _sample_shape(data_loader)
         if shape is None and _iterable_only(data_loader):
