@@ -10,8 +10,8 @@ tighten it. Where the plain channels_last model (`legrace bench`'s second TEE-on
 trains faster, the ratios of record are against it, and so is the tighter bound
 ("bound_fastest": its step ÷ the same shared time).
 
-This profiles a TEE-only training (or, with --infer, inference) step with torch.profiler (self
-CPU time per operator) and splits it into the convolutions legrace splits and the rest
+This profiles TEE-only training (or, with --infer, inference) steps with torch.profiler (self
+CPU time per operator) and splits each into the convolutions legrace splits and the rest
 ("shared": the rest includes the first conv, recognised by the image batch among its
 operators' inputs).
 

@@ -690,6 +690,9 @@ def test_a_loader_over_an_iterable_dataset_has_the_model_checked_on_its_first_ba
         with torch.no_grad():
             for x, _ in loader:
                 model(x)
+        # a map-style data set shows its samples: checked at make_private, no warning either
+        LegRace(rank=1, clip=0.5, noise_multiplier=3.0).make_private(module=SmallCNN(1, 3), optimizer=None,
+                                                                     data_loader=tiny_loader())
     assert engine.get_epsilon() > 0
 
     engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
