@@ -6,13 +6,14 @@
 #      tee_only_channels_last (CPU, the same trusted runtime and threads), legrace (trusted side
 #      on the CPU, accelerator on the GPU) and gpu_only; VGG-19 inference; the ResNets again with
 #      conv outputs kept in the memory the 1/8 target leaves (--keep-outputs-mb);
-#   4. then, until the deadline: the trusted side's profile with the GPU as accelerator
-#      (profile_trusted.py); the bound that TEE-only's work outside the split convs puts on the
-#      trusted-time ratio, for each model (shared_work.py); the rest of the fast test suite; the
-#      bound the noise alone puts on that ratio (noise_ceiling.py) and the noise rate per generator
-#      thread (noise_rate.py); what one busy thread costs torch's threads (busy_thread.py); legrace
-#      alone on VGG-16 without each default (pinned copies, inline noise, overlap); the training
-#      steps with 3/4 of the cores as torch threads (FEW) for every mode; OpenMP's wait policy.
+#   4. then, until the deadline: the trusted side's profile with the GPU as accelerator, its
+#      low-rank calls replayed outside the step, legs overlapped and in turn (profile_trusted.py);
+#      the bound that TEE-only's work outside the split convs puts on the trusted-time ratio, for
+#      each model (shared_work.py); the rest of the fast test suite; the bound the noise alone
+#      puts on that ratio (noise_ceiling.py) and the noise rate per generator thread
+#      (noise_rate.py); what one busy thread costs torch's threads (busy_thread.py); legrace alone
+#      on VGG-16 without each default (pinned copies, inline noise, overlap); the training steps
+#      with 3/4 of the cores as torch threads (FEW) for every mode; OpenMP's wait policy.
 # TABLES=0 skips the copy rates and the tables of step 3 (for a run of the follow-ups alone).
 # Each step has a time limit and the whole run a deadline (DEADLINE seconds, default 480), so what
 # finished comes back even if the machine is slow. Results: $OUT/log.txt, $OUT/summary.md,
@@ -94,8 +95,12 @@ fi
 # in order of what they tell, so that the deadline cuts the least telling:
 # where the trusted side's time goes with the GPU as accelerator (with the CPU accelerator its
 # convs would share OpenMP's threads with the trusted side and inflate the noise's share)
+# --replay: the step's decompositions and low-rank calls again outside it (alone they took half
+# their in-step time on this host at fef9ff3), then the same with the legs one after the other
 step 75 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
-    --accelerator "$ACCELERATOR"
+    --accelerator "$ACCELERATOR" --replay 3
+step 45 profile-no-overlap $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" \
+    --batch-size "$BATCH" --accelerator "$ACCELERATOR" --replay 3 --no-overlap
 # the bound that TEE-only's own work outside the split convs (ReLU, pooling, BatchNorm, the
 # classifier, the first conv), which the trusted side does too, puts on the same ratio
 for m in vgg16 vgg19 resnet18 resnet34; do

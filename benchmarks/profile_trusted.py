@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import statistics
 import time
 
 import torch
@@ -33,6 +34,10 @@ from legrace.mechanism import GaussianMechanism
 
 seconds: collections.Counter = collections.Counter()
 _originals: list[tuple[object, str, object]] = []
+# --replay: the calls of the last profiled step, kept to run again once the steps are over
+REPLAYED = ("decomposition", "low-rank conv", "low-rank weight gradient")
+recorded: list[tuple[str, object, tuple, dict]] = []
+recording = False
 
 
 def _timed(owner, name: str, label: str) -> None:
@@ -41,6 +46,8 @@ def _timed(owner, name: str, label: str) -> None:
 
     @functools.wraps(fn)
     def timed(*args, **kwargs):
+        if recording and label in REPLAYED:
+            recorded.append((label, fn, args, kwargs))
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -81,6 +88,10 @@ def main() -> None:
     p.add_argument("--infer", action="store_true", help="time inference (no_grad forward) instead of training")
     p.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--no-overlap", action="store_true", help="the two legs of each conv one after the other")
+    p.add_argument("--replay", type=count, default=None, metavar="N",
+                   help="after the steps, run the last step's decompositions and low-rank calls again, back to back, "
+                        "N times, on the same inputs and on copies of them in fresh memory: whether a call is slower "
+                        "inside a step than outside it, and whether its inputs' memory is why")
     add_threads_argument(p)
     args = p.parse_args()
     apply_threads(args)
@@ -100,8 +111,11 @@ def profile(args: argparse.Namespace) -> None:
     for _ in range(2):  # warm-up
         run.step()
     seconds.clear()
-    for _ in range(args.steps):
+    global recording
+    for i in range(args.steps):
+        recording = args.replay is not None and i == args.steps - 1
         run.timed_step()
+    recording = False
     step = sum(run.steps) / args.steps
     trusted = sum(run.trusted) / args.steps
     per_step = {k: v / args.steps for k, v in seconds.items()}
@@ -113,6 +127,38 @@ def profile(args: argparse.Namespace) -> None:
         print(f"{s * 1e3:9.1f} ms  {label}")
     counted = sum(s for label, s in per_step.items() if not label.startswith(" "))
     print(f"{(trusted - counted) * 1e3:9.1f} ms  other (classifier, loss, BatchNorm, autograd)")
+    if args.replay:
+        replay(per_step, args.replay)
+
+
+def _fresh(value):
+    """A tensor copied into fresh memory with the same strides (other values as they are)."""
+    return value.clone(memory_format=torch.preserve_format) if isinstance(value, torch.Tensor) else value
+
+
+def replay(per_step: dict[str, float], repeats: int) -> None:
+    """Time the last step's recorded calls again outside the step, back to back: each label's
+    total per pass, median of `repeats` passes, on the step's own inputs and on fresh copies."""
+    fresh = [(label, fn, tuple(map(_fresh, a)), {k: _fresh(v) for k, v in kw.items()})
+             for label, fn, a, kw in recorded]
+    print(f"replayed outside the step ({len(recorded)} calls, median of {repeats} passes):")
+    print(f"{'in step':>9}  {'replayed':>9}  {'fresh copies':>12}")
+    medians = {}
+    for name, calls in (("same", recorded), ("fresh", fresh)):
+        passes = collections.defaultdict(list)
+        for _ in range(repeats):
+            totals: collections.Counter = collections.Counter()
+            for label, fn, a, kw in calls:
+                t0 = time.perf_counter()
+                fn(*a, **kw)
+                totals[label] += time.perf_counter() - t0
+            for label in REPLAYED:
+                passes[label].append(totals[label])
+        medians[name] = {label: statistics.median(v) for label, v in passes.items()}
+    for label in REPLAYED:
+        print(f"{per_step.get(label, 0.0) * 1e3:9.1f}  {medians['same'][label] * 1e3:9.1f}  "
+              f"{medians['fresh'][label] * 1e3:12.1f} ms  {label}")
+    recorded.clear()
 
 
 if __name__ == "__main__":

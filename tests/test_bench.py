@@ -195,7 +195,7 @@ def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys, inf
     script = Path(__file__).parents[1] / "benchmarks" / "profile_trusted.py"
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--model", "cnn", "--input-size", "16",
-                                      "--batch-size", "2", "--steps", "1"] + ["--infer"] * infer)
+                                      "--batch-size", "2", "--steps", "2", "--replay", "2"] + ["--infer"] * infer)
     import legrace.split_conv
 
     decompose = legrace.split_conv.decompose
@@ -205,6 +205,13 @@ def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys, inf
     assert "trusted side" in out and "decomposition" in out and "noise and clipping" in out
     assert ("inference" if infer else "training") in out
     assert ("ReLU backward" in out) != infer  # inference keeps no masks: no backward to time
+    # --replay: the last step's calls timed again outside it, on its inputs and on fresh copies
+    replayed = out.split("replayed outside the step")[1]
+    rows = {line.split("ms")[1].strip(): [float(v) for v in line.split("ms")[0].split()]
+            for line in replayed.splitlines() if line.endswith(("decomposition", "conv", "gradient"))}
+    assert set(rows) == {"decomposition", "low-rank conv", "low-rank weight gradient"}
+    assert all(v > 0 for v in rows["low-rank conv"])
+    assert (rows["low-rank weight gradient"] == [0.0, 0.0, 0.0]) == infer
 
 
 def test_keep_outputs_script_trades_memory_for_rebuilds(monkeypatch, capsys, tmp_path):
@@ -404,8 +411,10 @@ def test_trusted_profile_counts_the_step_less_its_waits_and_needs_cuda_for_cuda(
 
     script = Path(__file__).parents[1] / "benchmarks" / "profile_trusted.py"
     monkeypatch.syspath_prepend(str(script.parent))
-    monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--model", "cnn", "--input-size", "16",
-                                      "--batch-size", "2", "--steps", "2"])
+    # big enough that the accelerator's waits show in the printed milliseconds (at 16x16, batch 2
+    # both rounded to the same value once)
+    monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--model", "cnn", "--input-size", "64",
+                                      "--batch-size", "8", "--steps", "2"])
     runpy.run_path(str(script), run_name="not_main")["main"]()
     step, trusted = map(float, re.search(r"step ([\d.]+) s, trusted side ([\d.]+) s", capsys.readouterr().out).groups())
     assert 0 < trusted < step  # the CPU accelerator's convs are waits, not trusted work
