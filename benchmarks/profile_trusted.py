@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import resource
 import statistics
 import time
 
@@ -33,11 +34,17 @@ from legrace.bench import _ModeRun
 from legrace.mechanism import GaussianMechanism
 
 seconds: collections.Counter = collections.Counter()
+faults: collections.Counter = collections.Counter()  # the process's minor page faults during each call
 _originals: list[tuple[object, str, object]] = []
 # --replay: the calls of the last profiled step, kept to run again once the steps are over
 REPLAYED = ("decomposition", "low-rank conv", "low-rank weight gradient")
 recorded: list[tuple[str, object, tuple, dict]] = []
 recording = False
+
+
+def _minor_faults() -> int:
+    """Minor page faults of the whole process so far: a first touch of fresh memory costs one per page."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _timed(owner, name: str, label: str) -> None:
@@ -48,11 +55,12 @@ def _timed(owner, name: str, label: str) -> None:
     def timed(*args, **kwargs):
         if recording and label in REPLAYED:
             recorded.append((label, fn, args, kwargs))
-        t0 = time.perf_counter()
+        f0, t0 = _minor_faults(), time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             seconds[label] += time.perf_counter() - t0
+            faults[label] += _minor_faults() - f0
 
     setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__.get(name), staticmethod) else timed)
 
@@ -111,11 +119,14 @@ def profile(args: argparse.Namespace) -> None:
     for _ in range(2):  # warm-up
         run.step()
     seconds.clear()
+    faults.clear()
+    f0 = _minor_faults()
     global recording
     for i in range(args.steps):
         recording = args.replay is not None and i == args.steps - 1
         run.timed_step()
     recording = False
+    step_faults = (_minor_faults() - f0) / args.steps
     step = sum(run.steps) / args.steps
     trusted = sum(run.trusted) / args.steps
     per_step = {k: v / args.steps for k, v in seconds.items()}
@@ -127,8 +138,10 @@ def profile(args: argparse.Namespace) -> None:
         print(f"{s * 1e3:9.1f} ms  {label}")
     counted = sum(s for label, s in per_step.items() if not label.startswith(" "))
     print(f"{(trusted - counted) * 1e3:9.1f} ms  other (classifier, loss, BatchNorm, autograd)")
+    top = ", ".join(f"{label.strip()} {n / args.steps:.0f}" for label, n in faults.most_common(4) if n)
+    print(f"minor page faults per step: {step_faults:.0f}" + (f" (in {top})" if top else ""))
     if args.replay:
-        replay(per_step, args.replay)
+        replay(per_step, {k: v / args.steps for k, v in faults.items()}, args.replay)
 
 
 def _fresh(value):
@@ -136,28 +149,32 @@ def _fresh(value):
     return value.clone(memory_format=torch.preserve_format) if isinstance(value, torch.Tensor) else value
 
 
-def replay(per_step: dict[str, float], repeats: int) -> None:
+def replay(per_step: dict[str, float], step_faults: dict[str, float], repeats: int) -> None:
     """Time the last step's recorded calls again outside the step, back to back: each label's
-    total per pass, median of `repeats` passes, on the step's own inputs and on fresh copies."""
+    total per pass, median of `repeats` passes, on the step's own inputs and on fresh copies (and
+    the minor page faults of each, per step and per pass on the step's inputs)."""
     fresh = [(label, fn, tuple(map(_fresh, a)), {k: _fresh(v) for k, v in kw.items()})
              for label, fn, a, kw in recorded]
     print(f"replayed outside the step ({len(recorded)} calls, median of {repeats} passes):")
-    print(f"{'in step':>9}  {'replayed':>9}  {'fresh copies':>12}")
-    medians = {}
+    print(f"{'in step':>9}  {'replayed':>9}  {'fresh copies':>12}     {'faults in step':>14}  {'replayed':>8}")
+    medians, replay_faults = {}, collections.defaultdict(list)
     for name, calls in (("same", recorded), ("fresh", fresh)):
         passes = collections.defaultdict(list)
         for _ in range(repeats):
             totals: collections.Counter = collections.Counter()
             for label, fn, a, kw in calls:
-                t0 = time.perf_counter()
+                f0, t0 = _minor_faults(), time.perf_counter()
                 fn(*a, **kw)
                 totals[label] += time.perf_counter() - t0
+                if name == "same":
+                    replay_faults[label].append(_minor_faults() - f0)
             for label in REPLAYED:
                 passes[label].append(totals[label])
         medians[name] = {label: statistics.median(v) for label, v in passes.items()}
     for label in REPLAYED:
         print(f"{per_step.get(label, 0.0) * 1e3:9.1f}  {medians['same'][label] * 1e3:9.1f}  "
-              f"{medians['fresh'][label] * 1e3:12.1f} ms  {label}")
+              f"{medians['fresh'][label] * 1e3:12.1f} ms  {step_faults.get(label, 0):14.0f}  "
+              f"{sum(replay_faults[label]) / repeats:8.0f}  {label}")
     recorded.clear()
 
 

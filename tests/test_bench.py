@@ -188,6 +188,7 @@ def test_micro_batch_experiment_computes_the_same_outputs(monkeypatch, rank, sen
 
 @pytest.mark.parametrize("infer", [False, True])
 def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys, infer):
+    import re
     import runpy
     import sys
     from pathlib import Path
@@ -207,11 +208,12 @@ def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys, inf
     assert ("ReLU backward" in out) != infer  # inference keeps no masks: no backward to time
     # --replay: the last step's calls timed again outside it, on its inputs and on fresh copies
     replayed = out.split("replayed outside the step")[1]
-    rows = {line.split("ms")[1].strip(): [float(v) for v in line.split("ms")[0].split()]
+    rows = {line.split("ms")[1].split("  ")[-1].strip(): [float(v) for v in line.split("ms")[0].split()]
             for line in replayed.splitlines() if line.endswith(("decomposition", "conv", "gradient"))}
     assert set(rows) == {"decomposition", "low-rank conv", "low-rank weight gradient"}
     assert all(v > 0 for v in rows["low-rank conv"])
     assert (rows["low-rank weight gradient"] == [0.0, 0.0, 0.0]) == infer
+    assert re.search(r"minor page faults per step: \d+", out)
 
 
 def test_keep_outputs_script_trades_memory_for_rebuilds(monkeypatch, capsys, tmp_path):
