@@ -41,6 +41,22 @@ def test_overlapped_training_gives_the_same_bits_as_one_request_at_a_time():
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:a fixed noise seed")
+def test_overlap_keeps_the_bits_when_the_trusted_side_runs_fewer_threads_than_openmp_starts_with():
+    # the accelerator's thread takes the trusted side's thread count: a new thread starts with
+    # OpenMP's default team, whose CPU weight gradients summed in another order (seen with
+    # OMP_NUM_THREADS above the cores, as on a 2-core host running 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out_seq, grads_seq = grads_after_steps(overlap=False)
+        out_ovl, grads_ovl = grads_after_steps(overlap=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out_seq, out_ovl)
+    assert all(torch.equal(a, b) for a, b in zip(grads_seq, grads_ovl))
+
+
 class _Gate:
     """Lets an accelerator answer its k-th conv request only once the trusted side has started its
     k-th low-rank conv (or after a timeout), and notes which happened."""

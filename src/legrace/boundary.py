@@ -171,7 +171,10 @@ class InProcessTransport:
 
     def start(self, message: Message, reply_bytes: Optional[int] = None):
         if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="legrace-accelerator")
+            # as many OpenMP threads as the trusted side's: a new thread starts with OpenMP's
+            # default team, and a CPU conv's sums split over other counts round otherwise
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="legrace-accelerator",
+                                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
             weakref.finalize(self, self._thread.shutdown, wait=False)
         future = self._thread.submit(self.accelerator.handle, message)
         return _FutureHandle(future)
