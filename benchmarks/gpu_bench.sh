@@ -9,7 +9,8 @@
 #   4. then, until the deadline: the trusted side's profile with the GPU as accelerator, its
 #      low-rank calls replayed outside the step, legs overlapped and in turn (profile_trusted.py);
 #      the bound that TEE-only's work outside the split convs puts on the trusted-time ratio, for
-#      each model (shared_work.py); the rest of the fast test suite; the bound the noise alone
+#      each model (shared_work.py); VGG-16 with torch's huge-page allocations
+#      (THP_MEM_ALLOC_ENABLE=1); the rest of the fast test suite; the bound the noise alone
 #      puts on that ratio (noise_ceiling.py) and the noise rate per generator thread
 #      (noise_rate.py); what one busy thread costs torch's threads (busy_thread.py); legrace alone
 #      on VGG-16 without each default (pinned copies, inline noise, overlap); the training steps
@@ -109,6 +110,11 @@ for m in vgg16 vgg19 resnet18 resnet34; do
 done
 step 45 shared-work-vgg19-infer $PY benchmarks/shared_work.py --model vgg19 --infer --input-size "$SIZE" \
     --batch-size "$BATCH" --out "$RUNS/shared_work_vgg19-infer.json"
+# torch's own allocator with 2 MiB-aligned, huge-page-advised blocks: at 1693644 legrace's step
+# here page-faulted a 411 MB buffer afresh every step (100 thousand faults, in the low-rank weight
+# gradient: glibc grew its heap instead of reusing the freed block). On the 2-core host (batch 8)
+# it did not move the ratio beyond run-to-run noise; bench.json counts each mode's faults per step
+THP_MEM_ALLOC_ENABLE=1 bench vgg16-train-thp 90 --model vgg16 --modes "$TEE,legrace,gpu_only"
 # the rest of the fast test suite (the CUDA tests ran first), in 4 processes if pytest-xdist is here
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 [ "$ACCELERATOR" = cpu ] || OMP_NUM_THREADS=4 step 240 full-tests $PY -m pytest -q -p no:cacheprovider $XDIST tests \

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +29,24 @@ def test_bench_smoke(tmp_path):
     assert len(modes["legrace"]["layers"]) == 3
     assert "tee_only_step / legrace_trusted" in report["ratios"]
     assert (out / "step_times.png").stat().st_size > 1000 and (out / "layers_legrace.png").exists()
+    if sys.platform.startswith("linux"):  # each mode's page faults per step, as the OS counts them
+        assert all(isinstance(m["minor_page_faults"], int) and m["minor_page_faults"] >= 0 for m in modes.values())
+
+
+def test_page_faults_count_first_touches_of_fresh_memory():
+    import mmap
+
+    from legrace.bench import _minor_faults
+
+    if _minor_faults() is None:
+        pytest.skip("this OS does not count page faults")
+    size = 64 << 20
+    fresh = mmap.mmap(-1, size)
+    before = _minor_faults()
+    for offset in range(0, size, 4096):
+        fresh[offset] = 1
+    assert _minor_faults() - before >= size // (2 << 20)  # one per page, or per 2 MiB huge page at least
+    fresh.close()
 
 
 def test_ratios_use_the_fastest_tee_only_for_time_and_the_leanest_for_memory(tmp_path, capsys):

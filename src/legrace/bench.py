@@ -197,6 +197,16 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
     return {"trusted_macs": trusted, "accelerator_macs": accel}
 
 
+def _minor_faults() -> Optional[int]:
+    """The process's minor page faults so far (None where the OS does not say). Each first touch
+    of fresh memory is one per page: an enclave's committed heap would not pay them every step."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class _ModeRun:
     """One mode's model, engine and step, with its timings so far."""
 
@@ -227,6 +237,7 @@ class _ModeRun:
         self.timer = _accelerator_timer(self.engine.boundary) if self.engine.boundary else None
         self.config = self.engine._config
         self.steps, self.trusted, self.accel, self.noise, self.layers = [], [], [], [], []
+        self.faults: list[int] = []  # the process's minor page faults per timed step
 
     def step(self) -> None:
         # gpu_only's convs in full float32 like legrace's accelerator's (cuDNN would use TF32)
@@ -252,9 +263,12 @@ class _ModeRun:
         before = self.timer.seconds if self.timer else 0.0
         noise_before = self.mechanism.noise_thread_seconds if self.mechanism else 0.0
         waiting = self._waiting()
+        faults = _minor_faults()
         t0 = time.perf_counter()
         self.step()
         total = time.perf_counter() - t0
+        if faults is not None:
+            self.faults.append(_minor_faults() - faults)
         waited = self._waiting() - waiting
         if self.config is not None:
             self.layers.append(self.config.timings.seconds)
@@ -267,7 +281,8 @@ class _ModeRun:
     def result(self) -> dict:
         r = {"mode": self.mode, "step_seconds": statistics.median(self.steps),
              "trusted_seconds": statistics.median(self.trusted), "accelerator_seconds": statistics.median(self.accel),
-             "noise_thread_seconds": statistics.median(self.noise), "repeats": len(self.steps)}
+             "noise_thread_seconds": statistics.median(self.noise), "repeats": len(self.steps),
+             "minor_page_faults": int(statistics.median(self.faults)) if self.faults else None}
         rebuilt = frozenset(p for p, kind in (self.layers[-1] if self.layers else {}) if kind == "rebuilds")
         r.update({k: v * len(self.x) for k, v in
                   _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train, rebuilt,
@@ -326,7 +341,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
         noise = f"  (+ noise thread {r['noise_thread_seconds']:.3f}s)" if r["noise_thread_seconds"] else ""
         log(f"{r['mode']:22s} step {r['step_seconds']:.3f}s  trusted {r['trusted_seconds']:.3f}s{noise}  "
             f"accelerator {r['accelerator_seconds']:.3f}s  trusted MACs {r['trusted_macs'] / 1e9:.2f}G  "
-            f"trusted memory {r['trusted_saved_bytes'] / 2**20:.1f} MiB")
+            f"trusted memory {r['trusted_saved_bytes'] / 2**20:.1f} MiB"
+            + (f"  page faults {r['minor_page_faults']}" if r["minor_page_faults"] is not None else ""))
     tunables = os.environ.get("GLIBC_TUNABLES")
     if not tunables and sys.platform.startswith("linux"):
         log("note: glibc malloc returns large blocks to the OS, so every new activation is page-faulted "
