@@ -96,8 +96,8 @@ fi
 # in order of what they tell, so that the deadline cuts the least telling:
 # where the trusted side's time goes with the GPU as accelerator (with the CPU accelerator its
 # convs would share OpenMP's threads with the trusted side and inflate the noise's share)
-# --replay: the step's decompositions and low-rank calls again outside it (alone they took half
-# their in-step time on this host at fef9ff3), then the same with the legs one after the other
+# --replay: the step's decompositions and low-rank calls again outside it, with each call's page
+# faults, then the same with the legs one after the other (docs/performance.md, "GPU runs")
 step 75 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
     --accelerator "$ACCELERATOR" --replay 3
 step 45 profile-no-overlap $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" \
@@ -110,10 +110,10 @@ for m in vgg16 vgg19 resnet18 resnet34; do
 done
 step 45 shared-work-vgg19-infer $PY benchmarks/shared_work.py --model vgg19 --infer --input-size "$SIZE" \
     --batch-size "$BATCH" --out "$RUNS/shared_work_vgg19-infer.json"
-# torch's own allocator with 2 MiB-aligned, huge-page-advised blocks: at 1693644 legrace's step
-# here page-faulted a 411 MB buffer afresh every step (100 thousand faults, in the low-rank weight
-# gradient: glibc grew its heap instead of reusing the freed block). On the 2-core host (batch 8)
-# it did not move the ratio beyond run-to-run noise; bench.json counts each mode's faults per step
+# torch's own allocator with 2 MiB-aligned, huge-page-advised blocks: at 7c2d5be legrace's step
+# here page-faulted one 411 MB buffer afresh every step (100 thousand faults, in the low-rank
+# weight gradient). On the 2-core host it did not move the ratio beyond run-to-run noise;
+# bench.json counts each mode's faults per step
 THP_MEM_ALLOC_ENABLE=1 bench vgg16-train-thp 90 --model vgg16 --modes "$TEE,legrace,gpu_only"
 # the rest of the fast test suite (the CUDA tests ran first), in 4 processes if pytest-xdist is here
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import resource
 import statistics
 import time
 
@@ -30,7 +29,7 @@ from bench_common import add_model_arguments, add_threads_argument, apply_thread
 import legrace.boundary as boundary
 import legrace.compact as compact
 import legrace.split_conv as split_conv
-from legrace.bench import _ModeRun
+from legrace.bench import _minor_faults, _ModeRun
 from legrace.mechanism import GaussianMechanism
 
 seconds: collections.Counter = collections.Counter()
@@ -42,9 +41,9 @@ recorded: list[tuple[str, object, tuple, dict]] = []
 recording = False
 
 
-def _minor_faults() -> int:
-    """Minor page faults of the whole process so far: a first touch of fresh memory costs one per page."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _faults() -> int:
+    """The process's minor page faults so far (0 where the OS does not count them)."""
+    return _minor_faults() or 0
 
 
 def _timed(owner, name: str, label: str) -> None:
@@ -55,12 +54,12 @@ def _timed(owner, name: str, label: str) -> None:
     def timed(*args, **kwargs):
         if recording and label in REPLAYED:
             recorded.append((label, fn, args, kwargs))
-        f0, t0 = _minor_faults(), time.perf_counter()
+        f0, t0 = _faults(), time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             seconds[label] += time.perf_counter() - t0
-            faults[label] += _minor_faults() - f0
+            faults[label] += _faults() - f0
 
     setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__.get(name), staticmethod) else timed)
 
@@ -120,13 +119,13 @@ def profile(args: argparse.Namespace) -> None:
         run.step()
     seconds.clear()
     faults.clear()
-    f0 = _minor_faults()
+    f0 = _faults()
     global recording
     for i in range(args.steps):
         recording = args.replay is not None and i == args.steps - 1
         run.timed_step()
     recording = False
-    step_faults = (_minor_faults() - f0) / args.steps
+    step_faults = (_faults() - f0) / args.steps
     step = sum(run.steps) / args.steps
     trusted = sum(run.trusted) / args.steps
     per_step = {k: v / args.steps for k, v in seconds.items()}
@@ -163,11 +162,11 @@ def replay(per_step: dict[str, float], step_faults: dict[str, float], repeats: i
         for _ in range(repeats):
             totals: collections.Counter = collections.Counter()
             for label, fn, a, kw in calls:
-                f0, t0 = _minor_faults(), time.perf_counter()
+                f0, t0 = _faults(), time.perf_counter()
                 fn(*a, **kw)
                 totals[label] += time.perf_counter() - t0
                 if name == "same":
-                    replay_faults[label].append(_minor_faults() - f0)
+                    replay_faults[label].append(_faults() - f0)
             for label in REPLAYED:
                 passes[label].append(totals[label])
         medians[name] = {label: statistics.median(v) for label, v in passes.items()}
