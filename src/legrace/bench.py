@@ -34,6 +34,11 @@ from legrace.models import build_model, fails_on_one_sample, model_names
 from legrace.outputs import output_folder
 from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
 
+try:
+    import resource  # page-fault counts (Unix only)
+except ImportError:
+    resource = None
+
 # A TEE-only baseline that only the benchmark runs: the user's model unconverted, in plain PyTorch with
 # channels_last tensors, on the trusted side's CPU and threads. On 2 cores it trained 1.02-1.28x faster
 # than legrace's own tee_only (docs/bench/cpu) (NCHW, with the bit-packed ReLU and pooling that save memory), so the
@@ -200,11 +205,7 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
 def _minor_faults() -> Optional[int]:
     """The process's minor page faults so far (None where the OS does not say). Each first touch
     of fresh memory is one per page: an enclave's committed heap would not pay them every step."""
-    try:
-        import resource
-    except ImportError:  # not on Unix
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class _ModeRun:
