@@ -8,6 +8,7 @@
 #      conv outputs kept in the memory the 1/8 target leaves (--keep-outputs-mb);
 #   4. then, until the deadline: the trusted side's profile with the GPU as accelerator, its
 #      low-rank calls replayed outside the step, legs overlapped and in turn (profile_trusted.py);
+#      the grouped weight gradient in one call against in chunks, with its page faults (wgrad_scratch.py);
 #      the bound that TEE-only's work outside the split convs puts on the trusted-time ratio, for
 #      each model (shared_work.py); VGG-16 with torch's huge-page allocations
 #      (THP_MEM_ALLOC_ENABLE=1); the rest of the fast test suite; the bound the noise alone
@@ -102,6 +103,9 @@ step 75 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$S
     --accelerator "$ACCELERATOR" --replay 3
 step 45 profile-no-overlap $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" \
     --batch-size "$BATCH" --accelerator "$ACCELERATOR" --replay 3 --no-overlap
+# the grouped weight gradient's scratch: in one call (as before 2026-12-04) it faulted 100 thousand
+# pages a step here; in chunks (now) it should fault none
+step 40 wgrad-scratch $PY benchmarks/wgrad_scratch.py --batch-size "$BATCH" --out "$RUNS/wgrad_scratch.json"
 # the bound that TEE-only's own work outside the split convs (ReLU, pooling, BatchNorm, the
 # classifier, the first conv), which the trusted side does too, puts on the same ratio
 for m in vgg16 vgg19 resnet18 resnet34; do
@@ -112,8 +116,8 @@ step 45 shared-work-vgg19-infer $PY benchmarks/shared_work.py --model vgg19 --in
     --batch-size "$BATCH" --out "$RUNS/shared_work_vgg19-infer.json"
 # torch's own allocator with 2 MiB-aligned, huge-page-advised blocks: at 7c2d5be legrace's step
 # here page-faulted one 411 MB buffer afresh every step (100 thousand faults, in the low-rank
-# weight gradient). On the 2-core host it did not move the ratio beyond run-to-run noise;
-# bench.json counts each mode's faults per step
+# weight gradient, since run in chunks). On the 2-core host it did not move the ratio beyond
+# run-to-run noise; bench.json counts each mode's faults per step
 THP_MEM_ALLOC_ENABLE=1 bench vgg16-train-thp 90 --model vgg16 --modes "$TEE,legrace,gpu_only"
 # the rest of the fast test suite (the CUDA tests ran first), in 4 processes if pytest-xdist is here
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")

@@ -393,6 +393,30 @@ def test_noise_rate_times_each_sampler_and_thread_count_and_refuses_bad_sizes(mo
     assert "--values: must be > 0, got 0" in capsys.readouterr().err
 
 
+def test_wgrad_scratch_times_both_ways_on_both_threads(monkeypatch, capsys, tmp_path):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from legrace import split_conv
+
+    script = Path(__file__).parents[1] / "benchmarks" / "wgrad_scratch.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    out = tmp_path / "scratch.json"
+    limit = split_conv.GROUPED_CHUNK_BYTES
+    monkeypatch.setattr(sys, "argv", ["wgrad_scratch.py", "--batch-size", "2", "--rounds", "1", "--out", str(out)])
+    runpy.run_path(str(script), run_name="not_main")["main"]()
+    (result,) = json.loads(out.read_text())["results"]
+    assert split_conv.GROUPED_CHUNK_BYTES == limit == result["chunk_bytes"]  # restored after each call
+    assert [(r["N"], r["M"], r["side"]) for r in result["rows"]] == [(64, 64, 224), (64, 128, 112), (128, 128, 112)]
+    for row in result["rows"]:
+        assert isinstance(row["bit_identical"], bool)  # oneDNN may split the work differently per group count
+        for where in ("main thread", "second thread"):
+            for way in ("one call", "chunks"):
+                assert row[f"{where}, {way} seconds"] > 0 and row[f"{where}, {way} minor faults"] >= 0
+    assert capsys.readouterr().out.count("bit-identical") == 6
+
+
 @pytest.mark.parametrize("script,args", [
     ("profile_trusted.py", ["--steps", "0"]), ("profile_trusted.py", ["--batch-size", "0"]),
     ("shared_work.py", ["--steps", "0"]), ("noise_ceiling.py", ["--steps", "-1"]),
@@ -402,7 +426,7 @@ def test_noise_rate_times_each_sampler_and_thread_count_and_refuses_bad_sizes(mo
     ("micro_batches.py", ["--k", "2,0"]), ("exactness.py", ["--sizes", "32,x"]),
     ("keep_outputs.py", ["--steps", "0"]), ("noise_ceiling.py", ["--threads", "0"]),
     ("recount_macs.py", ["/no/such/run"]),
-    ("profile_trusted.py", ["--threads", "-1"]),
+    ("profile_trusted.py", ["--threads", "-1"]), ("wgrad_scratch.py", ["--rounds", "0"]),
 ])
 def test_benchmark_scripts_refuse_counts_below_one_before_any_work(monkeypatch, capsys, script, args):
     # --steps 0 once ended in an empty median or a division by zero after the model was built

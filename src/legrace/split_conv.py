@@ -161,11 +161,32 @@ def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, strid
         U = _unfold(V, hw, (kh, kw), stride, padding, dilation)
         g_prime = torch.bmm(grad_y.reshape(B, M, -1), U.transpose(1, 2))
     else:
-        g_prime = conv2d_weight(
-            V.reshape(1, B * R, *hw), (B * M, R, kh, kw), grad_y.reshape(1, B * M, *grad_y.shape[2:]),
-            stride, padding, dilation, groups=B,
-        )
+        step = _grouped_chunk(grad_y)
+        g_prime = torch.cat([_grouped_weight_grad(V[i:i + step], grad_y[i:i + step], R, hw, (kh, kw),
+                                                  stride, padding, dilation) for i in range(0, B, step)])
     return torch.einsum("bnr,bmrkl->mnkl", A, g_prime.reshape(B, M, R, kh, kw))
+
+
+# oneDNN's grouped weight gradient reorders all of dL/dY into a scratch buffer of its own size, a
+# fresh allocation at each call: 411 MB for VGG-16's second conv at batch 32. glibc maps a block
+# that large afresh (every page faults) with its default tunables, on any thread but the main one,
+# and when the heap's free blocks are too short: 100,352 of a VGG-16 step's 101,047 minor faults on
+# the GPU host. In chunks of a few samples the scratch is reused, and the call is as fast as one
+# call without faults and bit for bit the same (benchmarks/wgrad_scratch.py, docs/bench/
+# wgrad_scratch: 2 cores, batch 32, 106-119 ms for that conv against 108 ms, or 193-226 ms with faults).
+GROUPED_CHUNK_BYTES = 16 * 2**20
+
+
+def _grouped_chunk(grad_y: Tensor) -> int:
+    """Samples per chunk of the grouped weight gradient: dL/dY of at most GROUPED_CHUNK_BYTES."""
+    return max(1, GROUPED_CHUNK_BYTES // max(1, grad_y[0].numel() * grad_y.element_size()))
+
+
+def _grouped_weight_grad(V: Tensor, grad_y: Tensor, R: int, hw, kernel, stride, padding, dilation) -> Tensor:
+    """g' of the samples in V and dL/dY: B x (M·R) x kh x kw, one group per sample."""
+    B, M = grad_y.shape[:2]
+    return conv2d_weight(V.reshape(1, B * R, *hw), (B * M, R, *kernel), grad_y.reshape(1, B * M, *grad_y.shape[2:]),
+                         stride, padding, dilation, groups=B)
 
 
 def _out_hw(hw, kernel, stride, padding, dilation) -> tuple[int, int]:
