@@ -30,6 +30,7 @@ from legrace.accelerator import full_float32
 from legrace.cli import mebibytes, positive
 from legrace.decompose import GRAM_MAX_CHANNELS
 from legrace.engine import MODES, LegRace
+from legrace.heap import how_kept, keep_freed_memory
 from legrace.models import build_model, fails_on_one_sample, model_names
 from legrace.outputs import output_folder
 from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
@@ -344,10 +345,11 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
             f"accelerator {r['accelerator_seconds']:.3f}s  trusted MACs {r['trusted_macs'] / 1e9:.2f}G  "
             f"trusted memory {r['trusted_saved_bytes'] / 2**20:.1f} MiB"
             + (f"  page faults {r['minor_page_faults']}" if r["minor_page_faults"] is not None else ""))
-    tunables = os.environ.get("GLIBC_TUNABLES")
-    if not tunables and sys.platform.startswith("linux"):
+    tunables, kept = os.environ.get("GLIBC_TUNABLES"), how_kept()
+    if not kept and sys.platform.startswith("linux"):
         log("note: glibc malloc returns large blocks to the OS, so every new activation is page-faulted "
-            f"again; for timings closer to an enclave's fixed heap, run with GLIBC_TUNABLES={MALLOC_TUNABLES}")
+            "again; for timings closer to an enclave's fixed heap, drop --no-keep-heap or run with "
+            f"GLIBC_TUNABLES={MALLOC_TUNABLES}")
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "accelerator_timeout": accelerator_timeout,
               "wire_dtype": wire_dtype or "float32",
@@ -356,7 +358,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "rebuild_outputs": next((r.engine.rebuild_outputs for r in runs if r.engine.boundary is not None), None),
               "keep_outputs_mb": keep_outputs_mb,
               "threads": torch.get_num_threads(), "fused_kernels": kernels.usable(np.float32),
-              "torch": torch.__version__, "glibc_tunables": tunables,
+              "torch": torch.__version__, "glibc_tunables": tunables, "heap_kept": kept,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
               "cpu": _cpu_name(),
               "modes": results, "ratios": _ratios(results), "tee_only_baselines": _tee_baselines(results)}
@@ -509,12 +511,18 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=positive(int), default=None,
                    help="torch CPU threads for every mode (default: torch's, one per core). With an "
                         "accelerator on its own thread, leaving cores free can pay: see docs/performance.md")
+    b.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory in the process for reuse, as an enclave's fixed heap does (glibc's "
+                        "mallopt, unless GLIBC_TUNABLES sets it; default: on). --no-keep-heap times glibc's "
+                        "default, which page-faults every large block afresh")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and the charts (default runs/bench)")
     b.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.keep_heap:
+        keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,

@@ -187,7 +187,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from legrace.heap import keep_freed_memory
     from legrace.train import TrainConfig, run_training
+
+    keep_freed_memory()  # as an enclave's fixed heap: each step's activations reuse the last step's pages
 
     target = args.target_epsilon
     if target is None and args.noise_multiplier is None:

@@ -1,0 +1,68 @@
+"""Freed memory kept in the process (legrace.heap): what `legrace train` and `legrace bench` set."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                                reason="glibc's mallopt")
+
+# Allocates, touches and frees a 64 MiB block, then a 48 MiB one (both over glibc's largest dynamic
+# mmap threshold, 32 MiB), after keep_freed_memory() or not: the second block's page faults say
+# whether the first one's pages were kept. (The second is smaller so that it fits the first's hole
+# whatever glibc's memalign adds to a request of the same size.)
+_PROBE = """
+import json, resource, sys
+import torch
+from legrace.heap import how_kept, keep_freed_memory
+how = keep_freed_memory() if sys.argv[1] == "keep" else how_kept()
+faults = []
+for size in (16 * 2**20, 12 * 2**20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(size)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del block
+print(json.dumps({"how": how, "faults": faults}))
+"""
+
+
+def _probe(keep: bool, tunables: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    out = subprocess.run([sys.executable, "-c", _PROBE, "keep" if keep else "default"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_kept_heap_reuses_a_freed_large_block_that_glibc_would_unmap():
+    pages = 12 * 2**20 * 4 // 4096  # of the second block
+    default = _probe(keep=False)
+    assert default["how"] is None and default["faults"][1] >= pages  # mapped afresh
+    kept = _probe(keep=True)
+    assert kept["how"] == "mallopt"
+    assert kept["faults"][0] >= pages and kept["faults"][1] < pages // 10  # the first block's pages, reused
+
+
+@glibc_only
+def test_glibc_tunables_are_left_as_the_environment_sets_them():
+    tunables = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+    result = _probe(keep=True, tunables=tunables)
+    assert result["how"] == "GLIBC_TUNABLES" and result["faults"][1] < 12 * 2**20 * 4 // 4096 // 10
+
+
+def test_bench_keeps_the_heap_unless_told_not_to(monkeypatch, tmp_path):
+    from legrace import bench
+    from legrace.cli import main
+
+    calls = []
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: {})
+    assert main(["bench", "--model", "cnn", "--out", str(tmp_path / "a")]) == 0
+    assert calls == [1]
+    assert main(["bench", "--model", "cnn", "--no-keep-heap", "--out", str(tmp_path / "b")]) == 0
+    assert calls == [1]
