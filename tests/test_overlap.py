@@ -57,6 +57,25 @@ def test_overlap_keeps_the_bits_when_the_trusted_side_runs_fewer_threads_than_op
     assert all(torch.equal(a, b) for a, b in zip(grads_seq, grads_ovl))
 
 
+def test_the_accelerator_thread_follows_the_trusted_sides_thread_count_at_each_request():
+    seen = []
+
+    class Recorder:
+        def handle(self, message):
+            seen.append(torch.get_num_threads())
+            return message
+
+    transport, threads = InProcessTransport(Recorder()), torch.get_num_threads()
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            transport.start("request").wait()
+    finally:
+        torch.set_num_threads(threads)
+        transport.close()
+    assert seen == [1, 2, 1]
+
+
 class _Gate:
     """Lets an accelerator answer its k-th conv request only once the trusted side has started its
     k-th low-rank conv (or after a timeout), and notes which happened."""

@@ -171,18 +171,24 @@ class InProcessTransport:
 
     def start(self, message: Message, reply_bytes: Optional[int] = None):
         if self._thread is None:
-            # as many OpenMP threads as the trusted side's: a new thread starts with OpenMP's
-            # default team, and a CPU conv's sums split over other counts round otherwise
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="legrace-accelerator",
-                                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="legrace-accelerator")
             weakref.finalize(self, self._thread.shutdown, wait=False)
-        future = self._thread.submit(self.accelerator.handle, message)
+        future = self._thread.submit(_handle_with_threads, self.accelerator.handle, message, torch.get_num_threads())
         return _FutureHandle(future)
 
     def close(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
+
+
+def _handle_with_threads(handle, message: Message, threads: int) -> Message:
+    """handle(message) with as many OpenMP threads as the trusted side runs when it sends it: a new
+    thread starts with OpenMP's default team, and a CPU conv's sums split over another count round
+    otherwise (overlapped training would then differ from one request at a time)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return handle(message)
 
 
 class _FutureHandle:
