@@ -8,7 +8,8 @@
 # runs/cpu-bench).
 #   OUT=/tmp/out BATCH=32 bash benchmarks/cpu_bench.sh
 # glibc's malloc unmaps large freed blocks, so every new activation is page-faulted again; an
-# enclave's heap is fixed, so the benchmark keeps freed memory (the same for both modes).
+# enclave's heap is fixed, so the benchmark keeps freed memory (the same for both modes):
+# `legrace bench` does so itself (legrace.heap), and GLIBC_TUNABLES below does it for shared_work.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/cpu-bench}
