@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the `--threads` option, `--models` specs, the JSON they write."""
+"""What the benchmark scripts share: `--threads` and `--keep-heap`, `--models` specs, the JSON they write."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from legrace.cli import positive
+from legrace.heap import how_kept, keep_freed_memory
 from legrace.models import build_model
 
 
@@ -26,15 +27,30 @@ def counts(text: str) -> list[int]:
     return [count(part) for part in text.split(",")]
 
 
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """--threads and --keep-heap/--no-keep-heap: how the script's process runs (apply_process_arguments)."""
     parser.add_argument("--threads", type=count, default=None,
                         help="torch threads per process (a busy machine: 1 avoids OpenMP oversubscription)")
+    parser.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep freed memory for reuse, as an enclave's fixed heap and `legrace bench` do "
+                             "(legrace.heap; default: on). --no-keep-heap times glibc's default, which "
+                             "page-faults every large block afresh")
 
 
-def apply_threads(args: argparse.Namespace) -> None:
+def apply_process_arguments(args: argparse.Namespace) -> None:
+    if args.keep_heap:
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the worker processes
+
+
+def add_rounds_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """--rounds (interleaved timed rounds), --out and the process arguments, for the scripts that
+    time several ways of one computation side by side."""
+    parser.add_argument("--rounds", type=count, default=rounds, help="interleaved timed rounds (after one warm-up)")
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+    add_process_arguments(parser)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
@@ -65,12 +81,12 @@ def median_seconds(work: Callable[[], object], repeats: int) -> float:
 
 def add_run_arguments(parser: argparse.ArgumentParser, models: str) -> None:
     """The options of the scripts that compare engines through a worker: --models, --accelerator,
-    --steps, --out and --threads."""
+    --steps, --out, --threads and --keep-heap."""
     parser.add_argument("--models", default=models, help="NAME:INPUT_SIZE:BATCH, comma-separated")
     parser.add_argument("--accelerator", default="process")
     parser.add_argument("--steps", type=count, default=5)
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(parser)
+    add_process_arguments(parser)
 
 
 def model_specs(text: str) -> list[tuple[str, int, int]]:
@@ -85,7 +101,8 @@ def model_specs(text: str) -> list[tuple[str, int, int]]:
 
 
 def write_results(path: str, accelerator: str, results: list[dict]) -> None:
-    """The results as JSON at `path`, with the torch version and threads they were measured with."""
+    """The results as JSON at `path`, with the torch version, threads and heap they were measured with."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                      "accelerator": accelerator, "results": results}, indent=2) + "\n")
+    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "heap_kept": how_kept(),
+              "accelerator": accelerator, "results": results}
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

@@ -9,13 +9,12 @@
 #   OUT=/tmp/out BATCH=32 bash benchmarks/cpu_bench.sh
 # glibc's malloc unmaps large freed blocks, so every new activation is page-faulted again; an
 # enclave's heap is fixed, so the benchmark keeps freed memory (the same for both modes):
-# `legrace bench` does so itself (legrace.heap), and GLIBC_TUNABLES below does it for shared_work.py.
+# `legrace bench` and the scripts under benchmarks/ do so themselves (legrace.heap; --no-keep-heap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/cpu-bench}
 BATCH=${BATCH:-32}
 PY=${PYTHON:-.venv/bin/python}
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}
 for m in vgg16 vgg19 resnet18 resnet34; do
   $PY -m legrace.cli bench --model "$m" --input-size 224 --batch-size "$BATCH" --modes tee_only,tee_only_channels_last,legrace \
       --warmup 1 --repeats 3 --out "$OUT/$m-train"

@@ -40,6 +40,8 @@ LOG="$OUT/log.txt"
 START=$SECONDS
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Keep freed heap memory in the process (as an enclave's fixed heap does), for every mode alike.
+# `legrace bench` and the scripts on bench_common do so themselves (legrace.heap); the variable also
+# covers cuda_transfers.py, busy_thread.py and the tests, as in the earlier GPU runs.
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}
 
 say() { echo "[$((SECONDS - START))s] $*" | tee -a "$LOG"; }

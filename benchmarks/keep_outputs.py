@@ -6,15 +6,14 @@ a budget. This script times legrace training steps with each budget, interleaved
 of machine load hits every setting alike, and reports the median (and least) trusted time and the
 memory the trusted side keeps, as `legrace bench` counts them.
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
-        .venv/bin/python benchmarks/keep_outputs.py --model resnet18 --budgets 0,23,all --steps 5
+    .venv/bin/python benchmarks/keep_outputs.py --model resnet18 --budgets 0,23,all --steps 5
 """
 
 from __future__ import annotations
 
 import argparse
 
-from bench_common import add_model_arguments, add_threads_argument, apply_threads, count, model_and_batch, \
+from bench_common import add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch, \
     write_results
 
 from legrace.bench import _ModeRun
@@ -40,9 +39,9 @@ def main() -> None:
                    help="MiB of conv outputs to keep per forward, comma-separated; 'all' keeps every one")
     p.add_argument("--steps", type=count, default=5)
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
+    add_process_arguments(p)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     model, x, y = model_and_batch(args)
     runs = {b: _ModeRun("legrace", model, x, y, train=True, rank=8, accelerator="cpu", iters=2,
                         rebuild_outputs=b != "all", keep_outputs_mb=0.0 if b == "all" else float(b))

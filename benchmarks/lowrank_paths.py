@@ -7,8 +7,7 @@ side: the two paths alternate within each repeat, medians of --repeats. It print
 the grouped conv alone (what legrace did before). Shapes where the direct conv(A·V, W) is picked
 (maps with no more pixels than R) are left out: both W' paths cost more there by construction.
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
-        .venv/bin/python benchmarks/lowrank_paths.py --models vgg16:224:32,resnet18:224:32 --out paths.json
+    .venv/bin/python benchmarks/lowrank_paths.py --models vgg16:224:32,resnet18:224:32 --out paths.json
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from bench_common import add_threads_argument, apply_threads, count, model_specs, write_results
+from bench_common import add_process_arguments, apply_process_arguments, count, model_specs, write_results
 
 from legrace.models import build_model
 from legrace.split_conv import conv_padding, lowrank_conv, lowrank_path, lowrank_weight_grad
@@ -84,9 +83,9 @@ def main() -> None:
     p.add_argument("--rank", type=count, default=8)
     p.add_argument("--repeats", type=count, default=5)
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
+    add_process_arguments(p)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     print(f"{torch.get_num_threads()} threads, rank {args.rank}, medians of {args.repeats} (ms)")
     results = []
     for name, size, batch in model_specs(args.models):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from bench_common import add_run_arguments, apply_threads, counts, model_specs, write_results
+from bench_common import add_run_arguments, apply_process_arguments, counts, model_specs, write_results
 
 import legrace.split_conv as split_conv
 from legrace import LegRace
@@ -97,7 +97,7 @@ def main() -> None:
     add_run_arguments(p, models="vgg16:112:8,resnet18:112:16")
     p.add_argument("--k", type=counts, default=[1, 2, 4], help="micro-batches per conv to compare, comma-separated")
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     ks = args.k
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads per process, accelerator {args.accelerator}; "
           f"median of {args.steps} inference steps, seconds")

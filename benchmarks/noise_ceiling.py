@@ -8,8 +8,7 @@ step ÷ noise time bounds the trusted-time ratio from above on this machine: it 
 would reach if all its other trusted work (decomposition, low-rank convs, ReLU, pooling, the
 classifier) took no time at all.
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
-        python benchmarks/noise_ceiling.py --model vgg16 --input-size 224 --batch-size 32
+    python benchmarks/noise_ceiling.py --model vgg16 --input-size 224 --batch-size 32
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import time
 
 import torch
 
-from bench_common import (add_model_arguments, add_threads_argument, apply_threads, count, model_and_batch,
+from bench_common import (add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch,
                           write_results)
 
 from legrace.bench import _ModeRun
@@ -43,9 +42,9 @@ def main() -> None:
     add_model_arguments(p)
     p.add_argument("--steps", type=count, default=3, help="timed TEE-only steps and noise draws (after one warm-up)")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
+    add_process_arguments(p)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
 
     model, x, y = model_and_batch(args)
     shapes = released_shapes(model, x, y)

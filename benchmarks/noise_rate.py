@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from bench_common import add_threads_argument, apply_threads, count, median_seconds, write_results
+from bench_common import add_process_arguments, apply_process_arguments, count, median_seconds, write_results
 
 from legrace.mechanism import GaussianStreams
 
@@ -39,9 +39,9 @@ def main() -> None:
     p.add_argument("--values", type=count, default=25_690_112, help="values per buffer (default: one 8x64x224x224 map)")
     p.add_argument("--repeats", type=count, default=5)
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
+    add_process_arguments(p)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     threads = torch.get_num_threads()
     shape = torch.Size((args.values,))
     pinned_options = [False, True] if torch.cuda.is_available() else [False]

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_run_arguments, apply_threads, model_specs, write_results
+from bench_common import add_run_arguments, apply_process_arguments, model_specs, write_results
 
 from legrace import LegRace
 from legrace.models import build_model
@@ -65,7 +65,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p, models="vgg11:64:16,resnet18:112:8")
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads per process, accelerator {args.accelerator}; "
           f"median of {args.steps} training steps")
     print(f"{'model':<10}{'size':>5}{'batch':>6}{'sequential s':>14}{'overlap s':>11}{'speedup':>9}"

@@ -6,8 +6,7 @@ legrace.compact's CompactMaxPool2d with legrace.kernels (fused), with the kernel
 torch path: several torch passes), and nn.MaxPool2d (int64 indices; what plain PyTorch runs).
 The three run interleaved, round after round, and each reports the median of --rounds.
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
-        python benchmarks/pool_kernels.py --batch-size 32 --out pool_kernels.json
+    python benchmarks/pool_kernels.py --batch-size 32 --out pool_kernels.json
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench_common import add_threads_argument, apply_threads, count, write_results
+from bench_common import add_rounds_arguments, apply_process_arguments, count, write_results
 
 import legrace.kernels as kernels
 from legrace.compact import CompactMaxPool2d
@@ -64,11 +63,9 @@ def _forward_backward(pool: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=count, default=32)
-    p.add_argument("--rounds", type=count, default=7, help="interleaved timed rounds (after one warm-up)")
-    p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
+    add_rounds_arguments(p, rounds=7)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     if not kernels.usable(np.float32):
         raise SystemExit("legrace.kernels cannot run here (numba missing, or LEGRACE_FUSED_KERNELS=0)")
     cases = [("2x2", c, s, dict(kernel_size=2)) for c, s in VGG16_POOLS]

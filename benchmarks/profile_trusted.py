@@ -10,8 +10,7 @@ With the CPU accelerator, the accelerator's convs run on the same OpenMP threads
 side, whose spinning after each region slows the passes on legrace's own threads (noise); with
 --accelerator cuda they do not, so on a GPU host profile with cuda.
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
-        .venv/bin/python benchmarks/profile_trusted.py --model vgg16 --input-size 224 --batch-size 8
+    .venv/bin/python benchmarks/profile_trusted.py --model vgg16 --input-size 224 --batch-size 8
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import time
 
 import torch
 
-from bench_common import add_model_arguments, add_threads_argument, apply_threads, count, model_and_batch
+from bench_common import add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch
 
 import legrace.boundary as boundary
 import legrace.compact as compact
@@ -99,9 +98,9 @@ def main() -> None:
                    help="after the steps, run the last step's decompositions and low-rank calls again, back to back, "
                         "N times, on the same inputs and on copies of them in fresh memory: whether a call is slower "
                         "inside a step than outside it, and whether its inputs' memory is why")
-    add_threads_argument(p)
+    add_process_arguments(p)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     if args.accelerator == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--accelerator cuda: no CUDA GPU here")
     instrument()

@@ -15,8 +15,7 @@ CPU time per operator) and splits each into the convolutions legrace splits and 
 ("shared": the rest includes the first conv, recognised by the image batch among its
 operators' inputs).
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
-        python benchmarks/shared_work.py --model vgg16 --input-size 224 --batch-size 32
+    python benchmarks/shared_work.py --model vgg16 --input-size 224 --batch-size 32
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_common import (add_model_arguments, add_threads_argument, apply_threads, count, median_seconds,
+from bench_common import (add_model_arguments, add_process_arguments, apply_process_arguments, count, median_seconds,
                           model_and_batch, write_results)
 
 from legrace.bench import TEE_CHANNELS_LAST, _ModeRun
@@ -51,9 +50,9 @@ def main() -> None:
                    help="timed steps of each TEE-only baseline (after one warm-up), and profiled steps")
     p.add_argument("--infer", action="store_true", help="inference (no_grad forward) instead of training")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
+    add_process_arguments(p)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
 
     model, x, y = model_and_batch(args)
     # the channels_last model first: the profiled step follows tee_only's own timed steps, so

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_threads_argument, apply_threads, count
+from bench_common import add_process_arguments, apply_process_arguments, count
 
 from legrace import LegRace
 from legrace.boundary import Free, SetWeight
@@ -107,9 +107,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=count, default=10)
     p.add_argument("--device", default="cpu", help="the accelerator's device (all three backends)")
-    add_threads_argument(p)
+    add_process_arguments(p)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     proc, address = start_worker(args.device)
     backends = {"in-process": args.device, "process": f"process:{args.device}", "tcp": address}
     configs = [("cnn", 64, 8), ("vgg11", 16, 32)]

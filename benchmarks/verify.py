@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_common import add_threads_argument, apply_threads, count
+from bench_common import add_process_arguments, apply_process_arguments, count
 
 from legrace import LegRace
 from legrace.boundary import BoundaryError
@@ -146,9 +146,9 @@ def main() -> None:
     p.add_argument("--steps", type=count, default=5)
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--device", default="cpu", help="the (in-process) accelerator's device")
-    add_threads_argument(p)
+    add_process_arguments(p)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, accelerator {args.device}, "
           f"tolerance {TOLERANCE:g}; median of {args.steps} steps")
     print(f"{'model':<10}{'batch':>6}{'verify off ms':>15}{'verify on ms':>14}{'overhead':>10}")

@@ -3,7 +3,7 @@
 oneDNN's grouped weight gradient allocates a scratch buffer the size of dL/dY at each call (411 MB
 for VGG-16's second conv at batch 32). glibc gives a block that large fresh pages at each call
 whenever it is not carved from a free block of the main heap: always with glibc's default
-tunables (it is mmap'd), on any thread but the main one even with GLIBC_TUNABLES as below (a
+tunables (it is mmap'd), on any thread but the main one even with the heap kept (legrace.heap; a
 thread's arena maps anything over 64 MB afresh), and on the main thread when the heap's free
 blocks are step-sized holes a few bytes too short. On the GPU host, 100,352 of a VGG-16 step's
 101,047 minor faults fell in this one call. `split_conv` runs the call in chunks of a few samples
@@ -11,14 +11,12 @@ blocks are step-sized holes a few bytes too short. On the GPU host, 100,352 of a
 ways, interleaved round after round, on the main thread and on a second thread, for the layers of
 VGG-16 that take the grouped path: median time and minor faults per call.
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
-        python benchmarks/wgrad_scratch.py --batch-size 32 --out wgrad_scratch.json
+    python benchmarks/wgrad_scratch.py --batch-size 32 --out wgrad_scratch.json
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import time
@@ -27,9 +25,10 @@ from typing import Callable
 
 import torch
 
-from bench_common import add_threads_argument, apply_threads, count, write_results
+from bench_common import add_rounds_arguments, apply_process_arguments, count, write_results
 
 from legrace import split_conv
+from legrace.heap import how_kept
 from legrace.split_conv import lowrank_weight_grad
 
 # (in channels N, out channels M, side) of VGG-16's convs on the grouped path at rank 8
@@ -51,17 +50,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=count, default=32)
     p.add_argument("--rank", type=count, default=8)
-    p.add_argument("--rounds", type=count, default=5, help="interleaved timed rounds (after one warm-up)")
-    p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    add_threads_argument(p)
+    add_rounds_arguments(p, rounds=5)
     args = p.parse_args()
-    apply_threads(args)
+    apply_process_arguments(args)
     chunk_bytes = split_conv.GROUPED_CHUNK_BYTES
     limits = {"one call": 2**62, "chunks": chunk_bytes}
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
     results = []
     print(f"{torch.get_num_threads()} threads, batch {args.batch_size}, rank {args.rank}, medians of "
-          f"{args.rounds} interleaved rounds, GLIBC_TUNABLES={tunables or '(unset)'}")
+          f"{args.rounds} interleaved rounds, heap kept by {how_kept() or 'nothing (glibc defaults)'}")
     for N, M, side in VGG16_GROUPED:
         torch.manual_seed(0)
         B, R = args.batch_size, args.rank
@@ -102,7 +98,7 @@ def main() -> None:
                   + f", bit-identical {row['bit_identical']}", flush=True)
     if args.out:
         write_results(args.out, "none", [{"batch_size": args.batch_size, "rank": args.rank, "rounds": args.rounds,
-                                          "chunk_bytes": chunk_bytes, "glibc_tunables": tunables, "rows": results}])
+                                          "chunk_bytes": chunk_bytes, "rows": results}])
 
 
 if __name__ == "__main__":

@@ -408,7 +408,9 @@ def test_wgrad_scratch_times_both_ways_on_both_threads(monkeypatch, capsys, tmp_
     limit = split_conv.GROUPED_CHUNK_BYTES
     monkeypatch.setattr(sys, "argv", ["wgrad_scratch.py", "--batch-size", "2", "--rounds", "1", "--out", str(out)])
     runpy.run_path(str(script), run_name="not_main")["main"]()
-    (result,) = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    assert report["heap_kept"] in ("mallopt", "GLIBC_TUNABLES", None)  # None: not glibc
     assert split_conv.GROUPED_CHUNK_BYTES == limit == result["chunk_bytes"]  # restored after each call
     assert [(r["N"], r["M"], r["side"]) for r in result["rows"]] == [(64, 64, 224), (64, 128, 112), (128, 128, 112)]
     for row in result["rows"]:
@@ -417,6 +419,27 @@ def test_wgrad_scratch_times_both_ways_on_both_threads(monkeypatch, capsys, tmp_
             for way in ("one call", "chunks"):
                 assert row[f"{where}, {way} seconds"] > 0 and row[f"{where}, {way} minor faults"] >= 0
     assert capsys.readouterr().out.count("bit-identical") == 6
+
+
+@pytest.mark.parametrize("argv,kept", [([], True), (["--no-keep-heap"], False), (["--threads", "1"], True)])
+def test_benchmark_scripts_keep_the_heap_as_legrace_bench_does_unless_told(monkeypatch, argv, kept):
+    # the scripts once needed GLIBC_TUNABLES in the environment to time what `legrace bench` times
+    import argparse
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_common
+
+    calls = []
+    monkeypatch.setattr(bench_common, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(bench_common.torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    monkeypatch.setattr(bench_common.os, "environ", dict(bench_common.os.environ))
+    parser = argparse.ArgumentParser()
+    bench_common.add_rounds_arguments(parser, rounds=3)
+    args = parser.parse_args(argv)
+    bench_common.apply_process_arguments(args)
+    assert args.rounds == 3 and (1 in calls) == kept
+    assert (("threads", 1) in calls) == ("--threads" in argv)
 
 
 @pytest.mark.parametrize("script,args", [
