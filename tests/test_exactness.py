@@ -174,6 +174,15 @@ def test_grouped_weight_gradient_in_chunks_is_the_same(chunk_samples, monkeypatc
     torch.testing.assert_close(chunked, lowrank_weight_grad(A, V, grad_y, *args, path="direct"))
 
 
+@pytest.mark.parametrize("path", ["grouped", "unfold", "direct"])
+def test_lowrank_weight_gradient_of_no_samples_is_zero(path):
+    from legrace.split_conv import lowrank_weight_grad
+
+    A, V, grad_y = torch.zeros(0, 6, 2), torch.zeros(0, 2, 63), torch.zeros(0, 4, 4, 5)
+    g = lowrank_weight_grad(A, V, grad_y, (4, 6, 3, 3), (7, 9), 2, 1, 1, path=path)
+    assert g.shape == (4, 6, 3, 3) and not g.any()
+
+
 def test_an_unknown_lowrank_path_is_refused():
     from legrace.split_conv import lowrank_conv
 

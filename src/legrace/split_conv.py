@@ -159,11 +159,12 @@ def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, strid
         return conv2d_weight((A @ V).reshape(B, N, *hw), w_shape, grad_y, stride, padding, dilation)
     if path == "unfold":
         U = _unfold(V, hw, (kh, kw), stride, padding, dilation)
-        g_prime = torch.bmm(grad_y.reshape(B, M, -1), U.transpose(1, 2))
+        g_prime = torch.bmm(grad_y.flatten(2), U.transpose(1, 2))
     else:
         step = _grouped_chunk(grad_y)
-        g_prime = torch.cat([_grouped_weight_grad(V[i:i + step], grad_y[i:i + step], R, hw, (kh, kw),
-                                                  stride, padding, dilation) for i in range(0, B, step)])
+        chunks = [_grouped_weight_grad(V[i:i + step], grad_y[i:i + step], R, hw, (kh, kw), stride, padding,
+                                       dilation) for i in range(0, B, step)]
+        g_prime = torch.cat(chunks) if chunks else grad_y.new_zeros(0, M * R, kh, kw)  # no samples: dW = 0
     return torch.einsum("bnr,bmrkl->mnkl", A, g_prime.reshape(B, M, R, kh, kw))
 
 
@@ -179,7 +180,7 @@ GROUPED_CHUNK_BYTES = 16 * 2**20
 
 def _grouped_chunk(grad_y: Tensor) -> int:
     """Samples per chunk of the grouped weight gradient: dL/dY of at most GROUPED_CHUNK_BYTES."""
-    return max(1, GROUPED_CHUNK_BYTES // max(1, grad_y[0].numel() * grad_y.element_size()))
+    return max(1, GROUPED_CHUNK_BYTES // max(1, grad_y.shape[1:].numel() * grad_y.element_size()))
 
 
 def _grouped_weight_grad(V: Tensor, grad_y: Tensor, R: int, hw, kernel, stride, padding, dilation) -> Tensor:
