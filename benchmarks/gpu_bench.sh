@@ -39,10 +39,9 @@ mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/log.txt"
 START=$SECONDS
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# Keep freed heap memory in the process (as an enclave's fixed heap does), for every mode alike.
-# `legrace bench` and the scripts on bench_common do so themselves (legrace.heap); the variable also
-# covers cuda_transfers.py, busy_thread.py and the tests, as in the earlier GPU runs.
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}
+# `legrace bench` and the scripts keep freed heap memory in the process themselves (legrace.heap),
+# as an enclave's fixed heap does, for every mode alike. (Runs before 2026-12-04 set GLIBC_TUNABLES
+# with 4 GiB thresholds instead: benchmarks/heap_settings.py compares the two.)
 
 say() { echo "[$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 pack() { tar -czf "$OUT/gpu-bench.tgz" -C "$RUNS" .; }

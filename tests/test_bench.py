@@ -421,6 +421,27 @@ def test_wgrad_scratch_times_both_ways_on_both_threads(monkeypatch, capsys, tmp_
     assert capsys.readouterr().out.count("bit-identical") == 6
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="compares glibc's malloc settings")
+def test_heap_settings_runs_each_setting_in_its_own_process(monkeypatch, capsys, tmp_path):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "heap_settings.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    out = tmp_path / "heap.json"
+    monkeypatch.setattr(sys, "argv", ["heap_settings.py", "--model", "cnn", "--input-size", "16", "--batch-size", "4",
+                                      "--modes", "tee_only,legrace", "--settings", "kept,trim-2gib",
+                                      "--repeats", "1", "--out", str(out)])
+    runpy.run_path(str(script), run_name="not_main")["main"]()
+    rows = json.loads(out.read_text())["results"][0]["rows"]
+    assert [r["how_kept"] for r in rows] == ["mallopt", "mallopt, 2 GiB trim threshold"]  # set in each child
+    for row in rows:
+        assert row["tee_only step_seconds"] > 0 and row["legrace trusted_seconds"] > 0
+        assert row["legrace minor_page_faults"] >= 0 and row["peak_rss_mib"] > 0
+    assert "trim-2gib" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,kept", [([], True), (["--no-keep-heap"], False), (["--threads", "1"], True)])
 def test_benchmark_scripts_keep_the_heap_as_legrace_bench_does_unless_told(monkeypatch, argv, kept):
     # the scripts once needed GLIBC_TUNABLES in the environment to time what `legrace bench` times
@@ -452,6 +473,7 @@ def test_benchmark_scripts_keep_the_heap_as_legrace_bench_does_unless_told(monke
     ("keep_outputs.py", ["--steps", "0"]), ("noise_ceiling.py", ["--threads", "0"]),
     ("recount_macs.py", ["/no/such/run"]),
     ("profile_trusted.py", ["--threads", "-1"]), ("wgrad_scratch.py", ["--rounds", "0"]),
+    ("heap_settings.py", ["--rounds", "0"]), ("heap_settings.py", ["--settings", "kept,nope"]),
 ])
 def test_benchmark_scripts_refuse_counts_below_one_before_any_work(monkeypatch, capsys, script, args):
     # --steps 0 once ended in an empty median or a division by zero after the model was built
@@ -470,7 +492,7 @@ def test_benchmark_scripts_refuse_counts_below_one_before_any_work(monkeypatch, 
     assert stop.value.code != 0
     said = capsys.readouterr().err + str(stop.value.code)
     assert "must be > 0" in said or "invalid int value" in said or "invalid counts value" in said \
-        or "NAME:INPUT_SIZE:BATCH" in said or "no bench.json" in said
+        or "NAME:INPUT_SIZE:BATCH" in said or "no bench.json" in said or "unknown setting" in said
 
 
 def test_trusted_profile_counts_the_step_less_its_waits_and_needs_cuda_for_cuda(monkeypatch, capsys):

@@ -55,6 +55,44 @@ def test_glibc_tunables_are_left_as_the_environment_sets_them():
     assert result["how"] == "GLIBC_TUNABLES" and result["faults"][1] < 12 * 2**20 * 4 // 4096 // 10
 
 
+# Two 1.2 GiB blocks from the heap (malloc'd, never touched, so the probe costs no memory), freed
+# into its top: how much of the top glibc then gives back to the OS (sbrk falls). A 2 GiB trim
+# threshold, what keep_freed_memory once set, gave it all back, so the steps after a TEE-only step
+# that freed over 2 GiB faulted their pages afresh.
+_TRIM_PROBE = """
+import ctypes, json, sys
+from legrace import heap
+libc = ctypes.CDLL(None)
+libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes, libc.sbrk.restype, libc.sbrk.argtypes = (ctypes.c_void_p,), ctypes.c_void_p, (ctypes.c_ssize_t,)
+if sys.argv[1] == "keep":
+    heap.keep_freed_memory()
+else:  # the thresholds keep_freed_memory set before
+    assert libc.mallopt(heap.M_MMAP_THRESHOLD, 2**31 - 1) == 1 and libc.mallopt(heap.M_TRIM_THRESHOLD, 2**31 - 1) == 1
+start = libc.sbrk(0)
+blocks = [libc.malloc(1200 * 2**20) for _ in range(2)]
+top = libc.sbrk(0)
+for block in reversed(blocks):
+    libc.free(block)
+print(json.dumps({"grown": top - start, "given_back": top - libc.sbrk(0)}))
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize("how", ["keep", "2 GiB trim threshold"])
+def test_kept_heap_never_gives_its_top_back(how):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _TRIM_PROBE, how], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["grown"] >= 2400 * 2**20  # both blocks came from the heap, not from mmap
+    if how == "keep":
+        assert result["given_back"] == 0
+    else:  # the probe can tell: the old setting gave the freed top back
+        assert result["given_back"] >= 2400 * 2**20
+
+
 def test_bench_keeps_the_heap_unless_told_not_to(monkeypatch, tmp_path):
     from legrace import bench
     from legrace.cli import main

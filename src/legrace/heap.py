@@ -8,6 +8,12 @@ GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=... w
 trusted side 0.80 s against 1.85 s, for a peak resident memory 1.1x as large (docs/performance.md).
 A block over 64 MiB allocated on another thread than the main one is still mapped afresh (a
 thread's arena is no larger); legrace's large trusted work runs on the main thread.
+
+Trimming is turned off altogether (M_TRIM_THRESHOLD = -1, as mallopt(3) documents), not set to
+mallopt's largest int: with a 2 GiB threshold, a step that freed more than that at the heap's top
+gave it back to the OS, and the next step faulted it in again. In `legrace bench` (VGG-16, 224x224,
+batch 32, 2 cores, medians of 2 runs) each mode then faulted 150-250 thousand pages a step against
+0-4, and TEE-only took 8.88 s a step against 7.99 s (benchmarks/heap_settings.py).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import os
 from typing import Optional
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
-LARGEST = 2**31 - 1  # mallopt takes an int
+LARGEST = 2**31 - 1  # mallopt takes an int: blocks over 2 GiB are still mapped afresh
+NEVER = -1  # M_TRIM_THRESHOLD: never give the heap's top back
 _set_here = False
 
 
@@ -45,5 +52,5 @@ def keep_freed_memory() -> Optional[str]:
         return None
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _set_here = mallopt(M_MMAP_THRESHOLD, LARGEST) == 1 and mallopt(M_TRIM_THRESHOLD, LARGEST) == 1
+    _set_here = mallopt(M_MMAP_THRESHOLD, LARGEST) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER) == 1
     return how_kept()
