@@ -11,7 +11,8 @@
 #      the grouped weight gradient in one call against in chunks, with its page faults (wgrad_scratch.py);
 #      the bound that TEE-only's work outside the split convs puts on the trusted-time ratio, for
 #      each model (shared_work.py); VGG-16 with torch's huge-page allocations
-#      (THP_MEM_ALLOC_ENABLE=1); the rest of the fast test suite; the bound the noise alone
+#      (THP_MEM_ALLOC_ENABLE=1); the rest of the fast test suite; VGG-16's tee_only and legrace under
+#      three ways of keeping the heap (heap_settings.py); the bound the noise alone
 #      puts on that ratio (noise_ceiling.py) and the noise rate per generator thread
 #      (noise_rate.py); what one busy thread costs torch's threads (busy_thread.py); legrace alone
 #      on VGG-16 without each default (pinned copies, inline noise, overlap); the training steps
@@ -124,6 +125,10 @@ THP_MEM_ALLOC_ENABLE=1 bench vgg16-train-thp 90 --model vgg16 --modes "$TEE,legr
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 [ "$ACCELERATOR" = cpu ] || OMP_NUM_THREADS=4 step 240 full-tests $PY -m pytest -q -p no:cacheprovider $XDIST tests \
     --ignore=tests/test_cuda.py --ignore=tests/test_compact.py --ignore=tests/test_kernels.py
+# whether the heap's trimming (the 2 GiB threshold legrace.heap set before) or GLIBC_TUNABLES (the
+# runs before) left faults here that the kept heap does not
+step 100 heap-settings $PY benchmarks/heap_settings.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
+  --modes tee_only,legrace --settings kept,trim-2gib,tunables --accelerator "$ACCELERATOR" --out "$RUNS/heap_settings.json"
 # the bound that drawing the noise alone puts on TEE-only ÷ trusted time with this host's cores,
 # and how the noise rate grows with generator threads (pageable and page-locked)
 step 60 noise-ceiling $PY benchmarks/noise_ceiling.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \

@@ -32,10 +32,10 @@ from bench_common import add_model_arguments, count, write_results
 SETTINGS = ("default", "kept", "trim-2gib", "tunables")
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 
-# one setting's run, in a fresh process: argv = setting, model, input size, batch size, modes, repeats
+# one setting's run, in a fresh process: argv = setting, model, input size, batch size, modes, repeats, accelerator
 _CHILD = """
 import ctypes, json, resource, sys
-setting, model, size, batch, modes, repeats = sys.argv[1:]
+setting, model, size, batch, modes, repeats, accelerator = sys.argv[1:]
 from legrace import heap
 if setting == "kept":
     heap.keep_freed_memory()
@@ -44,7 +44,8 @@ elif setting == "trim-2gib":
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     assert libc.mallopt(heap.M_MMAP_THRESHOLD, 2**31 - 1) == 1 and libc.mallopt(heap.M_TRIM_THRESHOLD, 2**31 - 1) == 1
 from legrace.bench import run_bench
-report = run_bench(model, int(size), int(batch), modes.split(","), warmup=1, repeats=int(repeats), log=lambda *a: None)
+report = run_bench(model, int(size), int(batch), modes.split(","), warmup=1, repeats=int(repeats),
+                   accelerator=accelerator, log=lambda *a: None)
 how = "mallopt, 2 GiB trim threshold" if setting == "trim-2gib" else heap.how_kept()
 print(json.dumps({"how_kept": how, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "modes": [{k: m[k] for k in ("mode", "step_seconds", "trusted_seconds", "minor_page_faults")}
@@ -68,7 +69,7 @@ def run_setting(setting: str, args: argparse.Namespace) -> dict:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
     done = subprocess.run([sys.executable, "-c", _CHILD, setting, args.model, str(args.input_size),
-                           str(args.batch_size), args.modes, str(args.repeats)],
+                           str(args.batch_size), args.modes, str(args.repeats), args.accelerator],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"setting {setting} failed:\n{done.stderr[-2000:]}")
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--modes", default="tee_only,tee_only_channels_last,legrace")
     p.add_argument("--settings", type=settings, default=list(SETTINGS))
     p.add_argument("--repeats", type=count, default=3, help="timed steps per mode in each run")
+    p.add_argument("--accelerator", default="cpu", help="legrace's accelerator, as `legrace bench --accelerator`")
     p.add_argument("--rounds", type=count, default=1, help="runs of each setting, in alternating order")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
@@ -104,7 +106,7 @@ def main() -> None:
                           f"{row[m['mode'] + ' trusted_seconds']:.3f} s, {row[m['mode'] + ' minor_page_faults']:,.0f} faults"
                           for m in done[0]["modes"]), flush=True)
     if args.out:
-        write_results(args.out, "cpu", [{"model": args.model, "input_size": args.input_size,
+        write_results(args.out, args.accelerator, [{"model": args.model, "input_size": args.input_size,
                                          "batch_size": args.batch_size, "rounds": args.rounds, "rows": results}])
 
 

@@ -48,9 +48,6 @@ TEE_CHANNELS_LAST = "tee_only_channels_last"
 TEE_MODES = ("tee_only", TEE_CHANNELS_LAST)
 BENCH_MODES = MODES + (TEE_CHANNELS_LAST,)
 
-# Keep freed heap memory in the process (as an enclave's fixed heap does) instead of unmapping it.
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
-
 
 class _TimedAccelerator:
     """Wraps an in-process accelerator to book its own time (compute and device copies), on
@@ -348,8 +345,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     tunables, kept = os.environ.get("GLIBC_TUNABLES"), how_kept()
     if not kept and sys.platform.startswith("linux"):
         log("note: glibc malloc returns large blocks to the OS, so every new activation is page-faulted "
-            "again; for timings closer to an enclave's fixed heap, drop --no-keep-heap or run with "
-            f"GLIBC_TUNABLES={MALLOC_TUNABLES}")
+            "again; for timings closer to an enclave's fixed heap, drop --no-keep-heap (from Python: call "
+            "legrace.heap.keep_freed_memory() first)")
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "accelerator_timeout": accelerator_timeout,
               "wire_dtype": wire_dtype or "float32",
