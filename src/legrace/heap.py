@@ -2,10 +2,11 @@
 
 By default glibc maps every block over 32 MiB afresh and unmaps it on free, so each step's
 activations fault in every page again. An SGX enclave commits its heap once, so `legrace train`
-and `legrace bench` keep freed memory by raising glibc's mmap and trim thresholds (mallopt), as
-GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=... would. On 2 cores
-(VGG-16, 224x224, batch 8) a TEE-only step took 2.01 s with it against 3.21 s without, legrace's
-trusted side 0.80 s against 1.85 s, for a peak resident memory 1.1x as large (docs/performance.md).
+and `legrace bench` keep freed memory by raising glibc's mmap threshold and turning trimming off
+(mallopt), much as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...
+would. On 2 cores (VGG-16, 224x224, batch 8) a TEE-only step took 2.01 s with it against 3.21 s
+without, legrace's trusted side 0.80 s against 1.85 s, for a peak resident memory 1.1x as large
+(at batch 32, 10.7 GB against 7.0 GB; docs/performance.md).
 A block over 64 MiB allocated on another thread than the main one is still mapped afresh (a
 thread's arena is no larger); legrace's large trusted work runs on the main thread.
 
