@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU benchmark of issue 4 (no GPU needed, about 33 minutes on 2 cores): training steps of
+# The CPU benchmark of issue 4 (no GPU needed; 16 minutes on the 2-core Zen 5 host, 33 on slower
+# ones): training steps of
 # VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in two TEE-only baselines (legrace's own, and
 # plain PyTorch in channels_last: the ratios use the faster) and legrace (trusted side and an
 # in-process accelerator on the same CPU), plus VGG-19 inference and the ResNets with conv outputs

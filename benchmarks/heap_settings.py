@@ -34,15 +34,13 @@ TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4
 
 # one setting's run, in a fresh process: argv = setting, model, input size, batch size, modes, repeats, accelerator
 _CHILD = """
-import ctypes, json, resource, sys
+import json, resource, sys
 setting, model, size, batch, modes, repeats, accelerator = sys.argv[1:]
 from legrace import heap
 if setting == "kept":
     heap.keep_freed_memory()
 elif setting == "trim-2gib":
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    assert libc.mallopt(heap.M_MMAP_THRESHOLD, 2**31 - 1) == 1 and libc.mallopt(heap.M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    assert heap.set_malloc_thresholds(heap.LARGEST, heap.LARGEST)
 from legrace.bench import run_bench
 report = run_bench(model, int(size), int(batch), modes.split(","), warmup=1, repeats=int(repeats),
                    accelerator=accelerator, log=lambda *a: None)

@@ -38,20 +38,25 @@ def how_kept() -> Optional[str]:
     return "mallopt" if _set_here else None
 
 
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Set glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (ints, as mallopt takes them). False where
+    this is not glibc or glibc refused. keep_freed_memory uses it; benchmarks/heap_settings.py and
+    the tests use it to compare other settings."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl's mallopt does nothing)
+        return False
+    mallopt = libc.mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+
+
 def keep_freed_memory() -> Optional[str]:
     """Make glibc keep freed memory for reuse, unless GLIBC_TUNABLES already sets its malloc
     thresholds (left as they are). Returns how_kept(): None where this is not glibc or it refused."""
     global _set_here
-    if how_kept():
-        return how_kept()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
-        return None
-    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl's mallopt does nothing)
-        return None
-    mallopt = libc.mallopt
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _set_here = mallopt(M_MMAP_THRESHOLD, LARGEST) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER) == 1
+    if not how_kept():
+        _set_here = set_malloc_thresholds(LARGEST, NEVER)
     return how_kept()
