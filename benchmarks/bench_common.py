@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -100,9 +100,12 @@ def model_specs(text: str) -> list[tuple[str, int, int]]:
     return specs
 
 
-def write_results(path: str, accelerator: str, results: list[dict]) -> None:
-    """The results as JSON at `path`, with the torch version, threads and heap they were measured with."""
+def write_results(path: str, accelerator: str, results: list[dict], heap_kept: Optional[str] = None) -> None:
+    """The results as JSON at `path`, with the torch version, threads and heap they were measured with.
+
+    heap_kept: how the timed processes kept the heap, when they were not this one (default: how
+    this process keeps it)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "heap_kept": how_kept(),
+    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "heap_kept": heap_kept or how_kept(),
               "accelerator": accelerator, "results": results}
     Path(path).write_text(json.dumps(report, indent=2) + "\n")

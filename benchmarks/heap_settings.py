@@ -105,7 +105,8 @@ def main() -> None:
                           for m in done[0]["modes"]), flush=True)
     if args.out:
         write_results(args.out, args.accelerator, [{"model": args.model, "input_size": args.input_size,
-                                         "batch_size": args.batch_size, "rounds": args.rounds, "rows": results}])
+                                         "batch_size": args.batch_size, "rounds": args.rounds, "rows": results}],
+                      heap_kept="per row (how_kept): each setting ran in its own process")
 
 
 if __name__ == "__main__":

@@ -434,8 +434,10 @@ def test_heap_settings_runs_each_setting_in_its_own_process(monkeypatch, capsys,
                                       "--modes", "tee_only,legrace", "--settings", "kept,trim-2gib",
                                       "--repeats", "1", "--out", str(out)])
     runpy.run_path(str(script), run_name="not_main")["main"]()
-    rows = json.loads(out.read_text())["results"][0]["rows"]
+    report = json.loads(out.read_text())
+    rows = report["results"][0]["rows"]
     assert [r["how_kept"] for r in rows] == ["mallopt", "mallopt, 2 GiB trim threshold"]  # set in each child
+    assert report["heap_kept"].startswith("per row")  # not the parent's, which timed nothing
     for row in rows:
         assert row["tee_only step_seconds"] > 0 and row["legrace trusted_seconds"] > 0
         assert row["legrace minor_page_faults"] >= 0 and row["peak_rss_mib"] > 0
