@@ -30,10 +30,22 @@ NEVER = -1  # M_TRIM_THRESHOLD: never give the heap's top back
 _set_here = False
 
 
+# The tunables that keep freed memory: both must be set for the environment to keep the heap.
+THRESHOLD_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
+
+
+def _tunables() -> dict[str, str]:
+    """GLIBC_TUNABLES as name -> value (it is a colon-separated list of name=value)."""
+    pairs = (item.split("=", 1) for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
+    return {name.strip(): value for name, value in pairs}
+
+
 def how_kept() -> Optional[str]:
-    """How this process keeps freed memory: "GLIBC_TUNABLES" (the environment sets glibc's malloc
-    thresholds), "mallopt" (keep_freed_memory set them), or None (glibc's defaults, or not glibc)."""
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    """How this process keeps freed memory: "GLIBC_TUNABLES" (the environment sets both of glibc's
+    malloc thresholds), "mallopt" (keep_freed_memory set them), or None (glibc's defaults, or not
+    glibc). Other malloc tunables (tcache_count, arena_max) keep nothing: with only those set, the
+    thresholds are still glibc's defaults."""
+    if all(name in _tunables() for name in THRESHOLD_TUNABLES):
         return "GLIBC_TUNABLES"
     return "mallopt" if _set_here else None
 
@@ -54,8 +66,9 @@ def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
 
 
 def keep_freed_memory() -> Optional[str]:
-    """Make glibc keep freed memory for reuse, unless GLIBC_TUNABLES already sets its malloc
-    thresholds (left as they are). Returns how_kept(): None where this is not glibc or it refused."""
+    """Make glibc keep freed memory for reuse, unless GLIBC_TUNABLES already sets both of its malloc
+    thresholds (left as they are; with one of them set, mallopt sets both). Returns how_kept():
+    None where this is not glibc or it refused."""
     global _set_here
     if not how_kept():
         _set_here = set_malloc_thresholds(LARGEST, NEVER)
