@@ -78,6 +78,53 @@ def test_ratios_use_the_fastest_tee_only_for_time_and_the_leanest_for_memory(tmp
     assert "unknown mode(s) ['fast']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("settle,planned,rounds,settled", [
+    # tee_only, legrace per round: legrace's heap settles in the third round, before the settle cap
+    (4, [5000, 5000, 0, 3000, 0, 10], 3, True),
+    # still faulting when the cap is reached: the rounds stop there and the report says so
+    (1, [5000, 5000, 0, 3000], 2, False),
+    # --settle-rounds 0: --warmup alone, as before
+    (0, [5000, 5000], 1, False),
+])
+def test_bench_warms_up_until_no_mode_faults_fresh_pages(monkeypatch, tmp_path, capsys, settle, planned, rounds,
+                                                          settled):
+    # modes sharing a process grew the kept heap for 1-3 rounds (VGG-16's legrace: 100 thousand pages a
+    # step), and the medians of 3 timed steps sometimes held them
+    from legrace import bench
+
+    faults = {"total": 0, "calls": 0, "planned": list(planned)}
+
+    def minor_faults():  # each step reads it before and after: the plan's next count lands in between
+        faults["calls"] += 1
+        if faults["calls"] % 2 == 0 and faults["planned"]:
+            faults["total"] += faults["planned"].pop(0)
+        return faults["total"]
+
+    monkeypatch.setattr(bench, "_minor_faults", minor_faults)
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
+                 "--warmup", "1", "--settle-rounds", str(settle), "--modes", "tee_only,legrace",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["warmup_rounds"] == rounds and report["heap_settled"] is settled
+    modes = {m["mode"]: m for m in report["modes"]}
+    assert modes["tee_only"]["warmup_page_faults"] == planned[0::2]
+    assert modes["legrace"]["warmup_page_faults"] == planned[1::2]
+    assert modes["legrace"]["step_page_faults"] == [0] and modes["legrace"]["minor_page_faults"] == 0
+    log = capsys.readouterr().out
+    assert (f"warm-up: {rounds} rounds" in log) == (rounds > 1)
+    assert ("still faulting" in log) == (rounds > 1 and not settled)
+
+
+def test_bench_without_warmup_does_not_settle(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
+                 "--warmup", "0", "--modes", "tee_only", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["warmup_rounds"] == 0 and report["heap_settled"] is None
+    assert report["modes"][0]["warmup_page_faults"] == []
+
+
 def test_summary_table_of_bench_runs(tmp_path, capsys):
     import runpy
     from pathlib import Path
@@ -280,6 +327,7 @@ def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, 
     (["--batch-size", "0"], "--batch-size: must be > 0, got 0"),
     (["--repeats", "0"], "--repeats: must be > 0, got 0"),
     (["--warmup", "-1"], "warm-up steps must be at least 0, got -1"),
+    (["--settle-rounds", "-1"], "settle rounds must be at least 0, got -1"),
     (["--modes", "tee_only,legrace,tee_only"], "['tee_only'] listed more than once"),
     (["--modes", " , "], "no modes to time"),
     (["--power-iters", "0"], "power_iters must be an int >= 1, got 0"),

@@ -48,6 +48,16 @@ TEE_CHANNELS_LAST = "tee_only_channels_last"
 TEE_MODES = ("tee_only", TEE_CHANNELS_LAST)
 BENCH_MODES = MODES + (TEE_CHANNELS_LAST,)
 
+# Warm-up goes on (up to --settle-rounds more rounds) while a mode's last warm-up step still
+# page-faulted more than this many pages: its heap was still growing into fresh pages. An enclave
+# commits its heap once, so those first touches are not a cost of its steps. Measured on 2 cores
+# (224x224, batch 32, modes in round robin, one warm-up step each): VGG-16's legrace steps faulted
+# 100 thousand pages (a 392 MiB block that no hole of the kept heap fitted yet) in each of the
+# first three rounds and none after; ResNet-18's and -34's TEE-only and legrace steps 6-56 thousand
+# in the first one to three.
+SETTLED_PAGES = 1024
+SETTLE_ROUNDS = 4
+
 
 class _TimedAccelerator:
     """Wraps an in-process accelerator to book its own time (compute and device copies), on
@@ -237,6 +247,7 @@ class _ModeRun:
         self.config = self.engine._config
         self.steps, self.trusted, self.accel, self.noise, self.layers = [], [], [], [], []
         self.faults: list[int] = []  # the process's minor page faults per timed step
+        self.warmup_faults: list[int] = []  # and per warm-up step
 
     def step(self) -> None:
         # gpu_only's convs in full float32 like legrace's accelerator's (cuDNN would use TF32)
@@ -251,6 +262,17 @@ class _ModeRun:
                     self.net.eval()(self.x)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def warm_step(self) -> None:
+        """An untimed step, whose page faults are kept (they say whether the heap has settled)."""
+        faults = _minor_faults()
+        self.step()
+        if faults is not None:
+            self.warmup_faults.append(_minor_faults() - faults)
+
+    def settled(self) -> bool:
+        """Whether the last warm-up step touched (almost) no fresh memory, or faults are not counted here."""
+        return not self.warmup_faults or self.warmup_faults[-1] <= SETTLED_PAGES
 
     def _waiting(self) -> float:
         """The boundary's transport time so far: every request of a step (weights included) counts."""
@@ -281,7 +303,8 @@ class _ModeRun:
         r = {"mode": self.mode, "step_seconds": statistics.median(self.steps),
              "trusted_seconds": statistics.median(self.trusted), "accelerator_seconds": statistics.median(self.accel),
              "noise_thread_seconds": statistics.median(self.noise), "repeats": len(self.steps),
-             "minor_page_faults": int(statistics.median(self.faults)) if self.faults else None}
+             "minor_page_faults": int(statistics.median(self.faults)) if self.faults else None,
+             "step_page_faults": list(self.faults), "warmup_page_faults": list(self.warmup_faults)}
         rebuilt = frozenset(p for p, kind in (self.layers[-1] if self.layers else {}) if kind == "rebuilds")
         r.update({k: v * len(self.x) for k, v in
                   _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train, rebuilt,
@@ -291,6 +314,19 @@ class _ModeRun:
         if self.layers:
             r["layers"] = _layer_breakdown(self.layers)
         return r
+
+
+def _warm_up(runs: list[_ModeRun], warmup: int, settle_rounds: int) -> int:
+    """Untimed rounds of every mode in turn, as the timed ones go: `warmup` of them, then up to
+    `settle_rounds` more while a mode's last step still faulted more than SETTLED_PAGES (modes that
+    share a process shape each other's heap, so it settles in rounds, not per mode). Returns the
+    rounds run."""
+    rounds = 0
+    while rounds < warmup or (warmup and rounds < warmup + settle_rounds and not all(r.settled() for r in runs)):
+        for run in runs:
+            run.warm_step()
+        rounds += 1
+    return rounds
 
 
 def _layer_breakdown(runs: list[dict]) -> list[dict]:
@@ -305,13 +341,14 @@ def _layer_breakdown(runs: list[dict]) -> list[dict]:
 
 
 def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str], *, train: bool = True,
-              rank=8, warmup: int = 1, repeats: int = 3, accelerator: str = "cpu", iters: int = 2,
+              rank=8, warmup: int = 1, repeats: int = 3, settle_rounds: int = SETTLE_ROUNDS,
+              accelerator: str = "cpu", iters: int = 2,
               num_classes: int = 10, noise_ahead: Optional[int] = None, wire_dtype: Optional[str] = None,
               overlap: Optional[bool] = None, pinned: Optional[bool] = None,
               rebuild_outputs: Optional[bool] = None, keep_outputs_mb: float = 0.0,
               out: Union[str, Path, None] = None, secret: Optional[str] = None,
               accelerator_timeout: float = 120.0, log=print) -> dict:
-    _check_settings(modes, batch_size, warmup, repeats)
+    _check_settings(modes, batch_size, warmup, repeats, settle_rounds)
     if keep_outputs_mb and not train:
         raise ValueError("--keep-outputs-mb keeps conv outputs for backward; --infer has no backward")
     torch.manual_seed(0)
@@ -329,9 +366,11 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
             for m in modes]
     if out is not None:  # made before the timing (the engines have checked their settings): a bad path
         out = output_folder(out)  # fails now, not after minutes of timing
-    for run in runs:
-        for _ in range(warmup):
-            run.step()
+    rounds = _warm_up(runs, warmup, settle_rounds)
+    if rounds > warmup:
+        log(f"warm-up: {rounds} rounds, {rounds - warmup} more than --warmup while a step still faulted fresh "
+            f"pages" + ("" if all(run.settled() for run in runs) else
+                        f"; still faulting after --settle-rounds {settle_rounds}"))
     for _ in range(repeats):  # round robin, so a change of machine load hits every mode alike
         for run in runs:
             run.timed_step()
@@ -358,6 +397,8 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "torch": torch.__version__, "glibc_tunables": tunables, "heap_kept": kept,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
               "cpu": _cpu_name(),
+              "warmup_rounds": rounds,
+              "heap_settled": all(run.settled() for run in runs) if any(r.warmup_faults for r in runs) else None,
               "modes": results, "ratios": _ratios(results), "tee_only_baselines": _tee_baselines(results)}
     if sum(r["mode"] in TEE_MODES for r in results) > 1:
         log(f"ratios against TEE-only use {report['tee_only_baselines']['time']} for time and "
@@ -449,7 +490,7 @@ def _charts(report: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int) -> None:
+def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int, settle_rounds: int = 0) -> None:
     """Refuse settings that would time nothing or time something else than asked, before the run."""
     if not modes:
         raise ValueError("no modes to time: give --modes, e.g. tee_only,legrace")
@@ -459,7 +500,8 @@ def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int
     bad = [m for m in modes if m not in BENCH_MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(BENCH_MODES)}")
-    for name, value, least in (("batch size", batch_size, 1), ("warm-up steps", warmup, 0), ("repeats", repeats, 1)):
+    for name, value, least in (("batch size", batch_size, 1), ("warm-up steps", warmup, 0), ("repeats", repeats, 1),
+                               ("settle rounds", settle_rounds, 0)):
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
 
@@ -479,7 +521,12 @@ def add_parser(sub) -> None:
     group.add_argument("--infer", dest="train", action="store_false", help="forward only")
     b.add_argument("--rank", type=int, default=8, help="R, the rank kept on the trusted side per conv (default 8)")
     b.add_argument("--power-iters", type=int, default=2, help="power iterations of the light SVD (default 2)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, per mode (default 1)")
+    b.add_argument("--warmup", type=int, default=1,
+                   help="untimed rounds (a step of each mode in turn) before timing (default 1)")
+    b.add_argument("--settle-rounds", type=int, default=SETTLE_ROUNDS,
+                   help=f"after --warmup (if not 0), up to this many more untimed rounds while a mode's last step "
+                        f"still page-faulted over {SETTLED_PAGES} fresh pages, which an enclave's committed heap "
+                        f"would not (default {SETTLE_ROUNDS})")
     b.add_argument("--repeats", type=positive(int), default=3, help="timed steps per mode; medians are reported (default 3)")
     b.add_argument("--accelerator", default="cpu",
                    help="where legrace's residual convs run: cpu or cuda (in this process), process[:DEVICE] "
@@ -523,7 +570,8 @@ def _cli(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
-              warmup=args.warmup, repeats=args.repeats, accelerator=args.accelerator, iters=args.power_iters,
+              warmup=args.warmup, repeats=args.repeats, settle_rounds=args.settle_rounds,
+              accelerator=args.accelerator, iters=args.power_iters,
               noise_ahead=args.noise_ahead, wire_dtype=args.wire_dtype, overlap=args.overlap, pinned=args.pinned,
               rebuild_outputs=args.rebuild_outputs, keep_outputs_mb=args.keep_outputs_mb, out=args.out,
               secret=args.secret, accelerator_timeout=args.accelerator_timeout)
