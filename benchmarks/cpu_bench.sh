@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU benchmark of issue 4 (no GPU needed; 16 minutes on the 2-core Zen 5 host, 33 on slower
+# The CPU benchmark of issue 4 (no GPU needed; 18 minutes on the 2-core Zen 5 host, over 33 on slower
 # ones): training steps of
 # VGG-16/19 and ResNet-18/34 at 224x224, batch 32, in two TEE-only baselines (legrace's own, and
 # plain PyTorch in channels_last: the ratios use the faster) and legrace (trusted side and an

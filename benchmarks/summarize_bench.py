@@ -26,6 +26,14 @@ def _cell(ratio: dict, key: str, digits: int) -> str:
     return f"{ratio[key]:.{digits}f}" if key in ratio else ""
 
 
+def _warmup_cell(report: dict) -> str:
+    """Untimed rounds before the timed ones, marked where a mode still faulted fresh pages after
+    them (empty for runs made before bench counted them)."""
+    if "warmup_rounds" not in report:
+        return ""
+    return f"{report['warmup_rounds']}" + (" (heap still growing)" if report.get("heap_settled") is False else "")
+
+
 def shared_work_caps(folder: Path) -> dict[tuple, float]:
     """shared_work.py's caps in the folder, by (model, train, input size, batch, threads): against
     the faster TEE-only baseline where the file has it."""
@@ -102,6 +110,7 @@ def main(folder: str) -> None:
             _cell(ratio, "tee_only_memory / legrace_trusted_memory", 1),
             {True: "on", False: "off"}.get(r.get("overlap"), ""),
             str(r.get("threads", "")),
+            _warmup_cell(r),
         ])
         cap = caps.get((r["model"], r["train"], r["input_size"], r["batch_size"], r.get("threads")))
         checks += target_rows(f.parent.name, r, cap)
@@ -110,7 +119,7 @@ def main(folder: str) -> None:
     head = ["run", "model", "batch", "tee_only step s", "tee_only_channels_last step s", "legrace step s",
             "legrace trusted s", "gpu_only step s",
             "tee / legrace trusted", "tee / legrace step", "legrace / gpu_only step", "tee / legrace trusted MACs",
-            "tee / legrace trusted memory", "overlap", "threads"]
+            "tee / legrace trusted memory", "overlap", "threads", "warm-up rounds"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:

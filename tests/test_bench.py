@@ -152,6 +152,17 @@ def test_summary_table_of_bench_runs(tmp_path, capsys):
         runpy.run_path(str(script), run_name="not_main")["main"](str(tmp_path / "nothing"))
 
 
+def test_summary_says_how_many_warm_up_rounds_a_run_took():
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "summarize_bench.py"
+    cell = runpy.run_path(str(script), run_name="not_main")["_warmup_cell"]
+    assert cell({}) == ""  # a run from before bench counted them
+    assert cell({"warmup_rounds": 3, "heap_settled": True}) == "3"
+    assert cell({"warmup_rounds": 5, "heap_settled": False}) == "5 (heap still growing)"
+
+
 def test_target_check_of_a_gpu_run():
     import runpy
     from pathlib import Path
