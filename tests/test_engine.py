@@ -113,6 +113,41 @@ def test_validation_passes_are_accounted_in_parallel():
     assert engine.get_epsilon() == pytest.approx(epsilon(5.0, twice, 1e-5))
 
 
+def test_a_validation_loader_of_larger_batches_run_in_eval_mode_costs_no_more():
+    # one global batch size once priced every use at the largest loader's batch, eval passes included
+    engine = LegRace(rank=1, clip=0.5, target_epsilon=4.0)
+    model, _, train = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader(batch=4),
+                                          epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "epsilon will pass target_epsilon" warning either
+        val = engine.private_loader(tiny_loader(batch=16, seed=1), "validation")
+    with torch.no_grad():
+        for x, _ in train:
+            model.train()(x)
+        for x, _ in val:
+            model.eval()(x)  # BatchNorm with running statistics: no sample moves another
+    assert engine.batch_size == 4 and engine.ledger.uses == {"train": 1, "validation": 1}
+    assert engine.releases_per_use()[1][0] == 2.0 * math.sqrt(4)
+    assert 3.9 < engine.get_epsilon() <= 4.0
+    x, _ = next(iter(val))
+    with torch.no_grad(), pytest.raises(ValueError, match="calibrated for batches of at most 4"):
+        model.train()(x)  # the same batch in training mode is refused: one sample would move 16 residuals
+
+
+def test_a_batchnorm_without_running_statistics_couples_the_batch_in_eval_mode_too():
+    module = SmallCNN(1, 3)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    model, _, train = engine.make_private(module=module, optimizer=None, data_loader=tiny_loader(batch=4))
+    val = engine.private_loader(tiny_loader(batch=16, seed=1), "validation")
+    with torch.no_grad():
+        for x, _ in val:
+            model.eval()(x)  # normalised by the batch's own statistics: one sample moves all 16
+    assert engine.batch_size == 16 and engine.releases_per_use()[1][0] == 2.0 * math.sqrt(16)
+
+
 def test_batchnorm_coupling_costs_privacy():
     class NoBN(nn.Module):
         def __init__(self):

@@ -274,6 +274,10 @@ class LegRace:
         if self._unplanned is not None:  # the map sizes, before calibrating
             self._plan(sizes)
         loader = self.private_loader(data_loader, name="train")
+        # Releases after a BatchNorm in training mode are priced at the training batches (the noise is
+        # calibrated for them); only a larger batch that crosses there in training mode raises it
+        # (_released), so a validation loader of larger batches run in eval mode costs nothing more.
+        self.batch_size = max(self.batch_size, _batch_size(data_loader))
         if self.target_epsilon is not None and self.releases_per_sample > 0 and self.mechanism is None:
             if epochs is None:
                 raise ValueError("target_epsilon needs epochs (how many times each sample is used)")
@@ -294,12 +298,6 @@ class LegRace:
         if batch_size is None:
             raise ValueError("cannot tell the loader's batch size (needed to account BatchNorm's batch coupling); "
                              "use a DataLoader with batch_size set")
-        if batch_size > self.batch_size and self.target_epsilon is not None and self.mechanism is not None \
-                and self.batch_coupled_releases_per_sample:
-            warnings.warn(f"this loader's batches of {batch_size} are larger than the {self.batch_size} the noise was "
-                          "calibrated for: releases after a BatchNorm are priced at the larger batch, so epsilon will "
-                          "pass target_epsilon; wrap this loader (private_loader) before make_private", stacklevel=2)
-        self.batch_size = max(self.batch_size, batch_size)
         device = self.device if self.mode == "gpu_only" else None
         if self._unplanned is not None:  # the first loader's samples tell each conv's map size
             self._plan(self._probe_loader(self._unplanned, data_loader))
@@ -464,9 +462,10 @@ class LegRace:
         from elsewhere), and every forward outside all passes, are each charged as one use under
         OUTSIDE_A_LOADER, which adds to every data set's count (the worst case: the same samples
         every time), so `get_epsilon` never understates what crossed. After a BatchNorm in
-        training mode a release's sensitivity is 2C*sqrt(B): a batch larger than the loaders' raises
-        the B every use is priced at, or, when the noise was calibrated for a target epsilon, is
-        refused.
+        training mode a release's sensitivity is 2C*sqrt(B): a batch larger than make_private's
+        loader's raises the B every use is priced at, or, when the noise was calibrated for a target
+        epsilon, is refused. Eval-mode forwards couple nothing, whatever their batch (unless a
+        BatchNorm keeps no running statistics, and normalises by the batch in eval mode too).
         """
         if self._unaccounted:
             return
@@ -477,13 +476,13 @@ class LegRace:
                              "samples only by iterating, and its first batch is checked before anything is "
                              "released. Iterate the private loader first (or run this forward in "
                              "engine.unaccounted() if its data is not private)")
-        if rows > self.batch_size and point in self._coupled and any(bn.training for bn in self._batchnorms):
+        if rows > self.batch_size and point in self._coupled and any(map(_normalises_by_batch, self._batchnorms)):
             if self.target_epsilon is not None:  # the noise was calibrated for the smaller batch
                 raise ValueError(
                     f"a batch of {rows} samples reached decomposition point {point}, which follows a BatchNorm in "
-                    f"training mode, but the noise was calibrated for batches of at most {self.batch_size} (the "
-                    "private loaders' batch size): one sample moves its whole batch there. Feed training batches "
-                    "through the private loader (a DataLoader with batch_size set), or run the forward in eval mode")
+                    f"training mode, but the noise was calibrated for batches of at most {self.batch_size} (make_private's "
+                    "loader's batch size): one sample moves its whole batch there. Train on batches of at most "
+                    f"{self.batch_size}, or run this forward in eval mode (model.eval())")
             self.batch_size = rows  # every use is priced at the larger batch from now on (never less)
         if self._open_passes:
             n = self._pass_rows[point] = self._pass_rows.get(point, 0) + rows
@@ -702,6 +701,13 @@ def _iterable_only(data_loader: Any) -> bool:
     if dataset is None:
         return not isinstance(data_loader, (list, tuple)) and not hasattr(data_loader, "__getitem__")
     return isinstance(dataset, torch.utils.data.IterableDataset)
+
+
+def _normalises_by_batch(bn: nn.Module) -> bool:
+    """Whether this BatchNorm normalises with the batch's own statistics now (so one sample moves
+    its batch-mates' outputs): in training mode, and in eval mode too when it keeps no running
+    statistics (track_running_stats=False), as torch's BatchNorm decides."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
 def _batch_size(data_loader: Any) -> Optional[int]:
