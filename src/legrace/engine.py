@@ -479,10 +479,11 @@ class LegRace:
         if rows > self.batch_size and point in self._coupled and any(map(_normalises_by_batch, self._batchnorms)):
             if self.target_epsilon is not None:  # the noise was calibrated for the smaller batch
                 raise ValueError(
-                    f"a batch of {rows} samples reached decomposition point {point}, which follows a BatchNorm in "
-                    f"training mode, but the noise was calibrated for batches of at most {self.batch_size} (make_private's "
-                    "loader's batch size): one sample moves its whole batch there. Train on batches of at most "
-                    f"{self.batch_size}, or run this forward in eval mode (model.eval())")
+                    f"a batch of {rows} samples reached decomposition point {point}, which follows a BatchNorm that "
+                    "normalises by the batch (training mode, or no running statistics), but the noise was calibrated "
+                    f"for batches of at most {self.batch_size} (make_private's loader's batch size): one sample moves "
+                    f"its whole batch there. Train on batches of at most {self.batch_size}, or run this forward in "
+                    "eval mode (model.eval(), with BatchNorms that keep running statistics)")
             self.batch_size = rows  # every use is priced at the larger batch from now on (never less)
         if self._open_passes:
             n = self._pass_rows[point] = self._pass_rows.get(point, 0) + rows
