@@ -141,11 +141,13 @@ def test_a_batchnorm_without_running_statistics_couples_the_batch_in_eval_mode_t
             m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
     engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
     model, _, train = engine.make_private(module=module, optimizer=None, data_loader=tiny_loader(batch=4))
-    val = engine.private_loader(tiny_loader(batch=16, seed=1), "validation")
-    with torch.no_grad():
-        for x, _ in val:
-            model.eval()(x)  # normalised by the batch's own statistics: one sample moves all 16
+    with torch.no_grad(), pytest.warns(UserWarning, match="outside a pass"):
+        model.eval()(torch.randn(16, 1, 8, 8))  # normalised by the batch's own statistics: one sample moves all 16
     assert engine.batch_size == 16 and engine.releases_per_use()[1][0] == 2.0 * math.sqrt(16)
+    engine = LegRace(rank=1, clip=0.5, target_epsilon=4.0)
+    model, _, train = engine.make_private(module=module, optimizer=None, data_loader=tiny_loader(batch=4), epochs=1)
+    with torch.no_grad(), pytest.raises(ValueError, match="with BatchNorms that keep running statistics"):
+        model.eval()(torch.randn(16, 1, 8, 8))
 
 
 def test_batchnorm_coupling_costs_privacy():

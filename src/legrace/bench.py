@@ -367,10 +367,11 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     if out is not None:  # made before the timing (the engines have checked their settings): a bad path
         out = output_folder(out)  # fails now, not after minutes of timing
     rounds = _warm_up(runs, warmup, settle_rounds)
+    # None where no warm-up fault was counted (no warm-up, or an OS that does not say)
+    settled = all(run.settled() for run in runs) if any(run.warmup_faults for run in runs) else None
     if rounds > warmup:
         log(f"warm-up: {rounds} rounds, {rounds - warmup} more than --warmup while a step still faulted fresh "
-            f"pages" + ("" if all(run.settled() for run in runs) else
-                        f"; still faulting after --settle-rounds {settle_rounds}"))
+            f"pages" + ("" if settled else f"; still faulting after --settle-rounds {settle_rounds}"))
     for _ in range(repeats):  # round robin, so a change of machine load hits every mode alike
         for run in runs:
             run.timed_step()
@@ -398,7 +399,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
               "cpu": _cpu_name(),
               "warmup_rounds": rounds,
-              "heap_settled": all(run.settled() for run in runs) if any(r.warmup_faults for r in runs) else None,
+              "heap_settled": settled,
               "modes": results, "ratios": _ratios(results), "tee_only_baselines": _tee_baselines(results)}
     if sum(r["mode"] in TEE_MODES for r in results) > 1:
         log(f"ratios against TEE-only use {report['tee_only_baselines']['time']} for time and "
