@@ -42,10 +42,13 @@ if setting == "kept":
 elif setting == "trim-2gib":
     assert heap.set_malloc_thresholds(heap.LARGEST, heap.LARGEST)
 from legrace.bench import run_bench
-report = run_bench(model, int(size), int(batch), modes.split(","), warmup=1, repeats=int(repeats),
+# one warm-up round and no settling: under a setting that faults every step, the bench's settle
+# rounds would only add steps (up to 4 rounds each), and these faults are what is compared
+report = run_bench(model, int(size), int(batch), modes.split(","), warmup=1, repeats=int(repeats), settle_rounds=0,
                    accelerator=accelerator, log=lambda *a: None)
 how = "mallopt, 2 GiB trim threshold" if setting == "trim-2gib" else heap.how_kept()
 print(json.dumps({"how_kept": how, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "warmup_rounds": report["warmup_rounds"],
                   "modes": [{k: m[k] for k in ("mode", "step_seconds", "trusted_seconds", "minor_page_faults")}
                             for m in report["modes"]]}))
 """
@@ -93,7 +96,7 @@ def main() -> None:
             print(f"round {r + 1}: {setting} done", file=sys.stderr, flush=True)
     results = []
     for setting, done in runs.items():
-        row = {"setting": setting, "how_kept": done[0]["how_kept"],
+        row = {"setting": setting, "how_kept": done[0]["how_kept"], "warmup_rounds": done[0]["warmup_rounds"],
                "peak_rss_mib": statistics.median(d["peak_rss_mib"] for d in done)}
         for i, mode in enumerate(m["mode"] for m in done[0]["modes"]):
             for key in ("step_seconds", "trusted_seconds", "minor_page_faults"):

@@ -491,7 +491,7 @@ def _charts(report: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int, settle_rounds: int = 0) -> None:
+def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int, settle_rounds: int) -> None:
     """Refuse settings that would time nothing or time something else than asked, before the run."""
     if not modes:
         raise ValueError("no modes to time: give --modes, e.g. tee_only,legrace")
