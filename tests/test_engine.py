@@ -493,6 +493,75 @@ def test_releases_outside_a_private_loader_are_accounted_as_the_worst_case():
     assert engine.ledger.uses["outside a private loader"] == 3
 
 
+def test_unaccounted_covers_only_the_thread_that_opened_it():
+    # a benchmark's synthetic forward on one thread once left another thread's private forward,
+    # at the same time, unaccounted
+    import threading
+
+    engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
+    model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
+    x = next(iter(loader.loader))[0]
+    inside, leave = threading.Event(), threading.Event()
+
+    def synthetic():
+        with engine.unaccounted():
+            inside.set()
+            leave.wait(30)
+
+    other = threading.Thread(target=synthetic)
+    other.start()
+    try:
+        assert inside.wait(30)
+        with torch.no_grad(), pytest.warns(UserWarning, match="outside a pass over a private loader"):
+            model(x)  # private data, on this thread, while the other's block is open
+    finally:
+        leave.set()
+        other.join()
+    assert engine.ledger.uses.get("outside a private loader") == 1
+
+
+def test_threads_forwarding_through_one_engine_at_once_each_get_their_own_split():
+    # a serving pool: two threads between a conv that keeps its split for a later conv (a ResNet
+    # block's downsample) and that conv; the second thread's split once replaced the first's
+    import threading
+
+    torch.manual_seed(0)
+    module = SameInput().double()
+    engine = LegRace(rank=2, clip=None, noise_multiplier=0.0, overlap=True)  # noise off: exact outputs
+    model = engine.convert(copy.deepcopy(module))
+    assert model.down.same_as == 1
+    xs = [torch.randn(2, 3, 6, 6, dtype=torch.float64) for _ in range(4)]
+    both_split = threading.Barrier(2, timeout=30)
+
+    def wait_for_the_other(module, args, output):  # returns None: the output stands
+        both_split.wait()
+
+    model.a.register_forward_hook(wait_for_the_other)
+    outs, errors = {}, []
+
+    def serve(i):
+        try:
+            with torch.no_grad():
+                outs[i] = model(xs[i])
+        except BaseException as err:  # reported below, not lost in the thread
+            errors.append(err)
+            both_split.abort()
+
+    for pair in ((0, 1), (2, 3)):
+        threads = [threading.Thread(target=serve, args=(i,)) for i in pair]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # forwards outside a loader: accounted, and warned of
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    assert not errors, errors
+    for i, x in enumerate(xs):
+        torch.testing.assert_close(outs[i], module(x), rtol=1e-9, atol=1e-9)
+    assert not engine._config.shared
+    assert engine.ledger.uses["outside a private loader"] == 4  # each forward one use
+
+
 def test_make_private_plans_map_sizes_and_refuses_an_input_that_would_release_unaccounted():
     # SmallCNN on 8x8: its convs see 8x8, 4x4 and 2x2 maps; R = 4 covers the last (and layer 0's channel)
     engine = LegRace(rank=4, clip=0.5, noise_multiplier=3.0)

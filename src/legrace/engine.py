@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -60,20 +61,22 @@ class PrivateDataLoader:
         engine = self.engine
         try:
             for i, batch in enumerate(self.loader):
-                if i == 0:  # accounted before the first release of the pass
-                    if engine._unchecked is not None or engine._refusal:
-                        engine._check_first_batch(batch)  # before the use: a refused model spends nothing
-                    engine._record_use(self.name)
-                    engine._open_passes += 1
-                    opened = True
-                engine._paid_rows += _rows(batch, self.loader)  # what the pass may release (_released)
+                with engine._lock:  # another thread may be releasing (see SplitConfig.lock)
+                    if i == 0:  # accounted before the first release of the pass
+                        if engine._unchecked is not None or engine._refusal:
+                            engine._check_first_batch(batch)  # before the use: a refused model spends nothing
+                        engine._record_use(self.name)
+                        engine._open_passes += 1
+                        opened = True
+                    engine._paid_rows += _rows(batch, self.loader)  # what the pass may release (_released)
                 yield _to_device(batch, self.device) if self.device is not None else batch
         finally:
             if opened:
-                engine._open_passes -= 1
-                if not engine._open_passes:
-                    engine._pass_rows.clear()
-                    engine._paid_rows = 0
+                with engine._lock:
+                    engine._open_passes -= 1
+                    if not engine._open_passes:
+                        engine._pass_rows.clear()
+                        engine._paid_rows = 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -237,8 +240,11 @@ class LegRace:
         self._converted = False
         self._coupled_points = 0
         self.batch_size = 1
+        # Held while accounting (each split conv holds it: SplitConfig.lock), so threads may share
+        # the engine; `unaccounted` covers only the thread that opened it.
+        self._lock = threading.RLock()
+        self._thread = threading.local()
         self._open_passes = 0  # private loaders iterating now
-        self._unaccounted = 0  # `unaccounted` blocks open now
         self._paid_rows = 0  # samples the open passes' uses pay for: those yielded, and those charged extra
         self._pass_rows: dict[int, int] = {}  # samples released per point while passes are open
         self._batchnorms: list[nn.Module] = []  # the converted model's BatchNorms (batch coupling)
@@ -335,7 +341,7 @@ class LegRace:
             self._releasing_points = 0
             return gm
         config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank,
-                             basis_dtype=self.basis_dtype, wire_dtype=self.wire_dtype)
+                             basis_dtype=self.basis_dtype, wire_dtype=self.wire_dtype, lock=self._lock)
         if config.releases:
             self.boundary = Boundary(self._transport(), audit=self.audit,
                                      verifier=FreivaldsVerifier() if self.verify else None, overlap=self.overlap)
@@ -445,12 +451,18 @@ class LegRace:
     @contextlib.contextmanager
     def unaccounted(self) -> Iterator[None]:
         """Forwards in this block release data that is not private (synthetic benchmark inputs,
-        an attack's simulated victims): not accounted, and no warning. Grep for it to audit."""
-        self._unaccounted += 1
+        an attack's simulated victims): not accounted, and no warning. Grep for it to audit.
+        It covers this thread's forwards only: another thread's, at the same time, are accounted."""
+        self._thread.unaccounted = self._unaccounted + 1
         try:
             yield
         finally:
-            self._unaccounted -= 1
+            self._thread.unaccounted -= 1
+
+    @property
+    def _unaccounted(self) -> int:
+        """`unaccounted` blocks open now on this thread."""
+        return getattr(self._thread, "unaccounted", 0)
 
     def _released(self, point: int, rows: int) -> None:
         """Account the release of `rows` samples' residuals at decomposition point `point`,
@@ -466,6 +478,7 @@ class LegRace:
         loader's raises the B every use is priced at, or, when the noise was calibrated for a target
         epsilon, is refused. Eval-mode forwards couple nothing, whatever their batch (unless a
         BatchNorm keeps no running statistics, and normalises by the batch in eval mode too).
+        Called by a split conv, which holds the engine's lock: one thread accounts at a time.
         """
         if self._unaccounted:
             return

@@ -11,10 +11,15 @@ legrace, a conv whose input channels R covers has no residual and sends nothing 
 
 Each request to the accelerator is sent before the trusted side computes its own part of the
 same layer and collected after, so with `Boundary(overlap=True)` the two legs run concurrently.
+
+Threads may share an engine (a serving pool): each split conv's forward, backward and rebuild holds
+the engine's lock (`SplitConfig.lock`), so its accounting, noise and crossings are never
+interleaved with another thread's, and a split kept for a later conv is kept per thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -52,9 +57,13 @@ class SplitConfig:
     timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
     outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
     on_release: Optional[Callable[[int, int], None]] = None  # told each release's point and rows (accounting)
-    # point -> [its input, the input's version, its A, V and noised residual, reusers left], kept
-    # by a conv whose input later convs read too (SplitConv2d.reusers) until the last takes it
+    # (thread, point) -> [its input, the input's version, its A, V and noised residual, reusers
+    # left], kept by a conv whose input later convs read too (SplitConv2d.reusers) until the last
+    # takes it: per thread, since two threads' forwards may be between the same two convs
     shared: dict = field(default_factory=dict)
+    # held by each split conv's forward, backward and rebuild: one thread at a time accounts,
+    # draws, crosses and times (the engine's lock, which its private loaders' bookkeeping holds too)
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __deepcopy__(self, memo: dict) -> "SplitConfig":
         # A copy of the model (an EMA, torch.optim.swa_utils.AveragedModel) runs under the same
@@ -240,6 +249,10 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
     versions = [p._version for p in (weight, bias) if p is not None]
 
     def rebuild() -> Tensor:
+        with cfg.lock:
+            return _rebuild()
+
+    def _rebuild() -> Tensor:
         t0 = time.perf_counter()
         if [p._version for p in (weight, bias) if p is not None] != versions:
             raise RuntimeError(f"the weight or bias of conv layer {layer.point} changed between forward and "
@@ -272,17 +285,17 @@ def _version(t: Tensor) -> Optional[int]:
 def _take_shared(layer: "SplitConv2d", x: Tensor):
     """A, V and the noised residual that conv `layer.same_as` made of x. Anything else is
     refused: a fresh release here would not be accounted."""
-    shared = layer.config.shared
-    entry = shared.get(layer.same_as)
+    shared, key = layer.config.shared, (threading.get_ident(), layer.same_as)
+    entry = shared.get(key)
     if entry is None or entry[0]() is not x or entry[1] != _version(x):
-        shared.pop(layer.same_as, None)
+        shared.pop(key, None)
         raise RuntimeError(
             f"conv layer {layer.point} reads the same input as conv layer {layer.same_as} in the traced model, "
             "but did not get the tensor that layer split and released: a second release of it would not be "
             "accounted (was the input changed in place, or the layers called outside the model's forward?)")
     entry[5] -= 1
     if entry[5] == 0:
-        del shared[layer.same_as]
+        del shared[key]
     return entry[2:5]
 
 
@@ -314,7 +327,8 @@ class _SplitConvFunction(torch.autograd.Function):
                     cfg.on_release(layer.point, x.shape[0])
                 released = cfg.mechanism.release(X_res, cfg.wire_dtype)
             if layer.reusers:  # kept for the later convs without X_res, which they do not need
-                cfg.shared[layer.point] = [weakref.ref(x), _version(x), A, V, released, layer.reusers]
+                cfg.shared[threading.get_ident(), layer.point] = [weakref.ref(x), _version(x), A, V, released,
+                                                                  layer.reusers]
             pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
                                   layer.point, released, grad and weight.requires_grad, out_shape, wait=False)
         X_res = None  # released (or, lowrank_only, dropped): not kept past this point
@@ -336,6 +350,11 @@ class _SplitConvFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_y: Tensor):
+        with ctx.layer.config.lock:
+            return _SplitConvFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y: Tensor):
         t0 = time.perf_counter()
         A, V, weight = ctx.saved_tensors
         layer, cfg = ctx.layer, ctx.layer.config
@@ -438,9 +457,10 @@ class SplitConv2d(nn.Module):
                 f"conv layer {self.point} was planned to release nothing (R covers its {self.planned_hw[0]}x"
                 f"{self.planned_hw[1]} map at the input size the noise was calibrated for), but this input gives "
                 f"{x.shape[2]}x{x.shape[3]}: its release would not be accounted; feed inputs of one size")
-        if sends:
-            self._sync_weight()
-        y = _SplitConvFunction.apply(x, self.weight, self.bias, self, sends, torch.is_grad_enabled())
+        with self.config.lock:
+            if sends:
+                self._sync_weight()
+            y = _SplitConvFunction.apply(x, self.weight, self.bias, self, sends, torch.is_grad_enabled())
         return layout_of(y, x)
 
     def _sync_weight(self) -> None:
