@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import threading
 import warnings
 
 import pytest
@@ -496,8 +497,6 @@ def test_releases_outside_a_private_loader_are_accounted_as_the_worst_case():
 def test_unaccounted_covers_only_the_thread_that_opened_it():
     # a benchmark's synthetic forward on one thread once left another thread's private forward,
     # at the same time, unaccounted
-    import threading
-
     engine = LegRace(rank=1, clip=0.5, noise_multiplier=3.0)
     model, _, loader = engine.make_private(module=SmallCNN(1, 3), optimizer=None, data_loader=tiny_loader())
     x = next(iter(loader.loader))[0]
@@ -523,8 +522,6 @@ def test_unaccounted_covers_only_the_thread_that_opened_it():
 def test_threads_forwarding_through_one_engine_at_once_each_get_their_own_split():
     # a serving pool: two threads between a conv that keeps its split for a later conv (a ResNet
     # block's downsample) and that conv; the second thread's split once replaced the first's
-    import threading
-
     torch.manual_seed(0)
     module = SameInput().double()
     engine = LegRace(rank=2, clip=None, noise_multiplier=0.0, overlap=True)  # noise off: exact outputs
