@@ -243,7 +243,7 @@ class LegRace:
         # Held while accounting (each split conv holds it: SplitConfig.lock), so threads may share
         # the engine; `unaccounted` covers only the thread that opened it.
         self._lock = threading.RLock()
-        self._thread = threading.local()
+        self._per_thread = threading.local()
         self._open_passes = 0  # private loaders iterating now
         self._paid_rows = 0  # samples the open passes' uses pay for: those yielded, and those charged extra
         self._pass_rows: dict[int, int] = {}  # samples released per point while passes are open
@@ -453,16 +453,16 @@ class LegRace:
         """Forwards in this block release data that is not private (synthetic benchmark inputs,
         an attack's simulated victims): not accounted, and no warning. Grep for it to audit.
         It covers this thread's forwards only: another thread's, at the same time, are accounted."""
-        self._thread.unaccounted = self._unaccounted + 1
+        self._per_thread.unaccounted = self._unaccounted + 1
         try:
             yield
         finally:
-            self._thread.unaccounted -= 1
+            self._per_thread.unaccounted -= 1
 
     @property
     def _unaccounted(self) -> int:
         """`unaccounted` blocks open now on this thread."""
-        return getattr(self._thread, "unaccounted", 0)
+        return getattr(self._per_thread, "unaccounted", 0)
 
     def _released(self, point: int, rows: int) -> None:
         """Account the release of `rows` samples' residuals at decomposition point `point`,
