@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from legrace.cli import positive
-from legrace.heap import how_kept, keep_freed_memory
+from legrace.options import positive
+from legrace.trusted.heap import how_kept, keep_freed_memory
 from legrace.models import build_model
 
 
@@ -33,7 +33,7 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads per process (a busy machine: 1 avoids OpenMP oversubscription)")
     parser.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
                         help="keep freed memory for reuse, as an enclave's fixed heap and `legrace bench` do "
-                             "(legrace.heap; default: on). --no-keep-heap times glibc's default, which "
+                             "(legrace.trusted.heap; default: on). --no-keep-heap times glibc's default, which "
                              "page-faults every large block afresh")
 
 

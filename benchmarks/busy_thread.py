@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bench_common import count, median_seconds
 
-from legrace.heap import keep_freed_memory
+from legrace.trusted.heap import keep_freed_memory
 from legrace.models import build_model
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--steps", type=count, default=5)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    keep_freed_memory()  # as the other scripts and `legrace bench` (legrace.heap)
+    keep_freed_memory()  # as the other scripts and `legrace bench` (legrace.trusted.heap)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.manual_seed(0)
     model = build_model(a.model, num_classes=10, image_size=a.input_size)

@@ -10,7 +10,7 @@
 #   OUT=/tmp/out BATCH=32 bash benchmarks/cpu_bench.sh
 # glibc's malloc unmaps large freed blocks, so every new activation is page-faulted again; an
 # enclave's heap is fixed, so the benchmark keeps freed memory (the same for both modes):
-# `legrace bench` and the scripts under benchmarks/ do so themselves (legrace.heap; --no-keep-heap).
+# `legrace bench` and the scripts under benchmarks/ do so themselves (legrace.trusted.heap; --no-keep-heap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/cpu-bench}

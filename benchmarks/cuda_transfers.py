@@ -18,7 +18,7 @@ import torch
 
 from bench_common import count
 
-from legrace.heap import keep_freed_memory
+from legrace.trusted.heap import keep_freed_memory
 
 # (name, shape): VGG-16's largest conv input at 224x224 batch 32, and a mid-size one
 SHAPES = (("32x64x224x224", (32, 64, 224, 224)), ("32x256x56x56", (32, 256, 56, 56)),
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--repeats", type=count, default=5)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    keep_freed_memory()  # as the other scripts and `legrace bench` (legrace.heap)
+    keep_freed_memory()  # as the other scripts and `legrace bench` (legrace.trusted.heap)
     if not torch.cuda.is_available():
         raise SystemExit("cuda_transfers.py needs a CUDA GPU")
     rows = []

@@ -40,7 +40,7 @@ mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/log.txt"
 START=$SECONDS
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# `legrace bench` and the scripts keep freed heap memory in the process themselves (legrace.heap),
+# `legrace bench` and the scripts keep freed heap memory in the process themselves (legrace.trusted.heap),
 # as an enclave's fixed heap does, for every mode alike. (Runs before 2026-12-04 set GLIBC_TUNABLES
 # with 4 GiB thresholds instead: benchmarks/heap_settings.py compares the two.)
 
@@ -125,7 +125,7 @@ THP_MEM_ALLOC_ENABLE=1 bench vgg16-train-thp 90 --model vgg16 --modes "$TEE,legr
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 [ "$ACCELERATOR" = cpu ] || OMP_NUM_THREADS=4 step 240 full-tests $PY -m pytest -q -p no:cacheprovider $XDIST tests \
     --ignore=tests/test_cuda.py --ignore=tests/test_compact.py --ignore=tests/test_kernels.py
-# whether the heap's trimming (the 2 GiB threshold legrace.heap set before) or GLIBC_TUNABLES (the
+# whether the heap's trimming (the 2 GiB threshold legrace.trusted.heap set before) or GLIBC_TUNABLES (the
 # runs before) left faults here that the kept heap does not
 step 100 heap-settings $PY benchmarks/heap_settings.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
   --modes tee_only,legrace --settings kept,trim-2gib,tunables --accelerator "$ACCELERATOR" --out "$RUNS/heap_settings.json"

@@ -6,8 +6,8 @@ same modes (round robin, as `legrace bench` does) in its own process, since mall
 process-wide and a heap's history carries over from mode to mode:
 
     default     glibc as it comes: blocks over 32 MiB are mapped afresh and unmapped on free
-    kept        legrace.heap.keep_freed_memory() (what `legrace bench` and `legrace train` do)
-    trim-2gib   mallopt with both thresholds at its largest int (what legrace.heap did before):
+    kept        legrace.trusted.heap.keep_freed_memory() (what `legrace bench` and `legrace train` do)
+    trim-2gib   mallopt with both thresholds at its largest int (what legrace.trusted.heap did before):
                 a free that leaves over 2 GiB at the heap's top gives it back to the OS
     tunables    GLIBC_TUNABLES with 4 GiB thresholds (what the scripts were run with before)
 
@@ -36,12 +36,12 @@ TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4
 _CHILD = """
 import json, resource, sys
 setting, model, size, batch, modes, repeats, accelerator = sys.argv[1:]
-from legrace import heap
+from legrace.trusted import heap
 if setting == "kept":
     heap.keep_freed_memory()
 elif setting == "trim-2gib":
     assert heap.set_malloc_thresholds(heap.LARGEST, heap.LARGEST)
-from legrace.bench import run_bench
+from legrace.bench.runner import run_bench
 # one warm-up round and no settling: under a setting that faults every step, the bench's settle
 # rounds would only add steps (up to 4 rounds each), and these faults are what is compared
 report = run_bench(model, int(size), int(batch), modes.split(","), warmup=1, repeats=int(repeats), settle_rounds=0,

@@ -1,7 +1,7 @@
 """Trusted time and memory of legrace with its conv outputs rebuilt, partly kept, or all kept.
 
 A BatchNorm after each conv would keep the conv's output for backward; legrace rebuilds it
-instead (legrace.recompute), and `keep_outputs_mb` keeps the outputs costliest to rebuild up to
+instead (legrace.trusted.recompute), and `keep_outputs_mb` keeps the outputs costliest to rebuild up to
 a budget. This script times legrace training steps with each budget, interleaved so that a change
 of machine load hits every setting alike, and reports the median (and least) trusted time and the
 memory the trusted side keeps, as `legrace bench` counts them.
@@ -16,8 +16,8 @@ import argparse
 from bench_common import add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch, \
     write_results
 
-from legrace.bench import _ModeRun
-from legrace.cli import mebibytes
+from legrace.bench.runner import _ModeRun
+from legrace.options import mebibytes
 
 
 def budgets(text: str) -> list[str]:

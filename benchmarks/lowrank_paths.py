@@ -22,7 +22,7 @@ from torch import nn
 from bench_common import add_process_arguments, apply_process_arguments, count, model_specs, write_results
 
 from legrace.models import build_model
-from legrace.split_conv import conv_padding, lowrank_conv, lowrank_path, lowrank_weight_grad
+from legrace.trusted.split_conv import conv_padding, lowrank_conv, lowrank_path, lowrank_weight_grad
 
 PATHS = ("grouped", "unfold")
 

@@ -22,9 +22,9 @@ import torch
 
 from bench_common import add_run_arguments, apply_process_arguments, counts, model_specs, write_results
 
-import legrace.split_conv as split_conv
+import legrace.trusted.split_conv as split_conv
 from legrace import LegRace
-from legrace.decompose import decompose, rank_for_point
+from legrace.trusted.decompose import decompose, rank_for_point
 from legrace.models import build_model
 
 

@@ -22,8 +22,8 @@ import torch
 from bench_common import (add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch,
                           write_results)
 
-from legrace.bench import _ModeRun
-from legrace.mechanism import GaussianMechanism, GaussianStreams
+from legrace.bench.runner import _ModeRun
+from legrace.trusted.mechanism import GaussianMechanism, GaussianStreams
 
 
 def released_shapes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Size]:

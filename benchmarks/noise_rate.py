@@ -5,7 +5,7 @@ and in that profile on a 16-core GPU host it took as long as on 2 cores. This ti
 alone, side by side in one run, for one buffer of --values float32 values (medians of --repeats,
 after one warm-up that starts the threads and fills the allocator's caches):
   - legrace's GaussianStreams on 1, 2, 4, ... threads, into pageable and, where CUDA is present,
-    page-locked memory (as the mechanism draws for an in-process GPU), with legrace.gaussian's
+    page-locked memory (as the mechanism draws for an in-process GPU), with legrace.trusted.gaussian's
     ziggurat (the default) and with torch's normal_ (one Mersenne Twister per thread; what legrace
     drew with before, and still does without numba);
   - the page-locked allocation alone (the CUDA host allocator caches freed blocks);
@@ -23,7 +23,7 @@ import torch
 
 from bench_common import add_process_arguments, apply_process_arguments, count, median_seconds, write_results
 
-from legrace.mechanism import GaussianStreams
+from legrace.trusted.mechanism import GaussianStreams
 
 
 def generator_counts(threads: int) -> list[int]:

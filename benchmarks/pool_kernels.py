@@ -2,7 +2,7 @@
 
 For each pool input shape (by default the five 2x2 pools of VGG-16 and ResNet's 3x3 stride-2
 stem, at 224x224 and --batch-size), times the forward and the forward plus backward of
-legrace.compact's CompactMaxPool2d with legrace.kernels (fused), with the kernels turned off (the
+legrace.trusted.compact's CompactMaxPool2d with legrace.trusted.kernels (fused), with the kernels turned off (the
 torch path: several torch passes), and nn.MaxPool2d (int64 indices; what plain PyTorch runs).
 The three run interleaved, round after round, and each reports the median of --rounds.
 
@@ -22,8 +22,8 @@ from torch import nn
 
 from bench_common import add_rounds_arguments, apply_process_arguments, count, write_results
 
-import legrace.kernels as kernels
-from legrace.compact import CompactMaxPool2d
+import legrace.trusted.kernels as kernels
+from legrace.trusted.compact import CompactMaxPool2d
 
 VGG16_POOLS = [(64, 224), (128, 112), (256, 56), (512, 28), (512, 14)]  # channels, side of each 2x2 pool's input
 RESNET_STEM_POOL = (64, 112)
@@ -67,7 +67,7 @@ def main() -> None:
     args = p.parse_args()
     apply_process_arguments(args)
     if not kernels.usable(np.float32):
-        raise SystemExit("legrace.kernels cannot run here (numba missing, or LEGRACE_FUSED_KERNELS=0)")
+        raise SystemExit("legrace.trusted.kernels cannot run here (numba missing, or LEGRACE_FUSED_KERNELS=0)")
     cases = [("2x2", c, s, dict(kernel_size=2)) for c, s in VGG16_POOLS]
     cases.append(("3x3 stride 2 padding 1", *RESNET_STEM_POOL, dict(kernel_size=3, stride=2, padding=1)))
     results = []

@@ -25,11 +25,11 @@ import torch
 
 from bench_common import add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch
 
-import legrace.boundary as boundary
-import legrace.compact as compact
-import legrace.split_conv as split_conv
-from legrace.bench import _minor_faults, _ModeRun
-from legrace.mechanism import GaussianMechanism
+import legrace.boundary.messages as boundary
+import legrace.trusted.compact as compact
+import legrace.trusted.split_conv as split_conv
+from legrace.bench.runner import _minor_faults, _ModeRun
+from legrace.trusted.mechanism import GaussianMechanism
 
 seconds: collections.Counter = collections.Counter()
 faults: collections.Counter = collections.Counter()  # the process's minor page faults during each call

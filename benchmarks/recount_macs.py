@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from legrace import bench
+from legrace.bench.runner import runner as bench
 
 OLD_COUNT = "ded26e4"  # the last commit with the earlier count
 
 
 def _old_bench(repo: Path):
-    """legrace.bench as of OLD_COUNT, loaded from git next to today's."""
+    """legrace.bench.runner as of OLD_COUNT, loaded from git next to today's."""
     text = subprocess.run(["git", "-C", str(repo), "show", f"{OLD_COUNT}:src/legrace/bench.py"],
                           check=True, capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "bench_old.py"

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_common import (add_model_arguments, add_process_arguments, apply_process_arguments, count, median_seconds,
                           model_and_batch, write_results)
 
-from legrace.bench import TEE_CHANNELS_LAST, _ModeRun
+from legrace.bench.runner import TEE_CHANNELS_LAST, _ModeRun
 
 
 def is_split_conv(event, image_shape: list[int]) -> bool:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from bench_common import add_process_arguments, apply_process_arguments, count
 
 from legrace import LegRace
-from legrace.boundary import Free, SetWeight
+from legrace.boundary.messages import Free, SetWeight
 from legrace.data import load_data
 from legrace.models import build_model
 
@@ -35,7 +35,7 @@ SECRET = "benchmark-" + os.urandom(8).hex()
 
 
 def start_worker(device: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "legrace.worker", "--listen", "127.0.0.1:0", "--device", device],
+    proc = subprocess.Popen([sys.executable, "-m", "legrace.accelerator.worker", "--listen", "127.0.0.1:0", "--device", device],
                             env=dict(os.environ, LEGRACE_SECRET=SECRET), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()

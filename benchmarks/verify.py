@@ -2,7 +2,7 @@
 
 1. Overhead: median training-step time with verify off and on, same model, batch and accelerator.
 2. Honest margin: the largest |answer - check| / (sqrt(n) * scale) seen on honest answers (n and
-   scale as in legrace.freivalds), against the tolerance.
+   scale as in legrace.trusted.freivalds), against the tolerance.
 3. Detection: honest answers of one vgg11 step (every conv layer), tampered in several ways and
    sizes eps, each checked with fresh secret weights; the fraction of tampered answers caught.
 
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from bench_common import add_process_arguments, apply_process_arguments, count
 
 from legrace import LegRace
-from legrace.boundary import BoundaryError
-from legrace.freivalds import TOLERANCE, FreivaldsVerifier
+from legrace.boundary.messages import BoundaryError
+from legrace.trusted.freivalds import TOLERANCE, FreivaldsVerifier
 from legrace.models import build_model
 
 EPS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)

@@ -3,7 +3,7 @@
 oneDNN's grouped weight gradient allocates a scratch buffer the size of dL/dY at each call (411 MB
 for VGG-16's second conv at batch 32). glibc gives a block that large fresh pages at each call
 whenever it is not carved from a free block of the main heap: always with glibc's default
-tunables (it is mmap'd), on any thread but the main one even with the heap kept (legrace.heap; a
+tunables (it is mmap'd), on any thread but the main one even with the heap kept (legrace.trusted.heap; a
 thread's arena maps anything over 64 MB afresh), and on the main thread when the heap's free
 blocks are step-sized holes a few bytes too short. On the GPU host, 100,352 of a VGG-16 step's
 101,047 minor faults fell in this one call. `split_conv` runs the call in chunks of a few samples
@@ -27,9 +27,9 @@ import torch
 
 from bench_common import add_rounds_arguments, apply_process_arguments, count, write_results
 
-from legrace import split_conv
-from legrace.heap import how_kept
-from legrace.split_conv import lowrank_weight_grad
+from legrace.trusted import split_conv
+from legrace.trusted.heap import how_kept
+from legrace.trusted.split_conv import lowrank_weight_grad
 
 # (in channels N, out channels M, side) of VGG-16's convs on the grouped path at rank 8
 VGG16_GROUPED = [(64, 64, 224), (64, 128, 112), (128, 128, 112)]

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from legrace.accountant import OUTSIDE_A_LOADER, covers, PrivacyLedger, calibrate_noise_multiplier, epsilon
+from legrace.privacy.accountant import OUTSIDE_A_LOADER, covers, PrivacyLedger, calibrate_noise_multiplier, epsilon
 
 
 def classic_rdp_bound(z, releases, delta):

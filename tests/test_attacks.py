@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from legrace import LegRace
-from legrace.attacks import gradient_attack, inversion_attack, membership_attack
-from legrace.boundary import ConvBackward, ConvForward, InProcessTransport, SetWeight
+from legrace.attacks.commands import gradient_attack, inversion_attack, membership_attack
+from legrace.boundary.messages import ConvBackward, ConvForward, SetWeight
+from legrace.boundary.gateway import InProcessTransport
 from legrace.cli import main
-from legrace.inversion import quality
+from legrace.attacks.inversion import quality
 from legrace.models import SmallCNN
-from legrace.tap import ActivationTap, BoundaryTap
-from legrace.target import AttackError, load_target
+from legrace.attacks.tap import ActivationTap, BoundaryTap
+from legrace.attacks.target import AttackError, load_target
 from legrace.train import TrainConfig, run_training
-from legrace.views import RealRun, parse_clip_rule, parse_view
+from legrace.attacks.views import RealRun, parse_clip_rule, parse_view
 
 CIFAR_NPZ = Path(os.environ.get("LEGRACE_CIFAR10_NPZ")
                  or Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train.npz")
@@ -231,7 +232,7 @@ def test_attack_views_calibrate_the_noise_as_training_does():
     from torch.utils.data import DataLoader, TensorDataset
 
     from legrace.models import build_model
-    from legrace.views import calibrated_noise
+    from legrace.attacks.views import calibrated_noise
 
     def cnn():
         return build_model("cnn", num_classes=10, in_channels=1, image_size=8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import legrace.kernels
+import legrace.trusted.kernels
 from legrace.cli import main
 
 
@@ -36,7 +36,7 @@ def test_bench_smoke(tmp_path):
 def test_page_faults_count_first_touches_of_fresh_memory():
     import mmap
 
-    from legrace.bench import _minor_faults
+    from legrace.bench.runner import _minor_faults
 
     if _minor_faults() is None:
         pytest.skip("this OS does not count page faults")
@@ -50,7 +50,7 @@ def test_page_faults_count_first_touches_of_fresh_memory():
 
 
 def test_ratios_use_the_fastest_tee_only_for_time_and_the_leanest_for_memory(tmp_path, capsys):
-    from legrace.bench import _ratios, _tee_baselines
+    from legrace.bench.runner import _ratios, _tee_baselines
 
     def run(mode, step, trusted, saved):
         return {"mode": mode, "step_seconds": step, "trusted_seconds": trusted, "trusted_macs": 100,
@@ -90,7 +90,7 @@ def test_bench_warms_up_until_no_mode_faults_fresh_pages(monkeypatch, tmp_path, 
                                                           settled):
     # modes sharing a process grew the kept heap for 1-3 rounds (VGG-16's legrace: 100 thousand pages a
     # step), and the medians of 3 timed steps sometimes held them
-    from legrace import bench
+    from legrace.bench.runner import runner as bench
 
     faults = {"total": 0, "calls": 0, "planned": list(planned)}
 
@@ -276,11 +276,11 @@ def test_trusted_profile_runs_and_accounts_for_the_step(monkeypatch, capsys, inf
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.setattr(sys, "argv", ["profile_trusted.py", "--model", "cnn", "--input-size", "16",
                                       "--batch-size", "2", "--steps", "2", "--replay", "2"] + ["--infer"] * infer)
-    import legrace.split_conv
+    import legrace.trusted.split_conv
 
-    decompose = legrace.split_conv.decompose
+    decompose = legrace.trusted.split_conv.decompose
     runpy.run_path(str(script), run_name="not_main")["main"]()
-    assert legrace.split_conv.decompose is decompose  # the timers are taken off again
+    assert legrace.trusted.split_conv.decompose is decompose  # the timers are taken off again
     out = capsys.readouterr().out
     assert "trusted side" in out and "decomposition" in out and "noise and clipping" in out
     assert ("inference" if infer else "training") in out
@@ -323,7 +323,7 @@ def test_bench_threads_apply_to_every_mode_and_bad_counts_are_refused(tmp_path, 
         assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
                      "--warmup", "0", "--modes", "tee_only,legrace", "--threads", "1", "--out", str(out)]) == 0
         report = json.loads((out / "bench.json").read_text())
-        assert report["threads"] == 1 and report["fused_kernels"] == legrace.kernels.usable(np.float32)
+        assert report["threads"] == 1 and report["fused_kernels"] == legrace.trusted.kernels.usable(np.float32)
         assert report["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")
         assert report["gomp_spincount"] == os.environ.get("GOMP_SPINCOUNT")
     finally:
@@ -356,7 +356,7 @@ def test_bench_refuses_settings_that_would_time_nothing_or_something_else(tmp_pa
 
 
 def test_bench_refuses_a_bad_output_folder_before_it_times_anything(tmp_path, capsys, monkeypatch):
-    import legrace.bench as bench
+    import legrace.bench.runner as bench
 
     def no_timing(*args, **kwargs):
         raise AssertionError("ran a step before checking --out")
@@ -459,7 +459,7 @@ def test_wgrad_scratch_times_both_ways_on_both_threads(monkeypatch, capsys, tmp_
     import sys
     from pathlib import Path
 
-    from legrace import split_conv
+    from legrace.trusted import split_conv
 
     script = Path(__file__).parents[1] / "benchmarks" / "wgrad_scratch.py"
     monkeypatch.syspath_prepend(str(script.parent))
@@ -629,7 +629,7 @@ def test_macs_of_tee_only_are_those_torch_counts_for_a_step():
     # the first conv's input is the image: autograd computes no dL/dX for it (was counted)
     from torch.utils.flop_counter import FlopCounterMode
 
-    from legrace.bench import _macs
+    from legrace.bench.runner import _macs
     from legrace.models import build_model
 
     torch.manual_seed(0)
@@ -645,8 +645,8 @@ def test_macs_of_tee_only_are_those_torch_counts_for_a_step():
 def test_decomposition_macs_are_those_the_light_svd_computes(channels):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from legrace.bench import _decomposition_macs
-    from legrace.decompose import decompose
+    from legrace.bench.runner import _decomposition_macs
+    from legrace.trusted.decompose import decompose
 
     x = torch.randn(2, channels, 32, 32)
     with FlopCounterMode(display=False) as counter:
@@ -669,7 +669,7 @@ def _counted_step(run, monkeypatch) -> tuple[int, int]:
     """One timed step of `run`, with the MACs torch counts in it: (trusted side, in-process accelerator)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from legrace.accelerator import Accelerator
+    from legrace.accelerator.compute import Accelerator
 
     handle, accelerator = Accelerator.handle, [0]
 
@@ -696,7 +696,7 @@ def _counted_step(run, monkeypatch) -> tuple[int, int]:
 def test_macs_are_what_the_accelerator_and_the_trusted_side_compute(monkeypatch, model, size, mode, rank, rebuild,
                                                                      trusted):
     # was: a conv whose map R covers, R = 0's Gram matrix and the accelerator's rebuilt Y_res were miscounted
-    from legrace.bench import _ModeRun
+    from legrace.bench.runner import _ModeRun
     from legrace.models import build_model
 
     torch.manual_seed(0)
@@ -716,8 +716,8 @@ def test_bench_subtracts_the_time_weights_spend_in_transport_from_the_trusted_ti
     # was: SetWeight (sent each forward) and hold_weight were booked as trusted work
     import time
 
-    from legrace.bench import _ModeRun
-    from legrace.boundary import SetWeight
+    from legrace.bench.runner import _ModeRun
+    from legrace.boundary.messages import SetWeight
     from legrace.models import build_model
 
     class SlowWeights:
@@ -765,7 +765,7 @@ def test_bench_refuses_batches_of_one_that_a_batchnorm_cannot_train_on(tmp_path,
 
 
 def test_bench_passes_its_accelerator_timeout_to_every_engine(tmp_path, capsys, monkeypatch):
-    import legrace.bench as bench
+    import legrace.bench.runner as bench
 
     timeouts = []
 

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from legrace import gaussian
-from legrace.accountant import epsilon
+from legrace.trusted import gaussian
+from legrace.privacy.accountant import epsilon
 from legrace.cli import build_parser, main
 
 
@@ -256,16 +256,16 @@ def test_bad_run_settings_get_a_clear_message(tmp_path, args, message):
 
 
 def test_resume_with_a_fixed_noise_seed_draws_new_noise(tmp_path, monkeypatch):
-    import legrace.engine
+    import legrace.trusted.engine
 
     seeds = []
-    real = legrace.engine.GaussianMechanism
+    real = legrace.trusted.engine.GaussianMechanism
 
     def recording(clip, z, seed=None):
         seeds.append(seed)
         return real(clip, z, seed=seed)
 
-    monkeypatch.setattr(legrace.engine, "GaussianMechanism", recording)
+    monkeypatch.setattr(legrace.trusted.engine, "GaussianMechanism", recording)
     out = str(tmp_path / "run")
     common = ["train", "--noise-multiplier", "20", "--noise-seed", "7", "--out", out, "--no-progress"]
     assert main(common + ["--epochs", "1"]) == 0

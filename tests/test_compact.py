@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import legrace.compact as compact
-import legrace.kernels as kernels
-from legrace.compact import CompactMaxPool2d, PackedReLU, masked_by_bits, pack_bits, pack_positive, unpack_bits
+import legrace.trusted.compact as compact
+import legrace.trusted.kernels as kernels
+from legrace.trusted.compact import CompactMaxPool2d, PackedReLU, masked_by_bits, pack_bits, pack_positive, unpack_bits
 
 
 @pytest.fixture(autouse=True, params=["fused", "torch"])
 def path(request, monkeypatch):
-    """Every test here runs on both paths: legrace.kernels' fused passes and the torch/numpy ones."""
+    """Every test here runs on both paths: legrace.trusted.kernels' fused passes and the torch/numpy ones."""
     if request.param == "fused" and kernels.numba is None:
         pytest.skip("numba is not installed: no fused kernels")
     monkeypatch.setattr(kernels, "enabled", request.param == "fused")
@@ -155,7 +155,7 @@ def test_compact_maxpool_keeps_one_byte_per_output_not_its_input():
 
 
 def test_relu_then_maxpool_runs_as_maxpool_then_relu_with_the_same_gradients():
-    from legrace.convert import convert
+    from legrace.trusted.convert import convert
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
@@ -237,7 +237,7 @@ def _result_only(self, x):
 @pytest.mark.parametrize("body,packed", [(_seen_after, False), (_seen_through_a_view, False), (_model_input, False),
                                          (_result_only, True)])
 def test_inplace_relu_becomes_packed_only_where_nothing_sees_its_input_change(body, packed):
-    from legrace.convert import convert
+    from legrace.trusted.convert import convert
 
     torch.manual_seed(0)
     model = InPlace(body)
@@ -249,7 +249,7 @@ def test_inplace_relu_becomes_packed_only_where_nothing_sees_its_input_change(bo
 
 
 def test_layers_with_hooks_keep_their_hooks():
-    from legrace.convert import convert
+    from legrace.trusted.convert import convert
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.ReLU(), nn.MaxPool2d(2))
     calls = []

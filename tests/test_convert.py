@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from legrace import LegRace
-from legrace.compact import PackedReLU
-from legrace.convert import UnsupportedModelError, batch_coupled, conv_nodes, convert, probe_conv_inputs, trace
-from legrace.split_conv import SplitConv2d
+from legrace.trusted.compact import PackedReLU
+from legrace.trusted.convert import UnsupportedModelError, batch_coupled, conv_nodes, convert, probe_conv_inputs, trace
+from legrace.trusted.split_conv import SplitConv2d
 
 
 class Block(nn.Module):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from legrace.decompose import (
+from legrace.trusted.decompose import (
     channel_entropy, decompose, energy_kept, entropy_rank, rank_for_point, validate_rank,
 )
 
@@ -126,7 +126,7 @@ def test_identity_split_keeps_x_itself_whatever_the_basis_dtype():
 
 @pytest.mark.parametrize("iters", [1, 2, 4])
 def test_light_through_the_gram_matrix_is_the_same_iteration(monkeypatch, iters):
-    import legrace.decompose as dec
+    import legrace.trusted.decompose as dec
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(5, 24, 1, 300, generator=g, dtype=torch.float64)
@@ -141,7 +141,7 @@ def test_light_through_the_gram_matrix_is_the_same_iteration(monkeypatch, iters)
 
 
 def test_light_takes_the_gram_matrix_only_for_few_channels(monkeypatch):
-    import legrace.decompose as dec
+    import legrace.trusted.decompose as dec
 
     def no_passes(*args):
         raise AssertionError("iterated on X")

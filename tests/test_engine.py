@@ -11,10 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from legrace import LegRace
-from legrace.accountant import epsilon
-from legrace.boundary import ConvForward, InProcessTransport, SetWeight
-from legrace.convert import UnsupportedModelError
-from legrace.engine import AUTO_NOISE_STD
+from legrace.privacy.accountant import epsilon
+from legrace.boundary.messages import ConvForward, SetWeight
+from legrace.boundary.gateway import InProcessTransport
+from legrace.trusted.convert import UnsupportedModelError
+from legrace.trusted.engine import AUTO_NOISE_STD
 from legrace.models import SmallCNN, build_model
 
 

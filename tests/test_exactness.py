@@ -129,7 +129,7 @@ def test_other_modes_are_exact_without_noise(mode):
 def test_conv_hyperparameters(lowrank_path, monkeypatch):
     # stride, padding (int, tuple, 'same', 'valid'), dilation, with and without bias, non-square,
     # through either way of computing the low-rank conv (split_conv.unfold_is_faster picks by shape)
-    from legrace import split_conv
+    from legrace.trusted import split_conv
     monkeypatch.setattr(split_conv, "UNFOLD_MIN_OUT_CHANNELS", 1 if lowrank_path == "unfold" else 10**9)
     class Net(torch.nn.Module):
         def __init__(self):
@@ -158,8 +158,8 @@ def test_conv_hyperparameters(lowrank_path, monkeypatch):
 def test_grouped_weight_gradient_in_chunks_is_the_same(chunk_samples, monkeypatch):
     # The grouped path splits the batch so oneDNN's scratch (dL/dY-sized) stays small; the chunks,
     # the last one short, must give what one call over the batch and the direct formula give.
-    from legrace import split_conv
-    from legrace.split_conv import lowrank_weight_grad
+    from legrace.trusted import split_conv
+    from legrace.trusted.split_conv import lowrank_weight_grad
 
     torch.manual_seed(0)
     B, N, R, M, hw = 5, 6, 2, 4, (7, 9)
@@ -176,7 +176,7 @@ def test_grouped_weight_gradient_in_chunks_is_the_same(chunk_samples, monkeypatc
 
 @pytest.mark.parametrize("path", ["grouped", "unfold", "direct"])
 def test_lowrank_weight_gradient_of_no_samples_is_zero(path):
-    from legrace.split_conv import lowrank_weight_grad
+    from legrace.trusted.split_conv import lowrank_weight_grad
 
     A, V, grad_y = torch.zeros(0, 6, 2), torch.zeros(0, 2, 63), torch.zeros(0, 4, 4, 5)
     g = lowrank_weight_grad(A, V, grad_y, (4, 6, 3, 3), (7, 9), 2, 1, 1, path=path)
@@ -184,7 +184,7 @@ def test_lowrank_weight_gradient_of_no_samples_is_zero(path):
 
 
 def test_an_unknown_lowrank_path_is_refused():
-    from legrace.split_conv import lowrank_conv
+    from legrace.trusted.split_conv import lowrank_conv
 
     A, V, weight = torch.randn(1, 4, 2), torch.randn(1, 2, 25), torch.randn(3, 4, 3, 3)
     with pytest.raises(ValueError, match="unknown low-rank conv path 'gemm'"):

@@ -1,4 +1,4 @@
-"""verify=True: the trusted side checks the accelerator's answers (legrace.freivalds)."""
+"""verify=True: the trusted side checks the accelerator's answers (legrace.trusted.freivalds)."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from legrace import LegRace
-from legrace.accelerator import Accelerator
-from legrace.boundary import BoundaryError, ConvBackwardReply, ConvForward, ConvForwardReply, ResendOutput
-from legrace.freivalds import FreivaldsVerifier
+from legrace.accelerator.compute import Accelerator
+from legrace.boundary.messages import BoundaryError, ConvBackwardReply, ConvForward, ConvForwardReply, ResendOutput
+from legrace.trusted.freivalds import FreivaldsVerifier
 from legrace.models import SmallCNN
 
 CONVS = [((1, 1), (1, 1), (1, 1)), ((2, 2), (1, 0), (1, 1)), ((1, 1), (2, 2), (2, 2))]
@@ -108,7 +108,7 @@ class Tampering(Accelerator):
 
 
 def step(verify, what, monkeypatch, wire_dtype=None):
-    monkeypatch.setattr("legrace.engine.Accelerator", lambda device, **options: Tampering(what))
+    monkeypatch.setattr("legrace.wiring.Accelerator", lambda device, **options: Tampering(what))
     torch.manual_seed(0)
     engine = LegRace(rank=2, noise_multiplier=1.0, clip=1.0, verify=verify, wire_dtype=wire_dtype)
     model = engine.convert(SmallCNN(1, 3))
@@ -160,7 +160,7 @@ def test_an_answer_whose_check_overflows_is_caught():
 
 
 def test_a_forward_the_accelerator_cannot_compute_keeps_nothing():
-    from legrace.boundary import NoisedResidual, RegisterConv, SetWeight
+    from legrace.boundary.messages import NoisedResidual, RegisterConv, SetWeight
 
     acc = Accelerator()
     acc.handle(RegisterConv(0, (1, 1), (1, 1), (1, 1)))

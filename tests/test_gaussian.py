@@ -1,4 +1,4 @@
-"""legrace.gaussian: the ziggurat is N(0, 1), its tail reaches past torch's 5.77 sigma, and a
+"""legrace.trusted.gaussian: the ziggurat is N(0, 1), its tail reaches past torch's 5.77 sigma, and a
 buffer depends on the keys only, not on the thread count."""
 
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from legrace import gaussian
-from legrace.mechanism import GaussianStreams
+from legrace.trusted import gaussian
+from legrace.trusted.mechanism import GaussianStreams
 
 # With numba installed the sampler must work: a kernel that fails its own check would otherwise
 # only show as torch's fallback and a warning.

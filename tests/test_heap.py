@@ -1,4 +1,4 @@
-"""Freed memory kept in the process (legrace.heap): what `legrace train` and `legrace bench` set."""
+"""Freed memory kept in the process (legrace.trusted.heap): what `legrace train` and `legrace bench` set."""
 
 import json
 import os
@@ -17,7 +17,7 @@ glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confs
 _PROBE = """
 import json, resource, sys
 import torch
-from legrace.heap import how_kept, keep_freed_memory
+from legrace.trusted.heap import how_kept, keep_freed_memory
 how = keep_freed_memory() if sys.argv[1] == "keep" else how_kept()
 faults = []
 for size in (16 * 2**20, 12 * 2**20):
@@ -71,7 +71,7 @@ def test_glibc_tunables_are_left_as_the_environment_sets_them():
 # that freed over 2 GiB faulted their pages afresh.
 _TRIM_PROBE = """
 import ctypes, json, sys
-from legrace import heap
+from legrace.trusted import heap
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes, libc.sbrk.restype, libc.sbrk.argtypes = (ctypes.c_void_p,), ctypes.c_void_p, (ctypes.c_ssize_t,)
@@ -104,7 +104,7 @@ def test_kept_heap_never_gives_its_top_back(how):
 
 
 def test_bench_keeps_the_heap_unless_told_not_to(monkeypatch, tmp_path):
-    from legrace import bench
+    from legrace.bench.runner import runner as bench
     from legrace.cli import main
 
     calls = []

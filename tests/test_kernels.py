@@ -1,4 +1,4 @@
-"""legrace.kernels: the fused max-pool passes give the torch path's bytes, and load anywhere."""
+"""legrace.trusted.kernels: the fused max-pool passes give the torch path's bytes, and load anywhere."""
 
 import os
 import subprocess
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import legrace.compact as compact
-import legrace.kernels as kernels
-from legrace.compact import CompactMaxPool2d
+import legrace.trusted.compact as compact
+import legrace.trusted.kernels as kernels
+from legrace.trusted.compact import CompactMaxPool2d
 
 pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed: no fused kernels")
 
@@ -149,7 +149,7 @@ def test_fused_kernels_work_where_numba_cannot_cache_them():
     # A read-only install with no writable cache directory: numba refuses cache=True at import.
     code = ("import numba.core.caching as c\n"
             "getattr(c, 'CacheImpl', getattr(c, '_CacheImpl', None))._locator_classes = []\n"
-            "import torch, legrace.kernels as k, legrace.compact as m\n"
+            "import torch, legrace.trusted.kernels as k, legrace.trusted.compact as m\n"
             "assert k.enabled and type(k.max_pool_2x2._cache).__name__ == 'NullCache'\n"
             "x = torch.randn(2, 3, 6, 6)\n"
             "assert torch.equal(m.CompactMaxPool2d()(x.requires_grad_()), torch.nn.functional.max_pool2d(x, 2))\n")
@@ -158,7 +158,7 @@ def test_fused_kernels_work_where_numba_cannot_cache_them():
 
 
 def test_the_environment_turns_the_kernels_off():
-    code = "import legrace.kernels as k; print(k.enabled)"
+    code = "import legrace.trusted.kernels as k; print(k.enabled)"
     env = {**os.environ, "LEGRACE_FUSED_KERNELS": "0"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert run.stdout.strip() == "False", run.stderr

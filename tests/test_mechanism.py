@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from legrace.boundary import NoisedResidual
-from legrace.mechanism import GaussianMechanism, GaussianStreams
+from legrace.boundary.messages import NoisedResidual
+from legrace.trusted.mechanism import GaussianMechanism, GaussianStreams
 
 
 def test_clip_bounds_each_sample_and_keeps_small_ones():

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import legrace.split_conv as split_conv
+import legrace.trusted.split_conv as split_conv
 from legrace import LegRace
-from legrace.accelerator import Accelerator
-from legrace.boundary import Boundary, BoundaryError, ConvForward, ConvForwardReply, InProcessTransport
-from legrace.mechanism import GaussianMechanism
+from legrace.accelerator.compute import Accelerator
+from legrace.boundary.messages import BoundaryError, ConvForward, ConvForwardReply
+from legrace.boundary.gateway import Boundary, InProcessTransport
+from legrace.trusted.mechanism import GaussianMechanism
 from legrace.models import SmallCNN
 
 

@@ -1,4 +1,4 @@
-"""Conv outputs are rebuilt in backward, not kept (legrace.recompute): same gradients, far less memory."""
+"""Conv outputs are rebuilt in backward, not kept (legrace.trusted.recompute): same gradients, far less memory."""
 
 import copy
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from legrace import LegRace
 from legrace.models import build_model
-from legrace.recompute import ConvOutputs
+from legrace.trusted.recompute import ConvOutputs
 
 
 def activation_bytes(tensors, model) -> int:

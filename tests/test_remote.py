@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from legrace import LegRace
-from legrace.accelerator import Accelerator
-from legrace.accountant import epsilon
-from legrace.boundary import TO_ACCELERATOR, Ack, BoundaryError, ConvForward, ConvForwardReply, decode, encode
+from legrace.accelerator.compute import Accelerator
+from legrace.privacy.accountant import epsilon
+from legrace.boundary.messages import TO_ACCELERATOR, Ack, BoundaryError, ConvForward, ConvForwardReply, decode, encode
 from legrace.cli import main
 from legrace.models import SmallCNN
-from legrace.transport import admit_client, listen, read_frame, write_frame
-from legrace.worker import WorkerServer
-from legrace.worker import main as worker_main
+from legrace.boundary.transport import admit_client, listen, read_frame, write_frame
+from legrace.accelerator.worker import WorkerServer
+from legrace.accelerator.worker import main as worker_main
 
 SECRET = "test-secret-0123456789"
 
@@ -46,8 +46,8 @@ def worker():
 
 
 def start_worker_process() -> tuple[subprocess.Popen, str]:
-    """`python -m legrace.worker` on a free loopback port; returns the process and its address."""
-    proc = subprocess.Popen([sys.executable, "-m", "legrace.worker", "--listen", "127.0.0.1:0"],
+    """`python -m legrace.accelerator.worker` on a free loopback port; returns the process and its address."""
+    proc = subprocess.Popen([sys.executable, "-m", "legrace.accelerator.worker", "--listen", "127.0.0.1:0"],
                             env=dict(os.environ, LEGRACE_SECRET=SECRET), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     with selectors.DefaultSelector() as sel:
@@ -415,7 +415,7 @@ def test_bfloat16_wire_over_a_worker_halves_the_bytes_and_stays_close(worker):
 def test_an_interrupted_request_closes_the_connection_so_no_stale_reply_answers_the_next(monkeypatch):
     import socket
 
-    import legrace.transport as transport
+    import legrace.boundary.transport as transport
 
     mine, theirs = socket.socketpair()
     link = transport.SocketTransport(mine, "a test peer", timeout=5.0)
@@ -440,7 +440,7 @@ def test_a_bad_accelerator_timeout_is_refused_up_front(timeout):
 def test_a_peer_trickling_its_reply_is_cut_off_at_the_timeout():
     import socket
 
-    from legrace.transport import read_frame
+    from legrace.boundary.transport import read_frame
 
     mine, theirs = socket.socketpair()
     mine.settimeout(0.5)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from legrace.analyze import rank_profile, write_profile
+from legrace.attacks.rank import rank_profile, write_profile
 from legrace.cli import main
-from legrace.study import StudyConfig, findings, planned_runs
-from legrace.target import load_target
+from legrace.attacks.study import StudyConfig, findings, planned_runs
+from legrace.attacks.target import load_target
 from legrace.train import TrainConfig
 
 
@@ -105,7 +105,7 @@ def test_rank_profile_measures_energy_and_residuals(tmp_path):
 
 
 def test_tables_keep_the_sign_of_an_infinite_value():
-    from legrace.results import _cell, text_table
+    from legrace.attacks.results import _cell, text_table
 
     assert (_cell(float("-inf")), _cell(float("inf"))) == ("-inf", "inf")
     assert "-inf" in text_table([{"a": float("-inf")}], ["a"])

@@ -1,4 +1,4 @@
-"""The wire format of legrace.boundary: every message round-trips, anything else is refused."""
+"""The wire format of legrace.boundary.messages: every message round-trips, anything else is refused."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from legrace.boundary import (
+from legrace.boundary.messages import (
     TO_ACCELERATOR,
     TO_TRUSTED,
     Ack,

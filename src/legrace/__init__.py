@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy so `import legrace.data` does not pay for torch.fx and opacus.
     if name == "LegRace":
-        from legrace.engine import LegRace
+        from legrace.wiring import LegRace
 
         return LegRace
     if name == "MODES":
-        from legrace.engine import MODES
+        from legrace.trusted.engine import MODES
 
         return MODES
     raise AttributeError(f"module 'legrace' has no attribute {name!r}")

@@ -9,75 +9,12 @@ import sys
 from importlib import import_module
 from typing import Optional, Sequence
 
-from legrace.engine import MODES
+from legrace.trusted.engine import MODES
 from legrace.models import model_names
+from legrace.options import clip, mebibytes, model_name, positive, rank, seed
 
 # Modules that add a subcommand: each defines add_parser(subparsers), setting func=handler(args) -> int.
-COMMAND_MODULES: list[str] = ["legrace.bench", "legrace.worker", "legrace.attacks", "legrace.study", "legrace.analyze"]
-
-
-def _rank(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rank must be an int, a comma-separated list of ints or 'auto', not {text!r}")
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError("ranks must be >= 0")
-    return values[0] if len(values) == 1 else values
-
-
-def _clip(text: str):
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"clip must be a number > 0, 'auto' or 'none', not {text!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError("clip must be > 0")
-    return value
-
-
-def positive(kind):
-    """argparse type: a number of `kind` (int or float) > 0, refused at parse time otherwise.
-    Shared by the commands and the benchmark scripts."""
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its message: "invalid int value: 'x'"
-    return parse
-
-
-def seed(text: str) -> int:
-    """argparse type: a seed torch and numpy both take, 0 <= seed < 2^63."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2^63 - 1, got {text}")
-    return value
-
-
-def _model_name(text: str) -> str:
-    return text.strip().lower()  # 'VGG11' and ' cnn' are the same model on --resume
-
-
-def mebibytes(text: str) -> float:
-    """argparse type: a memory budget in MiB, a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number of MiB >= 0, got {text}")
-    return value
+COMMAND_MODULES: list[str] = ["legrace.bench.runner", "legrace.accelerator.worker", "legrace.attacks.commands", "legrace.attacks.study", "legrace.attacks.rank"]
 
 
 def _accelerator_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +26,7 @@ def _accelerator_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train_options(t: argparse.ArgumentParser) -> None:
     """The options of `legrace train` (also parsed alone, to tell which ones a command line gave)."""
-    t.add_argument("--model", type=_model_name, default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
+    t.add_argument("--model", type=model_name, default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
     t.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR (default digits)")
     t.add_argument("--epochs", type=positive(int), default=None,
                    help="passes over the training split (default 10; with --resume, the checkpoint's)")
@@ -98,8 +35,8 @@ def _train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--mode", choices=MODES, default="legrace",
                    help="legrace (the split), dp_only (the same mechanism on whole activations), lowrank_only (the "
                         "residual dropped), tee_only (all trusted), gpu_only (no privacy) (default legrace)")
-    t.add_argument("--rank", type=_rank, default=8, help="R per conv: an int, a comma-separated list, or auto")
-    t.add_argument("--clip", type=_clip, default="auto",
+    t.add_argument("--rank", type=rank, default=8, help="R per conv: an int, a comma-separated list, or auto")
+    t.add_argument("--clip", type=clip, default="auto",
                    help="C, per-sample l2 bound of a residual; 'auto' (data-independent default) or 'none'")
     noise = t.add_mutually_exclusive_group()
     noise.add_argument("--target-epsilon", type=positive(float), default=None,
@@ -173,8 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "train":
         args.given = _train_options_given(argv[argv.index("train") + 1:])
     # Imported late so `legrace --help` is quick.
-    from legrace.boundary import BoundaryError
-    from legrace.convert import UnsupportedModelError
+    from legrace.boundary.messages import BoundaryError
+    from legrace.trusted.convert import UnsupportedModelError
     from legrace.data import DataError
     from legrace.models import ModelError
     from legrace.train import TrainError
@@ -187,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from legrace.heap import keep_freed_memory
+    from legrace.trusted.heap import keep_freed_memory
     from legrace.train import TrainConfig, run_training
 
     keep_freed_memory()  # as an enclave's fixed heap: each step's activations reuse the last step's pages

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from legrace.data import DataSplit, load_data, source_of
-from legrace.engine import LegRace
-from legrace.mechanism import derive_seed
+from legrace.wiring import LegRace
+from legrace.trusted.mechanism import derive_seed
 from legrace.models import build_model, fails_on_one_sample
 from legrace.outputs import output_folder
 
@@ -310,7 +310,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
                           "noise_multiplier": engine.noise_multiplier / sens, "count": n * engine.ledger.max_uses}
                          for sens, n in engine.releases_per_use() if n > 0],
         "accountant": cfg.accountant, "sample_rate": 1.0,
-        # the noise's sampler: "torch" means Gaussians truncated at 5.77 sigma (legrace.gaussian)
+        # the noise's sampler: "torch" means Gaussians truncated at 5.77 sigma (legrace.trusted.gaussian)
         "noise_sampler": engine.mechanism.sampler if engine.mechanism is not None else None,
         "seconds_per_step": statistics.median(step_times) if step_times else None,
         "batch_size": cfg.batch_size, "accounted_batch_size": engine.batch_size, "lr": cfg.lr, "seed": cfg.seed, "accelerator": cfg.accelerator,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from legrace.engine import LegRace
+from legrace.wiring import LegRace
 
 
 @dataclass

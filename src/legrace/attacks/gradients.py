@@ -12,7 +12,7 @@ Two attacks on a training step of a batch of victims, both fed only by what cros
   squared distance, with a total-variation prior, and reports X' + X_res~. At the first conv X is
   the image itself; the known lr and plain SGD (no momentum, no weight decay) are assumptions.
 - A learned decoder from the victims' dL/dY at a layer back to the image, trained on the dL/dY
-  the adversary's auxiliary images produce (the adversary of `legrace.inversion`).
+  the adversary's auxiliary images produce (the adversary of `legrace.attacks.inversion`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
-from legrace.target import AttackError
+from legrace.attacks.target import AttackError
 
 
 def observed_gradient(weights: list[Tensor], step: int, lr: float) -> Tensor:

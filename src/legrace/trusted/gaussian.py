@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from legrace.kernels import _jit, numba
+from legrace.trusted.kernels import _jit, numba
 
 CHUNK = 1 << 16
 STRIPS = 128
@@ -165,7 +165,7 @@ _works: dict[np.dtype, bool] = {}
 
 def usable(dtype: np.dtype) -> bool:
     """Whether the compiled sampler runs here for this dtype (checked once per process on a
-    small draw); where it does not, legrace.mechanism falls back to torch's sampler."""
+    small draw); where it does not, legrace.trusted.mechanism falls back to torch's sampler."""
     if gaussian_fill is None:
         return False
     dtype = np.dtype(dtype)

@@ -4,10 +4,10 @@ The method's central claim (DESIGN sections 3 and 9): for the same epsilon, nois
 decomposed residual (legrace) keeps far more accuracy than the same noise on the whole activation
 (dp_only), and the release must not cost accuracy against dropping the residual (lowrank_only).
 The study trains every (mode, epsilon, clip rule, seed) of a grid with `legrace.train`, attacks
-each run's own release with the decoder inversion of `legrace.attacks`, and writes a table
+each run's own release with the decoder inversion of `legrace.attacks.commands`, and writes a table
 (JSON, CSV), a chart (PNG) and the findings, with the budget that produced them.
 
-Clip rules are data-independent (`legrace.views.clip_from_rule`): C is never fitted to the
+Clip rules are data-independent (`legrace.attacks.views.clip_from_rule`): C is never fitted to the
 private data. Comparing several rules and keeping the best *is* a choice made on validation
 data; the findings report each rule on its own and say so when they pick the best.
 """
@@ -27,17 +27,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from legrace.attacks import inversion_attack
-from legrace.cli import _rank, positive
+from legrace.attacks.commands import inversion_attack
+from legrace import options
 from legrace.data import load_data
-from legrace.figures import privacy_utility_chart
+from legrace.attacks.figures import privacy_utility_chart
 from legrace.models import build_model, model_names
 from legrace.outputs import output_folder
-from legrace.results import text_table, write_csv, write_json
-from legrace.tap import conv_modules
-from legrace.target import AttackError, load_target
+from legrace.attacks.results import text_table, write_csv, write_json
+from legrace.trusted.convert import conv_modules
+from legrace.attacks.target import AttackError, load_target
 from legrace.train import TrainConfig, load_checkpoint, run_training
-from legrace.views import calibrated_noise, clip_from_rule, own_view, parse_clip_rule
+from legrace.attacks.views import calibrated_noise, clip_from_rule, own_view, parse_clip_rule
 
 MODES = ("gpu_only", "lowrank_only", "legrace", "dp_only")
 TARGETS = {"over_dp_only": 0.15, "below_lowrank_only": 0.01, "leg_adds": 0.02, "ssim_released": 0.15,
@@ -311,12 +311,12 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("privacy-utility", help="train a grid of modes and epsilons, attack each, chart the result")
     p.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
     p.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR")
-    p.add_argument("--max-samples", type=positive(int), default=None,
+    p.add_argument("--max-samples", type=options.positive(int), default=None,
                    help="samples the runs use; the rest is the attacker's auxiliary data (needed for the attacks)")
-    p.add_argument("--epochs", type=positive(int), default=5, help="training passes of each run (default 5)")
-    p.add_argument("--batch-size", type=positive(int), default=64, help="samples per step (default 64)")
-    p.add_argument("--lr", type=positive(float), default=0.05, help="SGD learning rate of each run (default 0.05)")
-    p.add_argument("--rank", type=_rank, default=8, help="R per conv: an int, a comma-separated list or auto")
+    p.add_argument("--epochs", type=options.positive(int), default=5, help="training passes of each run (default 5)")
+    p.add_argument("--batch-size", type=options.positive(int), default=64, help="samples per step (default 64)")
+    p.add_argument("--lr", type=options.positive(float), default=0.05, help="SGD learning rate of each run (default 0.05)")
+    p.add_argument("--rank", type=options.rank, default=8, help="R per conv: an int, a comma-separated list or auto")
     p.add_argument("--epsilons", type=_floats, default=(1.0, 8.0, 64.0, 1000.0),
                    help="comma-separated target epsilons of the releasing modes (default 1,8,64,1000)")
     p.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
@@ -326,11 +326,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP (default 1e-5)")
     p.add_argument("--attack-layers", type=_ints, default=(0, 1),
                    help="decomposition points to invert (empty string: no attacks)")
-    p.add_argument("--aux", type=positive(int), default=2000, help="the attacker's auxiliary images")
-    p.add_argument("--victims", type=positive(int), default=128, help="training images each attack reconstructs (default 128)")
-    p.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of each attack's decoder (default 10)")
+    p.add_argument("--aux", type=options.positive(int), default=2000, help="the attacker's auxiliary images")
+    p.add_argument("--victims", type=options.positive(int), default=128, help="training images each attack reconstructs (default 128)")
+    p.add_argument("--decoder-epochs", type=options.positive(int), default=10, help="training passes of each attack's decoder (default 10)")
     p.add_argument("--device", default="cpu", help="accelerator of the runs and device of the attacks")
-    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=options.positive(int), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="runs/study", help="output directory (default runs/study)")
     p.set_defaults(func=_study)
 

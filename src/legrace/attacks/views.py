@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from legrace.engine import AUTO_NOISE_STD, MODES, LegRace
-from legrace.split_conv import SplitConv2d
-from legrace.tap import KINDS, AcceleratorView, ActivationTap, BoundaryTap, conv_modules
-from legrace.target import AttackError, Target
+from legrace.trusted.engine import AUTO_NOISE_STD, MODES
+from legrace.wiring import LegRace
+from legrace.trusted.split_conv import SplitConv2d
+from legrace.attacks.tap import KINDS, AcceleratorView, ActivationTap, BoundaryTap
+from legrace.trusted.convert import conv_modules
+from legrace.attacks.target import AttackError, Target
 
 RELEASING = ("legrace", "dp_only")
 

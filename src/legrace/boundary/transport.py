@@ -1,7 +1,7 @@
 """Moving boundary messages between processes: frames, authentication, and the trusted side's
 transports to a worker (`legrace worker`) over TCP or to a private local one over a unix socket.
 
-Only `legrace.boundary.encode/decode` make and read the bytes of a message; this module moves them.
+Only `legrace.boundary.messages.encode/decode` make and read the bytes of a message; this module moves them.
 A frame is a u64 little-endian length and the body. Before any frame, the two sides prove to each
 other that they know the shared secret (HMAC-SHA256 challenge-response, fresh nonces both ways),
 so a stranger can neither use a worker nor pose as one. Frames are not encrypted: everything that
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from legrace.boundary import TO_TRUSTED, BoundaryError, Message, decode, encode
+from legrace.boundary.messages import TO_TRUSTED, BoundaryError, Message, decode, encode
 
 SECRET_ENV = "LEGRACE_SECRET"
 MAX_FRAME_BYTES = 1 << 32
@@ -295,7 +295,7 @@ class LocalWorker:
         self.log_path = os.path.join(self.dir, "worker.log")
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "legrace.worker", "--device", device, "--listen", f"unix:{self.path}", "--once"],
+                [sys.executable, "-m", "legrace.accelerator.worker", "--device", device, "--listen", f"unix:{self.path}", "--once"],
                 env=dict(os.environ, **{SECRET_ENV: self.secret}), stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
             )

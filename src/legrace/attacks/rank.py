@@ -19,13 +19,13 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from legrace.cli import positive
-from legrace.decompose import channel_entropy, decompose
-from legrace.figures import rank_chart
+from legrace.options import positive
+from legrace.trusted.decompose import channel_entropy, decompose
+from legrace.attacks.figures import rank_chart
 from legrace.outputs import output_folder
-from legrace.results import text_table, write_csv, write_json
-from legrace.tap import ActivationTap
-from legrace.target import AttackError, Target, load_target, take
+from legrace.attacks.results import text_table, write_csv, write_json
+from legrace.attacks.tap import ActivationTap
+from legrace.attacks.target import AttackError, Target, load_target, take
 from legrace.train import TrainConfig
 
 COLUMNS = ["layer", "channels", "height", "width", "entropy_mean", "entropy_rank_median", "entropy_rank_p90",

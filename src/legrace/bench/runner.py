@@ -25,15 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from legrace import kernels
-from legrace.accelerator import full_float32
-from legrace.cli import mebibytes, positive
-from legrace.decompose import GRAM_MAX_CHANNELS
-from legrace.engine import MODES, LegRace
-from legrace.heap import how_kept, keep_freed_memory
+from legrace.trusted import kernels
+from legrace.accelerator.compute import full_float32
+from legrace.options import mebibytes, positive
+from legrace.trusted.decompose import GRAM_MAX_CHANNELS
+from legrace.trusted.engine import MODES
+from legrace.wiring import LegRace
+from legrace.trusted.heap import how_kept, keep_freed_memory
 from legrace.models import build_model, fails_on_one_sample, model_names
 from legrace.outputs import output_folder
-from legrace.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
+from legrace.trusted.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
 
 try:
     import resource  # page-fault counts (Unix only)
@@ -120,7 +121,7 @@ def _accelerator_timer(boundary):
 def _trusted_saved_bytes(model: nn.Module, step, outputs=None) -> int:
     """Bytes of activations the trusted side keeps for backward (distinct storages, no weights).
 
-    `outputs`: the model's legrace.recompute.ConvOutputs, whose hooks shadow ours while the model
+    `outputs`: the model's legrace.trusted.recompute.ConvOutputs, whose hooks shadow ours while the model
     runs; it then reports what it keeps for real (rebuilt conv outputs are not kept)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -386,7 +387,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
     if not kept and sys.platform.startswith("linux"):
         log("note: glibc malloc returns large blocks to the OS, so every new activation is page-faulted "
             "again; for timings closer to an enclave's fixed heap, drop --no-keep-heap (from Python: call "
-            "legrace.heap.keep_freed_memory() first)")
+            "legrace.trusted.heap.keep_freed_memory() first)")
     report = {"model": model_name, "input_size": input_size, "batch_size": batch_size, "train": train,
               "rank": rank, "power_iters": iters, "accelerator": accelerator, "accelerator_timeout": accelerator_timeout,
               "wire_dtype": wire_dtype or "float32",

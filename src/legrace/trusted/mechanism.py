@@ -2,7 +2,7 @@
 
 X_res~ = clip(X_res, C) + N(0, sigma^2 I), clip(x, C) = x * min(1, C / |x|_2) per sample,
 sigma = z * C (DESIGN section 3). Neighbouring data sets differ in one sample's content, so one
-release has l2 sensitivity 2C. The noise comes from legrace.gaussian's sampler (not torch's,
+release has l2 sensitivity 2C. The noise comes from legrace.trusted.gaussian's sampler (not torch's,
 whose float32 Gaussians stop at 5.77 sigma), keyed from the operating system's CSPRNG, and lives
 on the trusted side only; a fixed seed is for reproducible experiments, never deployment.
 """
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from legrace import gaussian
-from legrace.boundary import NoisedResidual
+from legrace.trusted import gaussian
+from legrace.boundary.messages import NoisedResidual
 
 
 def derive_seed(seed: int, *tags: Union[int, str]) -> int:
@@ -111,7 +111,7 @@ class GaussianMechanism:
 
     @property
     def sampler(self) -> str:
-        """Which sampler draws this mechanism's float32 noise: "ziggurat" (legrace.gaussian) or
+        """Which sampler draws this mechanism's float32 noise: "ziggurat" (legrace.trusted.gaussian) or
         "torch" (truncated at 5.77 sigma; where numba is missing or cannot build the kernel)."""
         return self._streams.sampler
 
@@ -139,7 +139,7 @@ class GaussianMechanism:
 class GaussianStreams:
     """N(0, sigma^2) buffers drawn on several threads at once.
 
-    With numba, by legrace.gaussian's ziggurat: chunks of a buffer are shared between n threads,
+    With numba, by legrace.trusted.gaussian's ziggurat: chunks of a buffer are shared between n threads,
     and its values depend only on the keys (drawn from the CSPRNG, or derived from a fixed seed)
     and on how many buffers came before, not on n. Without numba, by torch's `normal_`, whose
     Mersenne Twister is sequential: the buffer is split into n parts, each with its own
@@ -212,9 +212,9 @@ class GaussianStreams:
     def _torch(self, flat: Tensor, sigma: float) -> None:
         if not self._generators:  # made on first use
             if self._sampler == "ziggurat":  # asked for, but it cannot run here
-                warnings.warn("legrace.gaussian's sampler is unavailable (numba missing or broken): drawing noise "
+                warnings.warn("legrace.trusted.gaussian's sampler is unavailable (numba missing or broken): drawing noise "
                               "with torch, whose float32 Gaussians are truncated at 5.77 sigma, which adds to "
-                              "delta (see legrace.gaussian)", RuntimeWarning, stacklevel=3)
+                              "delta (see legrace.trusted.gaussian)", RuntimeWarning, stacklevel=3)
             for i in range(self._n):
                 g = torch.Generator(device="cpu")
                 seed = secrets.randbits(63) if self._seed is None else derive_seed(self._seed, "torch", i)

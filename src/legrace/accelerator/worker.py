@@ -1,6 +1,6 @@
 """`legrace worker`: the untrusted accelerator as a server (a GPU host the adversary controls).
 
-It holds no data set, no labels, no X_main, A or V: it serves `legrace.accelerator.Accelerator`
+It holds no data set, no labels, no X_main, A or V: it serves `legrace.accelerator.compute.Accelerator`
 to authenticated trusted sides and keeps only what they sent (weights, noised residuals until
 their backward pass). Each connection gets its own Accelerator, so a client's state dies with its
 connection. Requests it cannot serve are answered with `Refused`, never with a crash.
@@ -20,9 +20,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from legrace.accelerator import Accelerator, AcceleratorError, local_device
-from legrace.boundary import MAX_TEXT, TO_ACCELERATOR, BoundaryError, Message, Refused, decode, encode
-from legrace.transport import HANDSHAKE_TIMEOUT, SECRET_ENV, admit_client, listen, read_frame, tune, write_frame
+from legrace.accelerator.compute import Accelerator, AcceleratorError, local_device
+from legrace.boundary.messages import MAX_TEXT, TO_ACCELERATOR, BoundaryError, Message, Refused, decode, encode
+from legrace.boundary.transport import HANDSHAKE_TIMEOUT, SECRET_ENV, admit_client, listen, read_frame, tune, write_frame
 
 MAX_CONNECTIONS = 64  # open at once, clients and strangers in their handshake together
 
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m legrace.worker ...`: the worker alone, without the trusted side's imports."""
+    """`python -m legrace.accelerator.worker ...`: the worker alone, without the trusted side's imports."""
     parser = argparse.ArgumentParser(prog="legrace worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _arguments(parser)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from legrace.engine import LegRace
+from legrace.wiring import LegRace
 from legrace.models import build_model
-from legrace.target import AttackError, Target
+from legrace.attacks.target import AttackError, Target
 
 
 def engine_for(target: Target) -> LegRace:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from legrace.boundary import BoundaryError, Shape
+from legrace.boundary.messages import BoundaryError, Shape
 
 TOLERANCE = 1e-5
 COMBINATIONS = 4

@@ -19,8 +19,8 @@ from torch import fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from legrace.compact import CompactMaxPool2d, PackedReLU, compact_equivalent
-from legrace.split_conv import SplitConv2d
+from legrace.trusted.compact import CompactMaxPool2d, PackedReLU, compact_equivalent
+from legrace.trusted.split_conv import SplitConv2d
 
 
 class UnsupportedModelError(ValueError):
@@ -144,7 +144,7 @@ def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 def batch_coupled(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[bool]:
     """For each node: does a BatchNorm come before it? In training mode BatchNorm mixes the batch,
-    so the activation there depends on every batch-mate (accounted in legrace.accountant)."""
+    so the activation there depends on every batch-mate (accounted in legrace.privacy.accountant)."""
     modules = dict(gm.named_modules())
     after_bn: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:  # topological order: inputs are seen before their users
@@ -260,7 +260,7 @@ def convert(
     """Trace, check and rewrite `module`; `make_split(conv, point, n_points, coupled, same_as)`
     replaces each conv (coupled: a BatchNorm comes before it, see batch_coupled; same_as: an
     earlier point with the same input, see same_input). With `compact`, ReLU and 2x2 max-pool
-    modules become their memory-light, exactly equivalent forms (legrace.compact).
+    modules become their memory-light, exactly equivalent forms (legrace.trusted.compact).
 
     Each call of a conv gets its own decomposition point; a conv module called twice is refused,
     since its two calls would need two different trusted-side stand-ins under one name.
@@ -509,3 +509,9 @@ def _free(module: nn.Module, key: str) -> bool:
     """Whether `key` names nothing on `module` yet (a stand-in may hold it as a plain attribute)."""
     return not (key in module._parameters or key in module._buffers or key in module._modules
                 or key in vars(module) or hasattr(type(module), key))
+
+
+def conv_modules(model: nn.Module) -> list[nn.Conv2d]:
+    """The Conv2d modules of a plain model in forward order: decomposition points 0, 1, ..."""
+    gm = trace(model)
+    return [model.get_submodule(node.target) for node in conv_nodes(gm)]

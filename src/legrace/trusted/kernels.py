@@ -5,7 +5,7 @@ as its own pass over memory: the compact 2x2 max-pool's forward takes seven (two
 comparisons, their packing, a third maximum) and its backward four; the compact pool of any other
 window (ResNet's 3x3 stem) takes torch's pool with int64 indices and four passes turning them into
 window codes, and its backward decodes them again. Each kernel here does the layer's work in one
-pass and writes exactly the bytes legrace.compact's torch path writes (the same values, the same
+pass and writes exactly the bytes legrace.trusted.compact's torch path writes (the same values, the same
 packed row and column bits or window codes), so either path can consume what the other produced.
 (The ReLU has no kernel: torch's ReLU and numpy's SIMD packbits over cache-sized blocks were
 faster than a numba loop, whose bit packing does not vectorise.)
@@ -20,10 +20,10 @@ predictor learns, and the branching kernels ran slower than the torch path
 
 Kernels work on a flat range [k0, k1) of pool outputs (for the 2x2 pool starting at a multiple of
 8, so every packed byte belongs to one range; the window pool's backward on whole planes, since
-overlapping windows add into shared inputs); legrace.compact cuts the work into such ranges and
+overlapping windows add into shared inputs); legrace.trusted.compact cuts the work into such ranges and
 shares them between torch's threads. They release the GIL and start no threads of their own.
 Without numba, or with LEGRACE_FUSED_KERNELS=0 in the environment, `enabled` is False and
-legrace.compact uses its torch passes; so it does, with a warning, where numba is present but
+legrace.trusted.compact uses its torch passes; so it does, with a warning, where numba is present but
 cannot build them.
 """
 
@@ -210,7 +210,7 @@ def max_pool_window(x, xi, yi, code, neg_inf, k0, k1, oh, ow, h, w, kh, kw, sh, 
     """Any max-pool window (kh x kw, stride, padding, dilation) over outputs [k0, k1): y's bits
     (yi; xi is x's memory as unsigned integers of its width) and the winner's position in its
     window, a·kw + b for window row a and column b, counted from the window's unclamped origin,
-    as legrace.compact's torch path codes it.
+    as legrace.trusted.compact's torch path codes it.
 
     As in PyTorch's CPU kernel: positions outside the input are skipped, a later value wins only
     if strictly larger or NaN, and the first position inside the input is the winner when none is
@@ -320,7 +320,7 @@ def usable(dtype: np.dtype) -> bool:
                   and grad[7] == 2 and grad.sum() == 4)
             _works[dtype] = bool(ok)  # not numpy.bool_: it goes into JSON reports
         except Exception as e:  # pragma: no cover - depends on the environment
-            warnings.warn(f"legrace.kernels: numba could not run the fused max-pool ({type(e).__name__}: {e}); "
+            warnings.warn(f"legrace.trusted.kernels: numba could not run the fused max-pool ({type(e).__name__}: {e}); "
                           "using the torch path", RuntimeWarning, stacklevel=2)
             _works[dtype] = False
     return _works[dtype]

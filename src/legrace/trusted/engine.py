@@ -14,23 +14,22 @@ import math
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from legrace.accelerator import Accelerator, local_device
-from legrace.accountant import (ACCOUNTANTS, OUTSIDE_A_LOADER, PrivacyLedger, calibrate_noise_multiplier,
+from legrace.privacy.accountant import (ACCOUNTANTS, OUTSIDE_A_LOADER, PrivacyLedger, calibrate_noise_multiplier,
                                  check_delta, covers, epsilon)
-from legrace.boundary import AuditLog, Boundary, InProcessTransport
-from legrace.convert import UnsupportedModelError, check_modules, convert, probe_conv_inputs
-from legrace.tap import conv_modules
-from legrace.recompute import ConvOutputs
-from legrace.decompose import METHODS, Rank, validate_rank
-from legrace.freivalds import FreivaldsVerifier
-from legrace.mechanism import GaussianMechanism
-from legrace.split_conv import SPLIT_MODES, SplitConfig, SplitConv2d
-from legrace.transport import is_worker, open_transport, parse_tcp
+from legrace.boundary.gateway import Boundary, Transport
+from legrace.boundary.audit import AuditLog
+from legrace.trusted.convert import UnsupportedModelError, check_modules, convert, probe_conv_inputs
+from legrace.trusted.convert import conv_modules
+from legrace.trusted.recompute import ConvOutputs
+from legrace.trusted.decompose import METHODS, Rank, validate_rank
+from legrace.trusted.freivalds import FreivaldsVerifier
+from legrace.trusted.mechanism import GaussianMechanism
+from legrace.trusted.split_conv import SPLIT_MODES, SplitConfig, SplitConv2d
 
 MODES = ("legrace", "dp_only", "lowrank_only", "tee_only", "gpu_only")
 
@@ -49,7 +48,7 @@ PROBE_MAX_BATCH = 16
 class PrivateDataLoader:
     """Wraps a DataLoader of private data: records each pass in the ledger, moves batches."""
 
-    def __init__(self, loader: Any, engine: "LegRace", name: str, device: Optional[torch.device] = None) -> None:
+    def __init__(self, loader: Any, engine: "TrustedEngine", name: str, device: Optional[torch.device] = None) -> None:
         self.loader, self.engine, self.name, self.device = loader, engine, name, device
 
     @property
@@ -113,7 +112,7 @@ def _wire_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return torch.bfloat16
 
 
-class LegRace:
+class TrustedEngine:
     """Trains a user's model with the trusted/untrusted split and accounts what it releases.
 
     mode: "legrace" (the method), "dp_only" (same mechanism on the whole activation),
@@ -127,7 +126,7 @@ class LegRace:
     "process" (or "process:cuda") for a private worker process on this host (unix socket);
     "tcp://HOST:PORT" for a `legrace worker` elsewhere, which needs `secret` (default
     $LEGRACE_SECRET). `accelerator_timeout`: seconds to wait for one of its answers.
-    verify: check every answer of the accelerator with a Freivalds test (legrace.freivalds).
+    verify: check every answer of the accelerator with a Freivalds test (legrace.trusted.freivalds).
     basis_dtype: the dtype the trusted side keeps V in for backward ("bfloat16" halves that
     memory and the split stays exact, since the rounding moves into the residual; in float32 the
     sums then round a little differently from the plain model's; None: the activations' dtype).
@@ -137,7 +136,7 @@ class LegRace:
     after all, those that cost most to rebuild per byte first (deep layers' small maps, where
     forming W' = A·W dominates the rebuild): memory traded back for trusted time. Planned from
     the previous forward, so the first rebuilds all; gradient accumulation over k forwards keeps
-    up to k budgets until backward (legrace.recompute).
+    up to k budgets until backward (legrace.trusted.recompute).
     wire_dtype: "bfloat16" sends the noised residuals (and gets Y_res back) in half the bytes.
     Rounding after the noise is post-processing, so it costs no privacy; its accuracy cost is
     measured in docs/performance.md. dL/dY and the gradients stay in the model's dtype.
@@ -151,7 +150,7 @@ class LegRace:
     side's cores.
     pinned_memory: with an in-process CUDA accelerator, draw the noise into page-locked memory and
     move every request and answer through it (DMA at full bus speed; see
-    legrace.accelerator.Accelerator). Default: on there; it has no effect elsewhere.
+    legrace.accelerator.compute.Accelerator). Default: on there; it has no effect elsewhere.
     """
 
     def __init__(
@@ -181,6 +180,8 @@ class LegRace:
         wire_dtype: Optional[str] = None,
         audit: Union[str, Path, None] = None,
         ledger_path: Union[str, Path, None] = None,
+        device: torch.device,
+        connect: Callable[[], Transport],
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -229,7 +230,7 @@ class LegRace:
         self.overlap = overlap if overlap is not None else accelerator != "cpu"
         self.accelerator, self.secret, self.accelerator_timeout = accelerator, secret, accelerator_timeout
         self.verify = verify
-        self.device = _accelerator_device(accelerator, mode)
+        self.device, self._connect = device, connect
         self.pinned_memory = (pinned_memory is None or pinned_memory) and self.device.type == "cuda"
         self.ledger = PrivacyLedger(ledger_path)
         self.audit = AuditLog(audit) if audit is not None else None
@@ -343,7 +344,7 @@ class LegRace:
         config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank,
                              basis_dtype=self.basis_dtype, wire_dtype=self.wire_dtype, lock=self._lock)
         if config.releases:
-            self.boundary = Boundary(self._transport(), audit=self.audit,
+            self.boundary = Boundary(self._connect(), audit=self.audit,
                                      verifier=FreivaldsVerifier() if self.verify else None, overlap=self.overlap)
             config.boundary = self.boundary
             config.on_release = self._released
@@ -618,11 +619,6 @@ class LegRace:
             return 0.0
         return epsilon(self.noise_multiplier, [(self._largest_sensitivity(), 1)], delta, self.accountant)
 
-    def _transport(self):
-        if is_worker(self.accelerator):
-            return open_transport(self.accelerator, self.secret, self.accelerator_timeout)
-        return InProcessTransport(Accelerator(self.device, pinned=self.pinned_memory))
-
     def close(self) -> None:
         """Hang up on the accelerator (a private worker process exits), stop the noise thread and
         close the audit log."""
@@ -770,16 +766,4 @@ def _pricing(releases) -> str:
     return ", ".join(f"{n} at sensitivity {s:g}C" for s, n in releases if n)
 
 
-def _accelerator_device(accelerator: str, mode: str = "legrace") -> torch.device:
-    """The device of an in-process accelerator; the trusted side's CPU when it is a worker."""
-    if not is_worker(accelerator):
-        return local_device(accelerator)
-    if mode == "gpu_only":
-        raise ValueError("gpu_only trains the plain model on a device of this machine: give accelerator='cpu' "
-                         f"or 'cuda', not {accelerator!r}")
-    if accelerator.startswith("tcp://"):
-        parse_tcp(accelerator)
-    return torch.device("cpu")
-
-
-__all__ = ["AUTO_NOISE_STD", "LegRace", "MODES", "PrivateDataLoader", "SPLIT_MODES"]
+__all__ = ["AUTO_NOISE_STD", "TrustedEngine", "MODES", "PrivateDataLoader", "SPLIT_MODES"]

@@ -11,7 +11,7 @@ arriving at a negative input, possible only after an overflow, gives NaN where t
 Speed matters as much as memory here: these passes run over the largest activations on the
 trusted side. Bits are packed with numpy's packbits on CPU, in cache-sized blocks shared between
 torch's threads (numpy itself uses one). On CPU with numba installed, each max-pool's forward and
-backward are one fused pass (legrace.kernels); otherwise the 2x2 pool's winner is found by
+backward are one fused pass (legrace.trusted.kernels); otherwise the 2x2 pool's winner is found by
 comparing the four window positions rather than by decoding int64 indices (integer division over
 every output was slower than the pooling itself). Both paths keep the same bytes.
 """
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from legrace import kernels
+from legrace.trusted import kernels
 
 
 # numpy's passes run on one thread; large ones are cut into blocks (a multiple of 8 elements, so a
@@ -66,7 +66,7 @@ def _numpy_ok(t: Tensor, *dtypes: torch.dtype) -> bool:
 
 
 def _fused(t: Tensor) -> bool:
-    """Whether legrace.kernels can take this tensor (CPU float32/float64, numba working)."""
+    """Whether legrace.trusted.kernels can take this tensor (CPU float32/float64, numba working)."""
     return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
             and kernels.usable(np.float32 if t.dtype == torch.float32 else np.float64))
 
@@ -285,7 +285,7 @@ def _pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool
 
 
 def _max_pool_window_fused(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> Optional[tuple[Tensor, Tensor]]:
-    """y and the one-byte window codes of the torch path, in one pass (legrace.kernels), or None
+    """y and the one-byte window codes of the torch path, in one pass (legrace.trusted.kernels), or None
     where the kernel does not apply; invalid arguments are left to torch's own errors."""
     if (x.dim() != 4 or not _fused(x) or any(2 * p > k for p, k in zip(padding, kernel))
             or min(*stride, *dilation) < 1):
@@ -307,7 +307,7 @@ def _max_pool_window_fused(x: Tensor, kernel, stride, padding, dilation, ceil_mo
 
 def _max_unpool_window_fused(grad: Tensor, code: Tensor, x_shape: torch.Size, kernel, stride, padding,
                              dilation) -> Tensor:
-    """dL/dx from the window codes in one pass (legrace.kernels), whole planes per thread."""
+    """dL/dx from the window codes in one pass (legrace.trusted.kernels), whole planes per thread."""
     B, C, oh, ow = grad.shape
     h, w = x_shape[-2:]
     g, codes = _flat(grad), code.contiguous().numpy().reshape(-1)

@@ -1,7 +1,7 @@
 """The untrusted accelerator's role: the heavy linear work on what it was sent, nothing more.
 
 It holds conv weights and the noised residuals it received (kept until the matching backward),
-never a data set, a label, X_main, A or V. It answers the requests of `legrace.boundary`.
+never a data set, a label, X_main, A or V. It answers the requests of `legrace.boundary.messages`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from legrace.boundary import (
+from legrace.boundary.messages import (
     Ack,
     ConvBackward,
     ConvBackwardReply,

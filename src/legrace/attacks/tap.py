@@ -19,8 +19,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from legrace.boundary import ConvBackward, ConvForward, Message, SetWeight
-from legrace.convert import conv_nodes, trace
+from legrace.boundary.messages import ConvBackward, ConvForward, Message, SetWeight
+from legrace.trusted.convert import conv_modules
 
 KINDS = ("inputs", "grad_y", "weights")
 
@@ -85,12 +85,6 @@ class BoundaryTap:
         elif isinstance(message, SetWeight) and self._wanted("weights", message.layer):
             self.view.add("weights", message.layer, message.weight)
         return self._inner.request(message, reply_bytes)
-
-
-def conv_modules(model: nn.Module) -> list[nn.Conv2d]:
-    """The Conv2d modules of a plain model in forward order: decomposition points 0, 1, ..."""
-    gm = trace(model)
-    return [model.get_submodule(node.target) for node in conv_nodes(gm)]
 
 
 class ActivationTap:

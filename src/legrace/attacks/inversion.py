@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from legrace.target import AttackError
+from legrace.attacks.target import AttackError
 
 
 class Decoder(nn.Module):

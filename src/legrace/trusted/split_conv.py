@@ -31,11 +31,11 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 from torch.nn.modules.utils import _pair
 
-from legrace.boundary import Boundary
-from legrace.compact import layout_of
-from legrace.decompose import Rank, decompose, rank_for_point
-from legrace.mechanism import GaussianMechanism
-from legrace.recompute import ConvOutputs
+from legrace.boundary.gateway import Boundary
+from legrace.trusted.compact import layout_of
+from legrace.trusted.decompose import Rank, decompose, rank_for_point
+from legrace.trusted.mechanism import GaussianMechanism
+from legrace.trusted.recompute import ConvOutputs
 
 SPLIT_MODES = ("legrace", "dp_only", "lowrank_only")
 
@@ -244,7 +244,7 @@ def _combine(y_main: Optional[Tensor], y_res: Optional[Tensor], bias: Optional[T
 
 def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias: Optional[Tensor], hw,
                stored, out_shape):
-    """Y again, from the kept A and V and the accelerator's stored residual (legrace.recompute)."""
+    """Y again, from the kept A and V and the accelerator's stored residual (legrace.trusted.recompute)."""
     cfg = layer.config
     versions = [p._version for p in (weight, bias) if p is not None]
 

@@ -2,7 +2,7 @@
 
 Each attack aims at a target run (`--checkpoint` of `legrace train`, or, without one, a fresh
 model of --model on --data: the weights of a run's first step), takes the accelerator's view from
-what crosses the boundary in a real run of the engine (`legrace.tap`), and writes a JSON table
+what crosses the boundary in a real run of the engine (`legrace.attacks.tap`), and writes a JSON table
 with its budget, a CSV and PNG figures under --out.
 """
 
@@ -17,18 +17,18 @@ from typing import Optional
 
 import torch
 
-from legrace.cli import positive
-from legrace.figures import image_grid, roc_chart
-from legrace.gradient_attack import match_gradient, observed_gradient, trusted_gradient_part
-from legrace.inversion import invert, quality
-from legrace.membership import ClassGaussians, confidences, engine_for, roc, train_shadow
+from legrace.options import positive
+from legrace.attacks.figures import image_grid, roc_chart
+from legrace.attacks.gradients import match_gradient, observed_gradient, trusted_gradient_part
+from legrace.attacks.inversion import invert, quality
+from legrace.attacks.membership import ClassGaussians, confidences, engine_for, roc, train_shadow
 from legrace.outputs import output_folder
-from legrace.results import text_table, write_csv, write_json
-from legrace.split_conv import conv_padding
-from legrace.tap import conv_modules
-from legrace.target import AttackError, Target, images, load_target, take, to_unit
+from legrace.attacks.results import text_table, write_csv, write_json
+from legrace.trusted.split_conv import conv_padding
+from legrace.trusted.convert import conv_modules
+from legrace.attacks.target import AttackError, Target, images, load_target, take, to_unit
 from legrace.train import TrainConfig
-from legrace.views import RealRun, ViewSpec, own_view, parse_clip_rule, parse_views
+from legrace.attacks.views import RealRun, ViewSpec, own_view, parse_clip_rule, parse_views
 
 INVERSION_COLUMNS = ["layer", "view", "crossed", "z", "clip", "sigma", "ssim", "ssim_std", "psnr"]
 GRADIENT_COLUMNS = ["view", "layer", "batch_size", "attack", "ssim", "ssim_std", "psnr"]
