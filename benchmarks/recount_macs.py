@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from legrace.bench.runner import runner as bench
+from legrace.bench import runner as bench
 
 OLD_COUNT = "ded26e4"  # the last commit with the earlier count
 

@@ -90,7 +90,7 @@ def test_bench_warms_up_until_no_mode_faults_fresh_pages(monkeypatch, tmp_path, 
                                                           settled):
     # modes sharing a process grew the kept heap for 1-3 rounds (VGG-16's legrace: 100 thousand pages a
     # step), and the medians of 3 timed steps sometimes held them
-    from legrace.bench.runner import runner as bench
+    from legrace.bench import runner as bench
 
     faults = {"total": 0, "calls": 0, "planned": list(planned)}
 

@@ -104,7 +104,7 @@ def test_kept_heap_never_gives_its_top_back(how):
 
 
 def test_bench_keeps_the_heap_unless_told_not_to(monkeypatch, tmp_path):
-    from legrace.bench.runner import runner as bench
+    from legrace.bench import runner as bench
     from legrace.cli import main
 
     calls = []
