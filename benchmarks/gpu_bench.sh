@@ -100,7 +100,7 @@ fi
 # where the trusted side's time goes with the GPU as accelerator (with the CPU accelerator its
 # convs would share OpenMP's threads with the trusted side and inflate the noise's share)
 # --replay: the step's decompositions and low-rank calls again outside it, with each call's page
-# faults, then the same with the legs one after the other (docs/performance.md, "GPU runs")
+# faults, then the same with the legs one after the other (docs/performance.md, "The caps")
 step 75 profile $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" --batch-size "$BATCH" \
     --accelerator "$ACCELERATOR" --replay 3
 step 45 profile-no-overlap $PY benchmarks/profile_trusted.py --model vgg16 --input-size "$SIZE" \
@@ -142,12 +142,12 @@ bench vgg16-train-legrace-noise-ahead 60 --model vgg16 --modes legrace --noise-a
 bench vgg16-train-legrace-sequential 60 --model vgg16 --modes legrace --no-overlap
 # the same with a quarter of the cores left to legrace's helper threads (both modes alike): on
 # the H200 host this halved legrace's step at the defaults of commit de75519, and no longer helped
-# at those of 6bbb0d8 (docs/bench/gpu/)
+# at those of 6bbb0d8 (docs/bench/gpu-defaults/)
 for m in vgg16 resnet18 vgg19 resnet34; do
   bench "$m-train-${FEW}threads" 90 --model "$m" --modes tee_only,legrace,gpu_only --threads "$FEW"
 done
 # OpenMP's spin after each parallel region: neither a short spin nor none at all made legrace's
-# trusted side faster with a CUDA accelerator on the H200 host (docs/bench/gpu/)
+# trusted side faster with a CUDA accelerator on the H200 host (docs/bench/gpu-defaults/)
 GOMP_SPINCOUNT=10000 bench vgg16-train-spin10k 90 --model vgg16 --modes tee_only,legrace,gpu_only
 OMP_WAIT_POLICY=PASSIVE bench vgg16-train-omp-passive 90 --model vgg16 --modes tee_only,legrace,gpu_only
 $PY benchmarks/summarize_bench.py "$RUNS" > "$OUT/summary.md" 2>>"$LOG"
