@@ -748,6 +748,36 @@ def test_bench_subtracts_the_time_weights_spend_in_transport_from_the_trusted_ti
     assert all(layer["trusted_seconds"] >= 0 for layer in run.result()["layers"])
 
 
+def test_layer_observers_hear_each_split_conv_until_removed():
+    import torch.nn.functional as F
+
+    from legrace import LegRace
+    from legrace.models import build_model
+    from legrace.trusted.split_conv import SplitConv2d, observe_layers
+
+    torch.manual_seed(0)
+    engine = LegRace(mode="legrace", rank=8, clip=None, noise_multiplier=0, rebuild_outputs=True, overlap=False)
+    net = engine.convert(build_model("cnn", num_classes=10, image_size=16))
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    plain = F.cross_entropy(net(x), y)
+    events = []
+    handle = observe_layers(net, lambda *event: events.append(event))
+    assert torch.equal(F.cross_entropy(net(x), y), plain)  # observing changes nothing computed
+    F.cross_entropy(net(x), y).backward()
+    points = {m.point for m in net.modules() if isinstance(m, SplitConv2d)}
+    crossing = {m.point for m in net.modules() if isinstance(m, SplitConv2d) and m.sends_at((16, 16))}
+    assert {(p, phase) for p, phase, kind, _ in events if kind == "total"} == {
+        (p, phase) for p in points for phase in ("fwd", "bwd")}
+    assert {p for p, _, kind, _ in events if kind == "wait"} == crossing and crossing
+    assert {p for p, _, kind, _ in events if kind == "rebuild"}  # outputs rebuilt in backward
+    handle.remove()
+    heard = len(events)
+    F.cross_entropy(net(x), y).backward()
+    assert len(events) == heard
+    with pytest.raises(TypeError, match="layer_event"):
+        observe_layers(net, 3)
+
+
 def test_bench_refuses_batches_of_one_that_a_batchnorm_cannot_train_on(tmp_path, capsys):
     # was: torch's "Expected more than 1 value per channel when training" after the engines had started
     from legrace.models import build_model, fails_on_one_sample

@@ -34,7 +34,8 @@ from legrace.wiring import LegRace
 from legrace.trusted.heap import how_kept, keep_freed_memory
 from legrace.models import build_model, fails_on_one_sample, model_names
 from legrace.outputs import output_folder
-from legrace.trusted.split_conv import LayerTimings, SplitConv2d, direct_is_cheaper
+from legrace.bench.timing import LayerTimings
+from legrace.trusted.split_conv import SplitConv2d, direct_is_cheaper
 
 try:
     import resource  # page-fault counts (Unix only)
@@ -280,21 +281,24 @@ class _ModeRun:
         return self.engine.boundary.seconds_waiting if self.engine.boundary is not None else 0.0
 
     def timed_step(self) -> None:
-        if self.config is not None:
-            self.config.timings = LayerTimings()
+        timings = LayerTimings()
+        observed = timings.attach(self.net) if self.config is not None else None
         before = self.timer.seconds if self.timer else 0.0
         noise_before = self.mechanism.noise_thread_seconds if self.mechanism else 0.0
         waiting = self._waiting()
         faults = _minor_faults()
         t0 = time.perf_counter()
-        self.step()
-        total = time.perf_counter() - t0
+        try:
+            self.step()
+            total = time.perf_counter() - t0
+        finally:
+            if observed is not None:
+                observed.remove()
         if faults is not None:
             self.faults.append(_minor_faults() - faults)
         waited = self._waiting() - waiting
-        if self.config is not None:
-            self.layers.append(self.config.timings.seconds)
-            self.config.timings = None
+        if observed is not None:
+            self.layers.append(timings.seconds)
         self.steps.append(total)
         self.noise.append(self.mechanism.noise_thread_seconds - noise_before if self.mechanism else 0.0)
         self.accel.append(self.timer.seconds - before if self.timer else (total if self.mode == "gpu_only" else 0.0))

@@ -19,11 +19,12 @@ interleaved with another thread's, and a split kept for a later conv is kept per
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,6 @@ class SplitConfig:
     n_points: int = 0
     mechanism: Optional[GaussianMechanism] = None
     boundary: Optional[Boundary] = None
-    timings: Optional["LayerTimings"] = None  # set by `legrace bench` to get a per-layer breakdown
     outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
     on_release: Optional[Callable[[int, int], None]] = None  # told each release's point and rows (accounting)
     # (thread, point) -> [its input, the input's version, its A, V and noised residual, reusers
@@ -205,30 +205,72 @@ def _out_hw(hw, kernel, stride, padding, dilation) -> tuple[int, int]:
                  for n, k, s, p, d in zip(hw, *map(_pair, (kernel, stride, padding, dilation))))
 
 
-class LayerTimings:
-    """Seconds per decomposition point: trusted work and waiting for the accelerator (and how
-    many times its output was rebuilt in backward, under "rebuilds")."""
+class LayerObserver(Protocol):
+    """Told of each split conv's trusted work, e.g. `legrace bench`'s per-layer timing.
 
-    def __init__(self) -> None:
-        self.seconds: dict[tuple[int, str], float] = {}
+    point: the layer's decomposition point; phase: "fwd" or "bwd"; kind: "total" (the layer's wall
+    time on the trusted side, its waits included), "wait" (of which the boundary's transport took:
+    the accelerator's compute and the transfers) or "rebuild" (its output was rebuilt for backward;
+    seconds: the rebuild's time, also in "total").
+    """
 
-    def add(self, point: int, kind: str, seconds: float) -> None:
-        self.seconds[point, kind] = self.seconds.get((point, kind), 0.0) + seconds
+    def layer_event(self, point: int, phase: str, kind: str, seconds: float) -> None: ...
 
 
-def _timed_call(cfg: SplitConfig, point: int, phase: str, fn, *args, **kwargs):
-    """Call a boundary method; when timing, book the time its transport took as waiting.
+Observer = Union[LayerObserver, Callable[[int, str, str, float], None]]
+_observer_ids = itertools.count()
+
+
+class ObserverHandle:
+    """What observe_layers and SplitConv2d.register_observer return: `remove()` detaches the
+    observer again (also on leaving a `with` block)."""
+
+    def __init__(self, layers: list["SplitConv2d"], key: int) -> None:
+        self._layers, self._key = layers, key
+
+    def remove(self) -> None:
+        for layer in self._layers:
+            layer._observers.pop(self._key, None)
+
+    def __enter__(self) -> "ObserverHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def observe_layers(model: nn.Module, observer: Observer) -> ObserverHandle:
+    """Attach `observer` (a LayerObserver or a callable with its arguments) to every split conv of
+    `model`, like torch's register_forward_hook; with none attached a layer pays one check."""
+    layers = [m for m in model.modules() if isinstance(m, SplitConv2d)]
+    fn = getattr(observer, "layer_event", observer)
+    if not callable(fn):
+        raise TypeError(f"a layer observer is a callable or has a layer_event method, got {type(observer).__name__}")
+    key = next(_observer_ids)
+    for layer in layers:
+        layer._observers[key] = fn
+    return ObserverHandle(layers, key)
+
+
+def _tell(layer: "SplitConv2d", phase: str, kind: str, seconds: float) -> None:
+    for fn in tuple(layer._observers.values()):
+        fn(layer.point, phase, kind, seconds)
+
+
+def _timed_call(layer: "SplitConv2d", phase: str, fn, *args, **kwargs):
+    """Call a boundary method; when observed, tell the time its transport took as "wait".
 
     Only the transport's time counts as waiting (the accelerator's compute and the transfers):
     the boundary's own checks of a reply are trusted-side work and stay in the trusted time.
     """
-    if cfg.timings is None:
+    if not layer._observers:
         return fn(*args, **kwargs)
-    before = cfg.boundary.seconds_waiting
+    boundary = layer.config.boundary
+    before = boundary.seconds_waiting
     try:
         return fn(*args, **kwargs)
     finally:
-        cfg.timings.add(point, f"wait_{phase}", cfg.boundary.seconds_waiting - before)
+        _tell(layer, phase, "wait", boundary.seconds_waiting - before)
 
 
 def _combine(y_main: Optional[Tensor], y_res: Optional[Tensor], bias: Optional[Tensor], out_shape, like: Tensor):
@@ -259,18 +301,18 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
                                "backward, so its output cannot be rebuilt; step the optimizer after backward")
         pending = y_main = y_res = None
         if stored is not None:  # asked for first: the accelerator works while the trusted side does
-            _timed_call(cfg, layer.point, "bwd", cfg.boundary.hold_weight, layer.point, weight)
-            pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.resend_output, layer.point, stored,
+            _timed_call(layer, "bwd", cfg.boundary.hold_weight, layer.point, weight)
+            pending = _timed_call(layer, "bwd", cfg.boundary.resend_output, layer.point, stored,
                                   out_shape, wait=False)
         if A.shape[-1] > 0:
             y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
-        if cfg.timings is not None:
-            cfg.timings.add(layer.point, "rebuilds", 1)
         if pending is not None:
-            y_res = _timed_call(cfg, layer.point, "bwd", pending.result)
+            y_res = _timed_call(layer, "bwd", pending.result)
         y = _combine(y_main, y_res, bias, out_shape, A)
-        if cfg.timings is not None:
-            cfg.timings.add(layer.point, "total_bwd", time.perf_counter() - t0)
+        if layer._observers:
+            seconds = time.perf_counter() - t0
+            _tell(layer, "bwd", "rebuild", seconds)
+            _tell(layer, "bwd", "total", seconds)
         return y
 
     return rebuild
@@ -329,13 +371,13 @@ class _SplitConvFunction(torch.autograd.Function):
             if layer.reusers:  # kept for the later convs without X_res, which they do not need
                 cfg.shared[threading.get_ident(), layer.point] = [weakref.ref(x), _version(x), A, V, released,
                                                                   layer.reusers]
-            pending = _timed_call(cfg, layer.point, "fwd", cfg.boundary.conv_forward,
-                                  layer.point, released, grad and weight.requires_grad, out_shape, wait=False)
+            pending = _timed_call(layer, "fwd", cfg.boundary.conv_forward, layer.point, released,
+                                  grad and weight.requires_grad, out_shape, wait=False)
         X_res = None  # released (or, lowrank_only, dropped): not kept past this point
         if A.shape[-1] > 0:
             y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
         if pending is not None:
-            y_res, stored = _timed_call(cfg, layer.point, "fwd", pending.result)
+            y_res, stored = _timed_call(layer, "fwd", pending.result)
         y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
         if grad and cfg.outputs is not None and (stored is not None or pending is None):
             cfg.outputs.offer(y, _rebuilder(layer, A, V, weight, bias, hw, stored, out_shape), layer.point,
@@ -343,8 +385,8 @@ class _SplitConvFunction(torch.autograd.Function):
                                            out_shape[2] * out_shape[3], weight.shape[2] * weight.shape[3]))
         ctx.save_for_backward(A, V, weight)
         ctx.layer, ctx.stored, ctx.x_shape, ctx.sent = layer, stored, tuple(x.shape), sends
-        if cfg.timings is not None:
-            cfg.timings.add(layer.point, "total_fwd", time.perf_counter() - t0)
+        if layer._observers:
+            _tell(layer, "fwd", "total", time.perf_counter() - t0)
         return y
 
     @staticmethod
@@ -363,24 +405,23 @@ class _SplitConvFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_w = g_main = pending = None
         if ctx.sent:  # sent first: the accelerator works while the trusted side does its part
-            _timed_call(cfg, layer.point, "bwd", cfg.boundary.hold_weight, layer.point, weight)
-            pending = _timed_call(cfg, layer.point, "bwd", cfg.boundary.conv_backward,
-                                  layer.point, ctx.stored, grad_y, ctx.x_shape, tuple(weight.shape),
-                                  need_x, need_w, wait=False)
+            _timed_call(layer, "bwd", cfg.boundary.hold_weight, layer.point, weight)
+            pending = _timed_call(layer, "bwd", cfg.boundary.conv_backward, layer.point, ctx.stored, grad_y,
+                                  ctx.x_shape, tuple(weight.shape), need_x, need_w, wait=False)
         elif need_x:  # lowrank_only or a silent layer: nothing leaves the trusted side, not even dL/dY
             grad_x = conv2d_input(ctx.x_shape, weight, grad_y, *conv_args)
         if need_w and A.shape[-1] > 0:
             g_main = lowrank_weight_grad(A, V, grad_y, weight.shape, ctx.x_shape[2:], *conv_args)
         grad_b = grad_y.sum((0, 2, 3)) if need_b else None
         if pending is not None:
-            grad_x, grad_w = _timed_call(cfg, layer.point, "bwd", pending.result)
+            grad_x, grad_w = _timed_call(layer, "bwd", pending.result)
         if need_w:
             if g_main is not None:
                 grad_w = g_main if grad_w is None else g_main.add_(grad_w)
             elif grad_w is None:
                 grad_w = torch.zeros_like(weight)
-        if cfg.timings is not None:
-            cfg.timings.add(layer.point, "total_bwd", time.perf_counter() - t0)
+        if layer._observers:
+            _tell(layer, "bwd", "total", time.perf_counter() - t0)
         return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -397,6 +438,7 @@ class SplitConv2d(nn.Module):
         self.padding = conv_padding(conv)
         self.point = point
         self.config = config
+        self._observers: dict[int, Callable[[int, str, str, float], None]] = {}  # see observe_layers
         self.planned_hw: Optional[tuple[int, int]] = None  # see plan()
         # A fixed R that covers every input channel splits X exactly (X_main = X, X_res = 0): such a
         # conv (a first conv's image, at R >= 3) runs wholly on the trusted side and nothing about
@@ -413,6 +455,10 @@ class SplitConv2d(nn.Module):
             same_as.reusers += 1
         if self.sends:
             config.boundary.register_conv(point, self.stride, self.padding, self.dilation)
+
+    def register_observer(self, observer: Observer) -> ObserverHandle:
+        """Attach a LayerObserver to this conv alone (observe_layers attaches one to a whole model)."""
+        return observe_layers(self, observer)
 
     @property
     def sends(self) -> bool:
@@ -468,10 +514,10 @@ class SplitConv2d(nn.Module):
         # no version counter, and a remote accelerator holds a copy. Training changes W every step
         # anyway; beside a batch's residuals, W is a small message. Timed as the layer's (its transport
         # time as waiting, the rest as trusted work), like its conv requests, for `legrace bench`.
-        cfg, t0 = self.config, time.perf_counter()
-        _timed_call(cfg, self.point, "fwd", cfg.boundary.set_weight, self.point, self.weight)
-        if cfg.timings is not None:
-            cfg.timings.add(self.point, "total_fwd", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _timed_call(self, "fwd", self.config.boundary.set_weight, self.point, self.weight)
+        if self._observers:
+            _tell(self, "fwd", "total", time.perf_counter() - t0)
 
     def extra_repr(self) -> str:
         return (
