@@ -15,10 +15,14 @@ def __getattr__(name: str):
 
         return LegRace
     if name == "MODES":
-        from legrace.trusted.engine import MODES
+        from legrace.trusted.settings import MODES
 
         return MODES
+    if name == "Settings":
+        from legrace.trusted.settings import Settings
+
+        return Settings
     raise AttributeError(f"module 'legrace' has no attribute {name!r}")
 
 
-__all__ = ["LegRace", "MODES", "__version__"]
+__all__ = ["LegRace", "MODES", "Settings", "__version__"]

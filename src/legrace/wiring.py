@@ -16,6 +16,7 @@ from legrace.accelerator.compute import Accelerator, local_device
 from legrace.boundary.gateway import InProcessTransport, Transport
 from legrace.boundary.transport import is_worker, open_transport, parse_tcp
 from legrace.trusted.engine import TrustedEngine
+from legrace.trusted.settings import Settings
 
 
 def accelerator_device(accelerator: str, mode: str = "legrace") -> torch.device:
@@ -39,11 +40,12 @@ def connect(accelerator: str, device: torch.device, *, secret: str | None = None
 
 
 class LegRace(TrustedEngine):
-    __doc__ = TrustedEngine.__doc__
+    """The privacy engine: `LegRace(mode, **settings)`, where settings are the fields of
+    `legrace.trusted.settings.Settings` (rank, clip, noise_multiplier or target_epsilon, accelerator,
+    ...), validated there. The engine's methods are `TrustedEngine`'s; this class only connects it."""
 
     def __init__(self, mode: str = "legrace", **settings: Any) -> None:
-        accelerator = settings.get("accelerator", "cpu")
-        device = accelerator_device(accelerator, mode) if isinstance(accelerator, str) else local_device(accelerator)
-        super().__init__(mode, **settings, device=device, connect=lambda: connect(
-            self.accelerator, self.device, secret=self.secret, timeout=self.accelerator_timeout,
-            pinned=self.pinned_memory))
+        s = Settings(mode=mode, **settings)
+        device = accelerator_device(s.accelerator, s.mode)
+        super().__init__(s, device=device, connect=lambda: connect(
+            s.accelerator, device, secret=s.secret, timeout=s.accelerator_timeout, pinned=self.pinned_memory))

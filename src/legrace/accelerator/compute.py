@@ -7,15 +7,14 @@ never a data set, a label, X_main, A or V. It answers the requests of `legrace.b
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from legrace.precision import full_float32
 from legrace.boundary.messages import (
     Ack,
     ConvBackward,
@@ -54,21 +53,6 @@ def local_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("accelerator 'cuda' was asked for but this machine has no usable CUDA GPU")
     return device
-
-
-@contextmanager
-def full_float32(device: torch.device) -> Iterator[None]:
-    """cuDNN convolutions without TF32 on a CUDA accelerator: its answers then match the trusted
-    side's float32 to about 1e-6, which verify=True checks (TF32 rounds inputs to 10 bits)."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
 
 
 class Accelerator:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legrace.trusted import kernels
-from legrace.accelerator.compute import full_float32
+from legrace.precision import full_float32
 from legrace.options import mebibytes, positive
 from legrace.trusted.decompose import GRAM_MAX_CHANNELS
 from legrace.trusted.engine import MODES

@@ -159,6 +159,18 @@ class PrivacyLedger:
         named = [n for name, n in self.uses.items() if name != OUTSIDE_A_LOADER]
         return max(named, default=0) + self.uses.get(OUTSIDE_A_LOADER, 0)
 
+    def spend_at(self, releases: Releases) -> None:
+        """Check, before uses are spent, that pricing a use at `releases` accounts at least what
+        each earlier use released (a checkpoint or ledger file from another batch size or rank
+        would otherwise be re-priced cheaper), and record that pricing."""
+        for spent in self.spent_at:
+            if not covers(releases, spent):
+                raise ValueError(
+                    f"the privacy ledger holds uses that released {_pricing(spent)} each, and this engine would "
+                    f"account a use as {_pricing(releases)}, less: make the engine with the same model, rank and "
+                    "batch size as the run the ledger (or checkpoint) comes from")
+        self.note_pricing(releases)
+
     def note_pricing(self, releases: Releases) -> None:
         """Record that uses are being spent at `releases` per use (saved with the counts)."""
         releases = _normal(releases)
@@ -177,6 +189,10 @@ class PrivacyLedger:
             pricing = _normal(pricing)
             if pricing not in self.spent_at:
                 self.spent_at.append(pricing)
+
+
+def _pricing(releases: Releases) -> str:
+    return ", ".join(f"{n} at sensitivity {s:g}C" for s, n in releases if n)
 
 
 def _normal(releases: Releases) -> list[tuple[float, int]]:

@@ -1,4 +1,5 @@
-"""`LegRace`: the privacy engine that wraps a user's model, optimizer and data loader (like Opacus).
+"""The trusted side of the privacy engine, which wraps a user's model, optimizer and data loader
+(like Opacus). `legrace.LegRace` (legrace.wiring) is this engine connected to its accelerator:
 
     engine = LegRace(mode="legrace", rank=8, target_epsilon=8.0, target_delta=1e-5)
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
@@ -13,31 +14,22 @@ import contextlib
 import math
 import threading
 import warnings
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from legrace.privacy.accountant import (ACCOUNTANTS, OUTSIDE_A_LOADER, PrivacyLedger, calibrate_noise_multiplier,
-                                 check_delta, covers, epsilon)
-from legrace.boundary.gateway import Boundary, Transport
 from legrace.boundary.audit import AuditLog
-from legrace.trusted.convert import UnsupportedModelError, check_modules, convert, probe_conv_inputs
-from legrace.trusted.convert import conv_modules
-from legrace.trusted.recompute import ConvOutputs
-from legrace.trusted.decompose import METHODS, Rank, validate_rank
+from legrace.boundary.gateway import Boundary, Transport
+from legrace.privacy.accountant import OUTSIDE_A_LOADER, PrivacyLedger, calibrate_noise_multiplier, check_delta, epsilon
+from legrace.privacy import loaders
+from legrace.privacy.loaders import PassBook, PrivateDataLoader
+from legrace.trusted.convert import UnsupportedModelError, check_modules, conv_modules, convert, probe_conv_inputs
 from legrace.trusted.freivalds import FreivaldsVerifier
 from legrace.trusted.mechanism import GaussianMechanism
+from legrace.trusted.recompute import ConvOutputs
+from legrace.trusted.settings import AUTO_NOISE_STD, MODES, Settings
 from legrace.trusted.split_conv import SPLIT_MODES, SplitConfig, SplitConv2d
-
-MODES = ("legrace", "dp_only", "lowrank_only", "tee_only", "gpu_only")
-
-# clip="auto": C = AUTO_NOISE_STD / z, so the noise std per coordinate is AUTO_NOISE_STD whatever
-# epsilon is. Activations normalised to about unit RMS per coordinate (inputs scaled with fixed
-# constants, conv inputs after BatchNorm) keep noise small beside the signal; the default uses no
-# private data, so it costs no privacy (DESIGN section 9).
-AUTO_NOISE_STD = 0.05
 
 # The batch-mixing probe runs batches of 2; a model that cannot run on 2 samples (one that takes
 # sample 3, or views the batch by 4 rows) is probed again at the loader's batch size, up to this
@@ -45,195 +37,25 @@ AUTO_NOISE_STD = 0.05
 PROBE_MAX_BATCH = 16
 
 
-class PrivateDataLoader:
-    """Wraps a DataLoader of private data: records each pass in the ledger, moves batches."""
-
-    def __init__(self, loader: Any, engine: "TrustedEngine", name: str, device: Optional[torch.device] = None) -> None:
-        self.loader, self.engine, self.name, self.device = loader, engine, name, device
-
-    @property
-    def ledger(self) -> PrivacyLedger:
-        return self.engine.ledger
-
-    def __iter__(self) -> Iterator:
-        opened = False
-        engine = self.engine
-        try:
-            for i, batch in enumerate(self.loader):
-                with engine._lock:  # another thread may be releasing (see SplitConfig.lock)
-                    if i == 0:  # accounted before the first release of the pass
-                        if engine._unchecked is not None or engine._refusal:
-                            engine._check_first_batch(batch)  # before the use: a refused model spends nothing
-                        engine._record_use(self.name)
-                        engine._open_passes += 1
-                        opened = True
-                    engine._paid_rows += _rows(batch, self.loader)  # what the pass may release (_released)
-                yield _to_device(batch, self.device) if self.device is not None else batch
-        finally:
-            if opened:
-                with engine._lock:
-                    engine._open_passes -= 1
-                    if not engine._open_passes:
-                        engine._pass_rows.clear()
-                        engine._paid_rows = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    return batch
-
-
-BASIS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32,  # not float16: V could overflow it
-                "float64": torch.float64}
-
-
-def _basis_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None:
-        return None
-    if name not in BASIS_DTYPES:
-        raise ValueError(f"basis_dtype must be one of {', '.join(BASIS_DTYPES)} or None, got {name!r}")
-    return BASIS_DTYPES[name]
-
-
-def _wire_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name in (None, "float32"):
-        return None
-    if name != "bfloat16":
-        raise ValueError(f"wire_dtype must be 'bfloat16', 'float32' or None, got {name!r}")
-    return torch.bfloat16
-
-
 class TrustedEngine:
-    """Trains a user's model with the trusted/untrusted split and accounts what it releases.
+    """Wraps a user's model, optimizer and loaders (as Opacus's PrivacyEngine does), splits every
+    conv between the trusted side and the accelerator, and accounts what it releases.
 
-    mode: "legrace" (the method), "dp_only" (same mechanism on the whole activation),
-    "lowrank_only" (residual dropped, nothing released), "tee_only" (all on the trusted side),
-    "gpu_only" (plain training on the accelerator, no privacy).
-    rank: R per decomposition point: an int, a list (one per Conv2d in forward order) or "auto".
-    clip: C, the per-sample l2 bound of a residual; "auto" for the data-independent default; None
-    for no clipping (only with noise_multiplier=0: exactness tests, epsilon infinite).
-    noise_multiplier: z (noise std = z*C), or None to calibrate z from target_epsilon/target_delta.
-    accelerator: "cpu" or a torch device such as "cuda" for the in-process accelerator;
-    "process" (or "process:cuda") for a private worker process on this host (unix socket);
-    "tcp://HOST:PORT" for a `legrace worker` elsewhere, which needs `secret` (default
-    $LEGRACE_SECRET). `accelerator_timeout`: seconds to wait for one of its answers.
-    verify: check every answer of the accelerator with a Freivalds test (legrace.trusted.freivalds).
-    basis_dtype: the dtype the trusted side keeps V in for backward ("bfloat16" halves that
-    memory and the split stays exact, since the rounding moves into the residual; in float32 the
-    sums then round a little differently from the plain model's; None: the activations' dtype).
-    rebuild_outputs: keep no conv output for backward (what a BatchNorm after a conv would keep):
-    rebuild it from A, V and the accelerator's stored residual when backward needs it.
-    keep_outputs_mb: with rebuild_outputs, keep conv outputs up to this many MiB per forward pass
-    after all, those that cost most to rebuild per byte first (deep layers' small maps, where
-    forming W' = A·W dominates the rebuild): memory traded back for trusted time. Planned from
-    the previous forward, so the first rebuilds all; gradient accumulation over k forwards keeps
-    up to k budgets until backward (legrace.trusted.recompute).
-    wire_dtype: "bfloat16" sends the noised residuals (and gets Y_res back) in half the bytes.
-    Rounding after the noise is post-processing, so it costs no privacy; its accuracy cost is
-    measured in docs/performance.md. dL/dY and the gradients stay in the model's dtype.
-    noise_ahead: draw the noise of this many upcoming releases in a background thread (default 0:
-    inline, one generator per torch thread). Measured slower on both machines tried (a 16-core
-    H200 host: VGG-16 step 3.36 s with 2 ahead, 2.22 s inline; docs/performance.md, "GPU runs"): with
-    overlap the trusted side hardly waits, and the thread's one generator competes for cores.
-    overlap: run the two legs of each conv concurrently: send the accelerator its request, compute
-    the trusted part of the same layer, then collect the answer (the results are the same bits).
-    Default: on, except with the in-process CPU accelerator, which would only take the trusted
-    side's cores.
-    pinned_memory: with an in-process CUDA accelerator, draw the noise into page-locked memory and
-    move every request and answer through it (DMA at full bus speed; see
-    legrace.accelerator.compute.Accelerator). Default: on there; it has no effect elsewhere.
+    Its settings are a frozen `legrace.trusted.settings.Settings` (`engine.settings`), whose
+    docstring says what each does. Reading order: make_private and private_loader wrap the user's
+    objects; _convert builds the split model; _released accounts each release before it crosses;
+    get_epsilon and the properties after it say what was spent.
     """
 
-    def __init__(
-        self,
-        mode: str = "legrace",
-        *,
-        rank: Rank = 8,
-        clip: Union[float, str, None] = "auto",
-        noise_multiplier: Optional[float] = None,
-        target_epsilon: Optional[float] = None,
-        target_delta: float = 1e-5,
-        accelerator: str = "cpu",
-        secret: Optional[str] = None,
-        accelerator_timeout: float = 120.0,
-        verify: bool = False,
-        decomposition: str = "light",
-        power_iters: int = 2,
-        max_rank: int = 16,
-        accountant: str = "rdp",
-        noise_seed: Optional[int] = None,
-        noise_ahead: Optional[int] = None,
-        overlap: Optional[bool] = None,
-        pinned_memory: Optional[bool] = None,
-        basis_dtype: Optional[str] = "bfloat16",
-        rebuild_outputs: bool = True,
-        keep_outputs_mb: float = 0.0,
-        wire_dtype: Optional[str] = None,
-        audit: Union[str, Path, None] = None,
-        ledger_path: Union[str, Path, None] = None,
-        device: torch.device,
-        connect: Callable[[], Transport],
-    ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if decomposition not in METHODS:
-            raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {', '.join(METHODS)}")
-        if not (0 < target_delta < 1):
-            raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
-        if clip is not None and clip != "auto" and not (isinstance(clip, (int, float)) and clip > 0 and math.isfinite(clip)):
-            raise ValueError(f"clip must be a number > 0, 'auto' or None, got {clip!r}")
-        if mode in ("legrace", "dp_only"):
-            if (noise_multiplier is None) == (target_epsilon is None):
-                raise ValueError("give exactly one of noise_multiplier and target_epsilon")
-            if noise_multiplier is not None and not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
-            if clip is None and noise_multiplier != 0:
-                raise ValueError("clip=None (no clipping) is only allowed with noise_multiplier=0")
-        if isinstance(keep_outputs_mb, bool) or not isinstance(keep_outputs_mb, (int, float)) \
-                or not (keep_outputs_mb >= 0 and math.isfinite(keep_outputs_mb)):
-            raise ValueError(f"keep_outputs_mb must be a finite number of MiB >= 0, got {keep_outputs_mb!r}")
-        if keep_outputs_mb and not rebuild_outputs:
-            raise ValueError("keep_outputs_mb is a budget for outputs that would be rebuilt; with "
-                             "rebuild_outputs=False every conv output is kept already")
-        if isinstance(accelerator_timeout, bool) or not isinstance(accelerator_timeout, (int, float)) \
-                or not (accelerator_timeout > 0 and math.isfinite(accelerator_timeout)):
-            raise ValueError(f"accelerator_timeout must be a finite number of seconds > 0, got {accelerator_timeout!r}")
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
-        for name, value, least in (("power_iters", power_iters, 1), ("max_rank", max_rank, 1),
-                                   ("noise_ahead", 0 if noise_ahead is None else noise_ahead, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        self.mode = mode
-        self.rank = validate_rank(rank)
-        self._clip_arg = clip
-        self._noise_arg = noise_multiplier
-        self.target_epsilon = target_epsilon
-        self.target_delta = target_delta
-        self.decomposition, self.power_iters, self.max_rank = decomposition, power_iters, max_rank
-        self.basis_dtype = _basis_dtype(basis_dtype)
-        self.rebuild_outputs = rebuild_outputs
-        self.keep_outputs_mb = float(keep_outputs_mb)
-        self.wire_dtype = _wire_dtype(wire_dtype)
-        self.accountant = accountant
-        self.noise_seed = noise_seed
-        self.noise_ahead = noise_ahead if noise_ahead is not None else 0
-        self.overlap = overlap if overlap is not None else accelerator != "cpu"
-        self.accelerator, self.secret, self.accelerator_timeout = accelerator, secret, accelerator_timeout
-        self.verify = verify
+    def __init__(self, settings: Settings, *, device: torch.device, connect: Callable[[], Transport]) -> None:
+        """Use `legrace.LegRace(**settings)`, which builds `device` and `connect` from the
+        accelerator setting; `connect()` opens the transport when a model first needs one."""
+        self.settings = s = settings
         self.device, self._connect = device, connect
-        self.pinned_memory = (pinned_memory is None or pinned_memory) and self.device.type == "cuda"
-        self.ledger = PrivacyLedger(ledger_path)
-        self.audit = AuditLog(audit) if audit is not None else None
+        self.pinned_memory = (s.pinned_memory is None or s.pinned_memory) and device.type == "cuda"
+        self.noise_seed = s.noise_seed  # an evaluation may give its pass a stream of its own
+        self.ledger = PrivacyLedger(s.ledger_path)
+        self.audit = AuditLog(s.audit) if s.audit is not None else None
         self.boundary: Optional[Boundary] = None
         self.mechanism: Optional[GaussianMechanism] = None
         self._releasing_points: Optional[int] = None
@@ -245,18 +67,30 @@ class TrustedEngine:
         # the engine; `unaccounted` covers only the thread that opened it.
         self._lock = threading.RLock()
         self._per_thread = threading.local()
-        self._open_passes = 0  # private loaders iterating now
-        self._paid_rows = 0  # samples the open passes' uses pay for: those yielded, and those charged extra
-        self._pass_rows: dict[int, int] = {}  # samples released per point while passes are open
+        self.passes = PassBook()  # which use each release belongs to (legrace.privacy.loaders)
         self._batchnorms: list[nn.Module] = []  # the converted model's BatchNorms (batch coupling)
         self._splits: list[tuple[SplitConv2d, bool]] = []  # each split conv, and whether it follows a BatchNorm
         self._unplanned: Optional[nn.Module] = None  # the user's model, until a loader plans its map sizes
-        self._outside: dict[int, int] = {}  # releases per point made outside any of their passes
-        self._outside_uses = 0  # forwards among them (the most releases at one point)
         self._coupled: set[int] = set()  # points after a BatchNorm
         self._warned: set[str] = set()
         self._unchecked: Optional[nn.Module] = None  # a model whose loader shows its samples only by iterating
         self._refusal: Optional[str] = None  # why that model was refused at its first batch
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
+    def target_epsilon(self) -> Optional[float]:
+        return self.settings.target_epsilon
+
+    @property
+    def target_delta(self) -> float:
+        return self.settings.target_delta
+
+    @property
+    def overlap(self) -> bool:
+        return self.settings.overlap
 
     # ---- wrapping the user's objects ----------------------------------------------------------
 
@@ -284,12 +118,13 @@ class TrustedEngine:
         # Releases after a BatchNorm in training mode are priced at the training batches (the noise is
         # calibrated for them); only a larger batch that crosses there in training mode raises it
         # (_released), so a validation loader of larger batches run in eval mode costs nothing more.
-        self.batch_size = max(self.batch_size, _batch_size(data_loader))
+        self.batch_size = max(self.batch_size, loaders.batch_size(data_loader))
         if self.target_epsilon is not None and self.releases_per_sample > 0 and self.mechanism is None:
             if epochs is None:
                 raise ValueError("target_epsilon needs epochs (how many times each sample is used)")
             releases = [(s, n * epochs) for s, n in self.releases_per_use()]
-            self._set_noise(calibrate_noise_multiplier(self.target_epsilon, self.target_delta, releases, self.accountant))
+            z = calibrate_noise_multiplier(self.target_epsilon, self.target_delta, releases, self.settings.accountant)
+            self._set_noise(z)
         return model, optimizer, loader
 
     def private_loader(self, data_loader: Any, name: str = "validation") -> PrivateDataLoader:
@@ -300,9 +135,8 @@ class TrustedEngine:
         one use of its samples (more forwards are charged as more uses, see _released), so a
         sampler that draws a sample more than once per pass is refused.
         """
-        _check_sampling(data_loader)
-        batch_size = _batch_size(data_loader)
-        if batch_size is None:
+        loaders.check_sampling(data_loader)
+        if loaders.batch_size(data_loader) is None:
             raise ValueError("cannot tell the loader's batch size (needed to account BatchNorm's batch coupling); "
                              "use a DataLoader with batch_size set")
         device = self.device if self.mode == "gpu_only" else None
@@ -341,13 +175,15 @@ class TrustedEngine:
             gm = convert(module)
             self._releasing_points = 0
             return gm
-        config = SplitConfig(self.mode, self.rank, self.decomposition, self.power_iters, self.max_rank,
-                             basis_dtype=self.basis_dtype, wire_dtype=self.wire_dtype, lock=self._lock)
+        s = self.settings
+        config = SplitConfig(s.mode, s.rank, s.decomposition, s.power_iters, s.max_rank,
+                             basis_dtype=s.basis_torch_dtype, wire_dtype=s.wire_torch_dtype, lock=self._lock)
         if config.releases:
             self.boundary = Boundary(self._connect(), audit=self.audit,
-                                     verifier=FreivaldsVerifier() if self.verify else None, overlap=self.overlap)
+                                     verifier=FreivaldsVerifier() if self.settings.verify else None, overlap=self.overlap)
             config.boundary = self.boundary
             config.on_release = self._released
+            config.trusted_only = self._trusted_only
 
         splits, after_bns = [], []
 
@@ -361,15 +197,15 @@ class TrustedEngine:
 
         gm = convert(module, make_split)
         self._batchnorms = [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
-        if self.rebuild_outputs:
-            config.outputs = ConvOutputs(keep_bytes=int(self.keep_outputs_mb * 2**20))
+        if self.settings.rebuild_outputs:
+            config.outputs = ConvOutputs(keep_bytes=int(self.settings.keep_outputs_mb * 2**20))
             config.outputs.install(gm)
         self._splits = list(zip(splits, after_bns))
         self._unplanned = module if config.releases else None
         self._count_releases()
         self._config = config
-        if self._noise_arg is not None and self.mechanism is None:
-            self._set_noise(self._noise_arg)
+        if self.settings.noise_multiplier is not None and self.mechanism is None:
+            self._set_noise(self.settings.noise_multiplier)
         config.mechanism = self.mechanism
         return gm
 
@@ -391,18 +227,18 @@ class TrustedEngine:
         before that pass is accounted; until then the model releases nothing (_released). Its
         convs stay unplanned (priced as releasing, the conservative side)."""
         check_modules(module)  # first: a forward would initialise a lazy layer that convert refuses
-        shape = _sample_shape(data_loader)
-        if shape is None and _iterable_only(data_loader):
+        shape = loaders.sample_shape(data_loader)
+        if shape is None and loaders.iterable_only(data_loader):
             self._unchecked = module
             return None
-        return self._probe(module, shape, _batch_size(data_loader), stacklevel=4)
+        return self._probe(module, shape, loaders.batch_size(data_loader), stacklevel=4)
 
     def _check_first_batch(self, batch: Any) -> None:
         """The batch-mixing check of a model whose loader showed no sample before its first batch.
         A refusal stays: every later pass and release of this engine is refused the same way."""
         if self._unchecked is not None:
             try:
-                self._probe(self._unchecked, _input_shape(batch, batched=True), _rows(batch), stacklevel=4)
+                self._probe(self._unchecked, loaders.input_shape(batch, batched=True), loaders.rows(batch), stacklevel=5)
             except UnsupportedModelError as err:
                 self._refusal = (f"{err} (found at the first batch of a loader whose samples show only by iterating, "
                                  "before anything was released or accounted; give the mended model to a new LegRace "
@@ -465,6 +301,24 @@ class TrustedEngine:
         """`unaccounted` blocks open now on this thread."""
         return getattr(self._per_thread, "unaccounted", 0)
 
+    @contextlib.contextmanager
+    def trusted_inference(self) -> Iterator[None]:
+        """Forwards in this block run wholly on the trusted side: in legrace and dp_only every split
+        conv computes the plain conv of its weight on its whole input, the unconverted model's
+        output, exact and noise-free; nothing crosses and nothing is accounted. lowrank_only keeps
+        its own forward (the low-rank model it trained as, which releases nothing anyway); tee_only
+        and gpu_only have no split convs. A private loader's pass is recorded whatever the forward
+        does: iterate a plain loader here. It covers this thread's forwards only, like `unaccounted`."""
+        self._per_thread.trusted = self._trusted_only() + 1
+        try:
+            yield
+        finally:
+            self._per_thread.trusted -= 1
+
+    def _trusted_only(self) -> int:
+        """`trusted_inference` blocks open now on this thread (SplitConfig.trusted_only)."""
+        return getattr(self._per_thread, "trusted", 0)
+
     def _released(self, point: int, rows: int) -> None:
         """Account the release of `rows` samples' residuals at decomposition point `point`,
         before it crosses (an error here stops it).
@@ -499,25 +353,21 @@ class TrustedEngine:
                     f"its whole batch there. Train on batches of at most {self.batch_size}, or run this forward in "
                     "eval mode (model.eval(), with BatchNorms that keep running statistics)")
             self.batch_size = rows  # every use is priced at the larger batch from now on (never less)
-        if self._open_passes:
-            n = self._pass_rows[point] = self._pass_rows.get(point, 0) + rows
-            if n <= self._paid_rows:
-                return
-            self._paid_rows += rows  # this forward's rows, at every point, paid by one use below
-            what = ("the model released more samples' residuals than the private loaders' open passes have yielded "
-                    "(a second forward of a batch, or other data during a pass)")
-        else:
-            n = self._outside[point] = self._outside.get(point, 0) + 1
-            if n <= self._outside_uses:  # not a forward's first release
-                return
-            self._outside_uses = n
-            what = ("the model released residuals outside a pass over a private loader (make_private's or "
-                    "private_loader's)")
+        what = self.passes.extra_use(point, rows)
+        if what is None:
+            return
         if what not in self._warned:
             self._warned.add(what)
             warnings.warn(f"{what}: each such forward is accounted as one more use of every data set's samples, "
                           "the worst case; feed each private sample through those loaders once per pass", stacklevel=5)
         self._record_use(OUTSIDE_A_LOADER)
+
+    def _before_pass(self, name: str, batch: Any) -> None:
+        """A private loader's first batch of a pass: check the model if its loader showed no
+        sample before (a refused model spends nothing), then record the use before any release."""
+        if self._unchecked is not None or self._refusal:
+            self._check_first_batch(batch)
+        self._record_use(name)
 
     def _record_use(self, name: str) -> None:
         """One use of data set `name`, recorded before anything of it is released."""
@@ -525,25 +375,17 @@ class TrustedEngine:
         self.ledger.record_pass(name)
 
     def _spending(self) -> None:
-        """Check, before uses are spent, that this engine prices a use at least as dearly as the
-        ledger's earlier uses were spent (a checkpoint or ledger file from another batch size or
-        rank would otherwise be re-priced cheaper), and record its pricing."""
+        """Before uses are spent: the ledger checks this engine prices a use at least as dearly
+        as its earlier uses were spent (PrivacyLedger.spend_at)."""
         if self._releasing_points is None or not self.releases_per_sample:
             return
-        ours = self.releases_per_use()
-        for spent in self.ledger.spent_at:
-            if not covers(ours, spent):
-                raise ValueError(
-                    f"the privacy ledger holds uses that released {_pricing(spent)} each, and this engine would "
-                    f"account a use as {_pricing(ours)}, less: make the engine with the same model, rank and batch "
-                    "size as the run the ledger (or checkpoint) comes from")
-        self.ledger.note_pricing(ours)
+        self.ledger.spend_at(self.releases_per_use())
 
     def _set_noise(self, z: float) -> None:
-        self.mechanism = GaussianMechanism(self._clip_for(z), z, seed=self.noise_seed)
+        self.mechanism = GaussianMechanism(self.settings.clip_for(z), z, seed=self.noise_seed)
         self.mechanism.pinned_output = self.pinned_memory
-        if self.noise_ahead and self.noise_seed is None:  # a fixed seed needs the inline, ordered stream
-            self.mechanism.start_pool(self.noise_ahead)
+        if self.settings.noise_ahead and self.noise_seed is None:  # a fixed seed needs the inline, ordered stream
+            self.mechanism.start_pool(self.settings.noise_ahead)
         if self._config is not None:
             self._config.mechanism = self.mechanism
 
@@ -608,7 +450,7 @@ class TrustedEngine:
             return math.inf if uses else 0.0
         if self._releasing_points is None or self.releases_per_sample == 0:
             return 0.0
-        return epsilon(self.noise_multiplier, [(s, n * uses) for s, n in self.releases_per_use()], delta, self.accountant)
+        return epsilon(self.noise_multiplier, [(s, n * uses) for s, n in self.releases_per_use()], delta, self.settings.accountant)
 
     def epsilon_per_release(self, delta: Optional[float] = None) -> float:
         """Epsilon at `delta` of the costliest single release (of sensitivity `sensitivity`)."""
@@ -617,7 +459,7 @@ class TrustedEngine:
             return math.inf
         if self._releasing_points is None or self.releases_per_sample == 0:
             return 0.0
-        return epsilon(self.noise_multiplier, [(self._largest_sensitivity(), 1)], delta, self.accountant)
+        return epsilon(self.noise_multiplier, [(self._largest_sensitivity(), 1)], delta, self.settings.accountant)
 
     def close(self) -> None:
         """Hang up on the accelerator (a private worker process exits), stop the noise thread and
@@ -663,54 +505,13 @@ class TrustedEngine:
         None while it waits to calibrate from target_epsilon."""
         if self.mechanism is not None or self.mode not in ("legrace", "dp_only"):
             return self.noise_multiplier, self.clip
-        if self._noise_arg is None:
+        if self.settings.noise_multiplier is None:
             return None, None
-        return self._noise_arg, self._clip_for(self._noise_arg)
-
-    def _clip_for(self, z: float) -> Optional[float]:
-        if self._clip_arg == "auto":
-            return AUTO_NOISE_STD / z if z > 0 else None
-        return self._clip_arg
+        return self.settings.noise_multiplier, self.settings.clip_for(self.settings.noise_multiplier)
 
 
 def _same(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
-
-
-def _sample_shape(data_loader: Any) -> Optional[tuple[int, ...]]:
-    """The shape of a batch of one input, from the loader's data set or first batch (None if
-    neither tells)."""
-    try:
-        dataset = getattr(data_loader, "dataset", None)
-        if dataset is None:
-            shape = _input_shape(data_loader[0], batched=True)
-            return None if shape is None else (1, *shape[1:])
-        return _input_shape(dataset[0], batched=False)
-    except Exception:  # an iterable-style data set, or samples of another form
-        return None
-
-
-def _input_shape(item: Any, batched: bool) -> Optional[tuple[int, ...]]:
-    """The shape of a batch of inputs, from one sample (batched=False) or one batch: an image
-    tensor, a tuple or list that starts with one, or a dict holding one floating-point image
-    tensor ({"image": x, "label": y}); None for anything else."""
-    rank = 4 if batched else 3
-    if isinstance(item, dict):
-        images = [v for v in item.values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == rank]
-        item = images[0] if len(images) == 1 else None
-    x = item[0] if isinstance(item, (list, tuple)) and item else item
-    if not isinstance(x, torch.Tensor) or x.dim() != rank:
-        return None
-    return tuple(x.shape) if batched else (1, *x.shape)
-
-
-def _iterable_only(data_loader: Any) -> bool:
-    """Whether the loader shows its samples only by iterating (an IterableDataset, or no data set
-    and no indexing)."""
-    dataset = getattr(data_loader, "dataset", None)
-    if dataset is None:
-        return not isinstance(data_loader, (list, tuple)) and not hasattr(data_loader, "__getitem__")
-    return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 def _normalises_by_batch(bn: nn.Module) -> bool:
@@ -718,52 +519,6 @@ def _normalises_by_batch(bn: nn.Module) -> bool:
     its batch-mates' outputs): in training mode, and in eval mode too when it keeps no running
     statistics (track_running_stats=False), as torch's BatchNorm decides."""
     return bn.training or (bn.running_mean is None and bn.running_var is None)
-
-
-def _batch_size(data_loader: Any) -> Optional[int]:
-    """The most samples a batch of this loader holds: its batch_size (at most its data set's
-    length), or a list of batches' longest; None if it cannot tell."""
-    batch_size = getattr(data_loader, "batch_size", None)
-    if batch_size is None:
-        return max((_rows(b) for b in data_loader), default=1) if isinstance(data_loader, (list, tuple)) else None
-    try:  # a batch never holds more than the data set (an empty one: 1, as for an empty list)
-        return min(batch_size, len(data_loader.dataset)) or 1
-    except (AttributeError, TypeError):  # no data set, or an iterable-style one (no length)
-        return batch_size
-
-
-def _rows(batch: Any, loader: Any = None) -> int:
-    """Samples in a batch: the length of its first tensor (of a tuple, list or dict), else the
-    loader's batch size."""
-    while isinstance(batch, (list, tuple, dict)) and len(batch):
-        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
-    if isinstance(batch, torch.Tensor) and batch.dim():
-        return batch.shape[0]
-    return getattr(loader, "batch_size", None) or 1
-
-
-def _check_sampling(data_loader: Any) -> None:
-    """Refuse loaders that yield a sample more than once per pass: the ledger counts a pass as
-    one use of each sample (with replacement, one sample was drawn 14 times in a pass)."""
-    sampler = getattr(data_loader, "sampler", None)
-    dataset = getattr(data_loader, "dataset", None)
-    if getattr(sampler, "replacement", False):
-        raise ValueError(f"the loader's {type(sampler).__name__} draws with replacement, so a pass can use one sample "
-                         "several times; legrace accounts a pass as one use of each sample: sample without replacement")
-    num_samples = getattr(sampler, "num_samples", None)
-    try:
-        if isinstance(num_samples, int) and dataset is not None and num_samples > len(dataset):
-            raise ValueError(f"the loader's {type(sampler).__name__} draws {num_samples} samples per pass from "
-                             f"{len(dataset)}, so it repeats samples; legrace accounts a pass as one use of each sample")
-    except TypeError:  # no length
-        pass
-    if isinstance(dataset, torch.utils.data.IterableDataset) and getattr(data_loader, "num_workers", 0) > 1:
-        raise ValueError("an IterableDataset read by several workers yields every sample once per worker unless it "
-                         "shards itself; legrace cannot tell, so use num_workers <= 1 (or a map-style dataset)")
-
-
-def _pricing(releases) -> str:
-    return ", ".join(f"{n} at sensitivity {s:g}C" for s, n in releases if n)
 
 
 __all__ = ["AUTO_NOISE_STD", "TrustedEngine", "MODES", "PrivateDataLoader", "SPLIT_MODES"]
