@@ -93,22 +93,25 @@ def test_a_crash_in_the_first_epoch_can_be_resumed_and_its_pass_is_accounted(tmp
 
 def test_evaluate_runs_split_inference(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", "--epochs", "2", "--out", str(out), "--no-progress", "--val-inference", "split"]) == 0
     capsys.readouterr()
     trained = json.loads((out / "summary.json").read_text())
     assert json.loads((out / "privacy_ledger.json").read_text())["uses"] == {"train": 2, "validation": 2}
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", "--split", "val"]) == 0
+    split = ["--inference", "split", "--allow-past-target"]  # (the default, trusted inference, spends nothing)
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", "--split", "val",
+                 *split]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 180 and result["accuracy"] > 0.7 and result["epsilon_of_this_pass"] > 0
     # the pass released the validation samples' residuals a third time: the run's ledger says so
     assert result["uses"] == {"train": 2, "validation": 3} == json.loads((out / "privacy_ledger.json").read_text())["uses"]
     assert result["epsilon"] > trained["epsilon"] > result["epsilon_of_this_pass"]
     # all of digits holds the run's train and validation samples: a use of both
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", *split]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 1797 and result["uses"] == {"train": 3, "validation": 4}
     # the validation split of other data is not this run's
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:x.npz", "--split", "val"]) == 2
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:x.npz", "--split", "val",
+                 *split]) == 2
     assert "--data digits" in capsys.readouterr().err
 
 
@@ -271,8 +274,9 @@ def test_resume_with_a_fixed_noise_seed_draws_new_noise(tmp_path, monkeypatch):
     assert main(common + ["--epochs", "1"]) == 0
     assert main(common + ["--epochs", "2", "--resume"]) == 0
     assert seeds[0] == 7 and seeds[1] != 7  # the resumed run never replays the first run's noise
-    for _ in range(2):  # nor does an evaluation (its noise would cancel against training's), twice
-        assert main(["evaluate", "--checkpoint", f"{out}/checkpoint.pt", "--data", "digits", "--split", "val"]) == 0
+    for _ in range(2):  # nor does a split evaluation (its noise would cancel against training's), twice
+        assert main(["evaluate", "--checkpoint", f"{out}/checkpoint.pt", "--data", "digits", "--split", "val",
+                     "--inference", "split"]) == 0
     assert len(set(seeds)) == 4
 
 
@@ -380,16 +384,18 @@ def test_evaluate_prices_the_runs_uses_as_the_run_did_and_knows_its_data_by_cont
     out = tmp_path / "run"
     monkeypatch.chdir(tmp_path)  # the run reads its data by a relative path
     assert main(["train", "--data", "npz:./d.npz", "--epochs", "1", "--batch-size", "64", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--val-inference", "split"]) == 0
     trained = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
+    split = ["--inference", "split", "--allow-past-target"]  # (the default, trusted inference, spends nothing)
     # the validation split (20 samples) is smaller than the run's batches: its pass must not make the
     # run's batch-coupled releases (priced at 64) cheaper, nor be refused for it
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz", "--split", "val"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:./d.npz", "--split", "val",
+                 *split]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 20 and result["epsilon"] >= trained["epsilon"]
     # the same file under another spelling of its path is the run's own data: a use of both sets
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", spec]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", spec, *split]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accounted_as"] == ["train", "validation"] and result["uses"] == {"train": 2, "validation": 3}
     # the run's own file after its content changed (a few samples replaced), from another directory
@@ -399,12 +405,12 @@ def test_evaluate_prices_the_runs_uses_as_the_run_did_and_knows_its_data_by_cont
     _npz(tmp_path / "d.npz", x, digits.target[:200])
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:../d.npz"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "npz:../d.npz", *split]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accounted_as"] == ["train", "validation"] and result["uses"] == {"train": 3, "validation": 4}
     # other data is a data set of its own
     other = _npz(tmp_path / "e.npz", 255 - x, digits.target[:200])
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", other]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", other, *split]) == 0
     assert json.loads(capsys.readouterr().out)["accounted_as"] == [f"evaluate {other}"]
 
 

@@ -364,7 +364,7 @@ def test_audit_of_a_run_over_a_worker_shows_only_noised_residuals_crossed(worker
     assert all(tuple(line["shape"]) == weights[line["layer"]] for line in sent if line["field"] == "weight")
 
     released = [line for line in sent if line["field"] == "residual.tensor"]
-    batches = 288 // 32 + 1  # training and validation batches of the pass
+    batches = 288 // 32  # the training batches: validation ran wholly on the trusted side (--val-inference)
     # R = 8 covers layer 0's one channel, and layer 2's 2x2 maps: those convs run wholly on the trusted
     # side, nothing of them crosses (layer 2's stride and padding were registered: architecture,
     # public), and they are not accounted

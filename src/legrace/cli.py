@@ -45,6 +45,10 @@ def _train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP (default 1e-5)")
     t.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the training data held out for validation (default 0.1)")
+    t.add_argument("--val-inference", choices=("trusted", "split"), default="trusted",
+                   help="how each epoch's validation accuracy is measured: trusted (every conv on the trusted side, "
+                        "exact; nothing released or accounted) or split (as training runs, on noised residuals; "
+                        "accounted as passes over the validation split)")
     t.add_argument("--seed", type=seed, default=0, help="model init, data split and shuffling (noise stays secret)")
     t.add_argument("--noise-seed", type=seed, default=None, help="fix the noise generator: experiments only, insecure")
     t.add_argument("--max-samples", type=positive(int), default=None, help="use only this many samples")
@@ -80,11 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(t)
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="split inference of a checkpoint; prints accuracy")
+    e = sub.add_parser("evaluate", help="accuracy of a checkpoint, by trusted inference (spends no privacy) or "
+                                        "split inference (spends privacy)")
     e.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by `legrace train`")
     e.add_argument("--data", required=True, help="digits | npz:PATH | cifar10:DIR (its test split) | imagefolder:DIR")
     e.add_argument("--split", choices=("all", "val"), default="all",
                    help="all samples of --data, or the validation split the run held out")
+    e.add_argument("--inference", choices=("trusted", "split"), default="trusted",
+                   help="trusted: every conv on the trusted side, the model as deployed in the TEE (exact, "
+                        "noise-free; nothing released, the ledger untouched); split: served with the accelerator as "
+                        "in training, on noised residuals, recorded in the run's privacy ledger (its cost is "
+                        "printed first)")
+    e.add_argument("--allow-past-target", action="store_true",
+                   help="let --inference split spend even if that takes the run past its target epsilon "
+                        "(refused otherwise)")
     _accelerator_arguments(e)
     e.set_defaults(func=_evaluate)
 
@@ -141,7 +154,7 @@ def _train(args: argparse.Namespace) -> int:
         image_size=args.image_size, download=args.download, accelerator=args.accelerator,
         accelerator_timeout=args.accelerator_timeout, verify=args.verify, audit=args.audit,
         decomposition=args.decomposition, wire_dtype=args.wire_dtype, keep_outputs_mb=args.keep_outputs_mb,
-        accountant=args.accountant, out=args.out,
+        accountant=args.accountant, out=args.out, val_inference=args.val_inference,
         progress=not args.no_progress,
     )
     summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr), secret=args.secret,
@@ -153,7 +166,9 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from legrace.train import jsonable, run_evaluation
 
-    result = run_evaluation(args.checkpoint, args.data, args.split, accelerator=args.accelerator, secret=args.secret)
+    result = run_evaluation(args.checkpoint, args.data, args.split, log=lambda m: print(m, file=sys.stderr),
+                            accelerator=args.accelerator, secret=args.secret, inference=args.inference,
+                            allow_past_target=args.allow_past_target)
     print(json.dumps(jsonable(result), indent=2))
     return 0
 
@@ -167,7 +182,10 @@ def describe(s: dict, out: str) -> str:
     lines = [f"Trained {s['model']} on {s['data']} ({s['train_samples']} train / {s['val_samples']} validation "
              f"samples) for {s['epochs']} epochs ({s['steps']} steps) in mode {s['mode']}."]
     if s["val_acc"] is not None and not math.isnan(s["val_acc"]):
-        lines.append(f"Validation accuracy {s['val_acc']:.1%} (train {s['train_acc']:.1%}).")
+        how = {"trusted": ", measured by trusted inference: every conv on the trusted side, nothing released",
+               "split": ", measured by split inference: on noised residuals, accounted"}.get(s.get("val_inference"), "")
+        releasing = s["mode"] in ("legrace", "dp_only") and s["releases_per_sample"]
+        lines.append(f"Validation accuracy {s['val_acc']:.1%} (train {s['train_acc']:.1%}){how if releasing else ''}.")
     if s["mode"] in ("legrace", "dp_only") and not s["releases_per_sample"]:
         lines.append("Privacy: nothing left the trusted side (R covers every conv's input: epsilon 0).")
     elif s["mode"] in ("legrace", "dp_only") and s["clip"] is None:

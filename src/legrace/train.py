@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from legrace.data import DataSplit, load_data, source_of
 from legrace.wiring import LegRace
+from legrace.privacy.accountant import PrivacyLedger
 from legrace.trusted.mechanism import derive_seed
 from legrace.models import build_model, fails_on_one_sample
 from legrace.outputs import output_folder
@@ -57,6 +60,7 @@ class TrainConfig:
     accountant: str = "rdp"
     out: str = "runs/legrace"
     progress: bool = True
+    val_inference: str = "trusted"  # how validation is measured (INFERENCES); "split" releases and is accounted
 
 
 DEFAULT_EPOCHS = 10
@@ -64,7 +68,26 @@ DEFAULT_EPOCHS = 10
 # On --resume these come from the command, not the checkpoint: where and how to run, not what to train
 # (epochs only when the command gives them).
 RUN_SETTINGS = ("epochs", "out", "progress", "accelerator", "accelerator_timeout", "verify", "audit", "wire_dtype",
-                "keep_outputs_mb", "download")
+                "keep_outputs_mb", "download", "val_inference")
+
+# How an accuracy is measured: "trusted" runs every conv on the trusted side (TrustedEngine.trusted_inference:
+# nothing released, nothing accounted); "split" serves the model with the accelerator as training does
+# (noised residuals released, each pass recorded in the privacy ledger).
+INFERENCES = ("trusted", "split")
+
+
+def measured_by(mode: str, inference: str) -> str:
+    """In words, what an accuracy measured by `inference` in `mode` is the accuracy of."""
+    if mode == "gpu_only":
+        return "the plain model, without privacy (gpu_only)"
+    if mode in ("lowrank_only", "tee_only"):
+        what = "the low-rank model it trained as" if mode == "lowrank_only" else "the model"
+        return f"{what}, wholly on the trusted side ({mode}); nothing released"
+    if inference == "trusted":
+        return ("trusted inference: the model as deployed in the TEE, every conv on the trusted side; exact and "
+                "noise-free, nothing released or accounted")
+    return ("split inference: the model as served with the untrusted accelerator, on noised residuals (it varies "
+            "with the noise); released and accounted")
 
 
 class TrainError(RuntimeError):
@@ -131,8 +154,10 @@ def class_map(state: dict, data: DataSplit) -> Optional[list[int]]:
     return [trained.index(c) for c in data.classes]
 
 
-def _evaluate(model, loader, classes: Optional[list[int]] = None) -> tuple[float, float]:
-    """Mean loss and accuracy; `classes` maps the data's labels to the model's outputs (class_map)."""
+def _evaluate(model, loader, classes: Optional[list[int]] = None,
+              device: Optional[torch.device] = None) -> tuple[float, float]:
+    """Mean loss and accuracy; `classes` maps the data's labels to the model's outputs (class_map);
+    `device`: where to move each batch (a private loader moves them itself)."""
     model.eval()
     total = correct = 0
     loss = 0.0
@@ -141,6 +166,8 @@ def _evaluate(model, loader, classes: Optional[list[int]] = None) -> tuple[float
         for x, y in loader:
             if to_output is not None:
                 y = to_output[y]
+            if device is not None:
+                x, y = x.to(device), y.to(device)
             out = model(x)
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
@@ -191,6 +218,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         raise TrainError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
     if cfg.epochs is None:
         cfg.epochs = DEFAULT_EPOCHS
+    if cfg.val_inference not in INFERENCES:
+        raise TrainError(f"--val-inference must be one of {', '.join(INFERENCES)}, not {cfg.val_inference!r}")
 
     torch.manual_seed(cfg.seed)
     data: DataSplit = load_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, max_samples=cfg.max_samples,
@@ -218,8 +247,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     else:
         engine = _engine(cfg, cfg.noise_multiplier, cfg.clip, ledger_path, secret, audit)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    # (validation first: the noise is calibrated for the larger of the two loaders' batches)
-    val_loader = engine.private_loader(_loader(data.val, cfg, False), "validation") if data.val is not None else None
+    # Trusted validation reads a plain loader: nothing released, nothing in the ledger. Split validation
+    # is accounted as passes over "validation", a data set apart from "train": its one pass per epoch
+    # (in eval mode, coupling no batch) fits in the calibration for `epochs` uses of each sample.
+    val_loader = _loader(data.val, cfg, False) if data.val is not None else None
+    if val_loader is not None and cfg.val_inference == "split":
+        val_loader = engine.private_loader(val_loader, "validation")
     model, optimizer, train_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=_loader(data.train, cfg, True, shuffle), epochs=cfg.epochs
     )
@@ -254,6 +287,14 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     if state is None:  # before the first release: a crash in epoch 1 can then be resumed, its pass accounted
         save(0)
 
+    def validate() -> tuple[float, float]:
+        if val_loader is None:
+            return math.nan, math.nan
+        if cfg.val_inference == "split":
+            return _evaluate(model, val_loader)
+        with engine.trusted_inference():
+            return _evaluate(model, val_loader, device=engine.device if cfg.mode == "gpu_only" else None)
+
     metrics_file = open(out / "metrics.jsonl", "w")
     for row in history:  # the checkpoint's epochs, and no row of an epoch it did not save
         metrics_file.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
@@ -263,7 +304,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
             model.train()
             seen = correct = 0
             loss_sum = 0.0
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not (cfg.progress and sys.stderr.isatty()))  # a bar on a terminal, not in a log
             for x, y in bar:
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
@@ -277,9 +319,10 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             scheduler.step()
-            val_loss, val_acc = _evaluate(model, val_loader) if val_loader is not None else (math.nan, math.nan)
+            val_loss, val_acc = validate()
             row = {"epoch": epoch + 1, "steps": len(step_times), "train_loss": loss_sum / max(seen, 1),
                    "train_acc": correct / max(seen, 1), "val_loss": val_loss, "val_acc": val_acc,
+                   "val_inference": cfg.val_inference if val_loader is not None else None,
                    "epsilon": engine.get_epsilon(cfg.delta), "seconds_per_step": statistics.median(step_times)}
             history.append(row)
             save(epoch + 1)  # first: a row in metrics.jsonl is an epoch the checkpoint holds
@@ -297,6 +340,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
         "train_samples": len(data.train), "val_samples": len(data.val) if data.val is not None else 0,
         "max_samples": cfg.max_samples, "val_fraction": cfg.val_fraction,
         "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"),
+        # which inference measured val_acc (rows from before the option: split inference)
+        "val_inference": last.get("val_inference", "split") if last and val_loader is not None else None,
         "epsilon": engine.get_epsilon(cfg.delta), "epsilon_per_release": engine.epsilon_per_release(cfg.delta),
         "delta": cfg.delta, "target_epsilon": cfg.target_epsilon if engine.releases_per_sample else None,
         "noise_multiplier": engine.noise_multiplier, "sigma": engine.sigma, "clip": engine.clip,
@@ -338,27 +383,61 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict, TrainConfig]:
     if not path.is_file():
         raise TrainError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on the pickle protocol of a file it then refuses
+            state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as err:  # torch's own messages advise weights_only=False: never repeat them, nor chain them
+        raise TrainError(_not_a_checkpoint(path, _unloadable(err))) from None
+    try:
         missing = {"epoch", "model", "engine", "num_classes", "in_channels", "image_size"} - set(state)
         if missing:
             raise KeyError(f"no {', '.join(sorted(missing))}")
         return state, TrainConfig(**state["config"])
-    except Exception as err:  # torch.load and old configs fail in many ways; one message for all
-        raise TrainError(f"{path} is not a legrace checkpoint ({type(err).__name__}: {err})") from err
+    except Exception as err:  # old configs and other files torch reads fail in many ways; one message for all
+        raise TrainError(_not_a_checkpoint(path, f"{type(err).__name__}: {err}")) from err
+
+
+def _not_a_checkpoint(path: Path, why: str) -> str:
+    return f"{path} is not a legrace checkpoint ({why}): give the checkpoint.pt that `legrace train` wrote"
+
+
+def _unloadable(err: Exception) -> str:
+    """Why torch.load refused a file, in words of our own."""
+    if isinstance(err, pickle.UnpicklingError) and any(w in str(err).lower() for w in ("unsupported global",
+                                                                                       "unsupported class")):
+        return "it holds objects other than tensors and plain values, which legrace never unpickles"
+    if isinstance(err, EOFError):
+        return "the file is empty or cut short"
+    return f"not a file torch.save wrote, or a damaged one: {type(err).__name__}"
 
 
 def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print,
-                   accelerator: str = "cpu", secret: Optional[str] = None) -> dict:
-    """Split inference of a trained checkpoint on `data_spec`: accuracy, and the privacy it spends.
+                   accelerator: str = "cpu", secret: Optional[str] = None, inference: str = "trusted",
+                   allow_past_target: bool = False) -> dict:
+    """Accuracy of a trained checkpoint on `data_spec`, by trusted or split inference (INFERENCES).
 
-    The pass releases residuals as training does, so it is recorded in the run's ledger
-    (privacy_ledger.json beside the checkpoint) as a use of the data it reads: `split="val"`, the
-    run's held-out validation split; `split="all"` on the run's own --data (the same content
-    anywhere, or the run's file or folder even after its content changed), its train and
-    validation samples (CIFAR-10's test split excepted); any other data, a data set of its own,
-    taken to be disjoint from the training data. `accelerator` (not the checkpoint's, whose worker
-    may be gone) serves the released residuals.
+    inference="trusted" (the default) runs every conv on the trusted side: the model as deployed
+    in the TEE, exact and noise-free. Nothing is released, and the run's ledger
+    (privacy_ledger.json beside the checkpoint) is not touched.
+
+    inference="split" serves the model as training did: the pass releases residuals, served by
+    `accelerator` (not the checkpoint's, whose worker may be gone), and is recorded in the ledger
+    as a use of the data it reads: `split="val"`, the run's held-out validation split;
+    `split="all"` on the run's own --data (the same content anywhere, or the run's file or folder
+    even after its content changed), its train and validation samples (CIFAR-10's test split
+    excepted); any other data, a data set of its own, taken to be disjoint from the training data.
+    Before it spends, it logs epsilon now and after the pass, and it refuses (TrainError, nothing
+    spent) a pass that would take a run calibrated for a target epsilon past it, unless
+    `allow_past_target`.
     """
+    if inference not in INFERENCES:
+        raise TrainError(f"--inference must be one of {', '.join(INFERENCES)}, not {inference!r}")
+    if inference == "trusted" and accelerator != "cpu":
+        raise TrainError("--accelerator serves the residuals that split inference releases; trusted inference runs "
+                         "wholly on this machine: drop --accelerator, or pass --inference split")
+    if inference == "trusted" and allow_past_target:
+        raise TrainError("--allow-past-target lets split inference spend past the run's target epsilon; trusted "
+                         "inference spends nothing: drop it, or pass --inference split")
     path = Path(checkpoint)
     state, cfg = load_checkpoint(path)
     cfg.accelerator = accelerator
@@ -397,15 +476,14 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
     model = build_model(cfg.model, num_classes=state["num_classes"], in_channels=state["in_channels"],
                         image_size=state["image_size"])
     ledger_path = path.parent / "privacy_ledger.json"
+    split_inference = inference == "split"
     engine = _engine(cfg, state["engine"]["noise_multiplier"], state["engine"]["clip"], ledger_path, secret)
+    # the run's target, if its noise was calibrated for one (a run given --noise-multiplier has none)
+    target = cfg.target_epsilon if cfg.noise_multiplier is None and cfg.mode in ("legrace", "dp_only") else None
     try:  # the engine is closed however this ends (a private worker process exits with it)
-        try:
-            engine.ledger.load_state_dict(state["engine"]["ledger"])  # never forgets a use either way
-            engine.take_batch_size(state["engine"], cfg.batch_size)  # the run's uses keep the price they were spent at
-            engine.ledger.save()
-        except OSError as err:
-            raise TrainError(f"cannot record this evaluation's privacy cost in {ledger_path}: {err}") from err
-        if cfg.noise_seed is not None:  # a stream of its own: replayed noise would cancel against training's
+        engine.ledger.load_state_dict(state["engine"]["ledger"])  # (in memory: never forgets a use either way)
+        engine.take_batch_size(state["engine"], cfg.batch_size)  # the run's uses keep the price they were spent at
+        if split_inference and cfg.noise_seed is not None:  # a stream of its own: replayed noise would cancel
             engine.noise_seed = derive_seed(cfg.noise_seed, "evaluate", sum(engine.ledger.uses.values()))
         model = engine.convert(model)
         try:
@@ -413,13 +491,57 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
         except RuntimeError as err:
             raise TrainError(f"{path}: its weights do not fit its own model {cfg.model!r} (a damaged checkpoint?)") \
                 from err
-        loader = engine.private_loader(DataLoader(ds, batch_size=cfg.batch_size), names[0])
-        for name in names[1:]:
-            engine.ledger.record_pass(name)
-        loss, acc = _evaluate(model, loader, classes)
+        plain = DataLoader(ds, batch_size=cfg.batch_size)
+        loader = engine.private_loader(plain, names[0])  # (plans each conv's map size; records at its first batch)
+        before = engine.get_epsilon(cfg.delta)
+        if split_inference:
+            after = _epsilon_after(engine, names, cfg.delta)
+            log(_split_cost(cfg.mode, engine.releases_per_sample, len(ds), names, before, after, cfg.delta, target))
+            if target is not None and after > target and after > before and not allow_past_target:
+                raise TrainError(f"--inference split would take the run from epsilon {before:.4g} to {after:.4g}, past "
+                                 f"its target {target:g}; nothing was spent: pass --allow-past-target to spend it "
+                                 "anyway, or use --inference trusted (spends nothing)")
+            try:
+                engine.ledger.save()  # the checkpoint's uses too, before anything is released
+            except OSError as err:
+                raise TrainError(f"cannot record this evaluation's privacy cost in {ledger_path}: {err}") from err
+            for name in names[1:]:
+                engine.ledger.record_pass(name)
+            loss, acc = _evaluate(model, loader, classes)
+        else:
+            with engine.trusted_inference():
+                loss, acc = _evaluate(model, plain, classes)
     finally:
         engine.close()
     return {"checkpoint": str(path), "data": data_spec, "split": split, "samples": len(ds), "mode": cfg.mode,
-            "accuracy": acc, "loss": loss, "epsilon_of_this_pass": engine.epsilon_of_uses(1, cfg.delta),
-            "accounted_as": list(names), "uses": dict(engine.ledger.uses),
-            "epsilon": engine.get_epsilon(cfg.delta), "ledger": str(ledger_path), "delta": cfg.delta}
+            "inference": inference, "measured": measured_by(cfg.mode, inference), "accuracy": acc, "loss": loss,
+            "epsilon_of_this_pass": engine.epsilon_of_uses(1, cfg.delta) if split_inference else 0.0,
+            "accounted_as": list(names) if split_inference else [], "uses": dict(engine.ledger.uses),
+            "epsilon_before": before, "epsilon": engine.get_epsilon(cfg.delta), "target_epsilon": target,
+            "ledger": str(ledger_path), "delta": cfg.delta}
+
+
+def _epsilon_after(engine: LegRace, names: Iterable[str], delta: float) -> float:
+    """Epsilon once the pass has recorded one more use of each data set in `names`."""
+    ledger = PrivacyLedger()  # a copy in memory: nothing is written
+    ledger.load_state_dict(engine.ledger.state_dict())
+    for name in names:
+        ledger.record_pass(name)
+    return engine.epsilon_of_uses(ledger.max_uses, delta)
+
+
+def _split_cost(mode: str, releases: int, samples: int, names, before: float, after: float, delta: float,
+                target: Optional[float]) -> str:
+    """The line split inference logs before it spends."""
+    if mode == "gpu_only":
+        what = "runs the plain model on the accelerator (gpu_only: no privacy)"
+    elif releases:
+        what = (f"releases the noised residuals of {samples} samples, recorded as one more use of "
+                f"{' and '.join(names)}")
+    else:
+        what = f"releases nothing ({mode})"
+    goal = f"the run's target {target:g}" if target is not None else "the run has no target epsilon"
+    line = f"split inference {what}: epsilon {before:.4g} -> {after:.4g} at delta {delta:g} ({goal})"
+    if releases and after == before:  # the ledger composes data sets in parallel (PrivacyLedger.max_uses)
+        line += "; epsilon does not grow while those samples have had no more uses than the most-used data set's"
+    return line

@@ -8,6 +8,8 @@ Backward: dL/dX = conv_transpose(dL/dY, W) [accelerator, paper's mode; the decom
 Modes: "legrace" releases the noised residual; "dp_only" is the same with R = 0 (the whole
 activation is the residual); "lowrank_only" drops the residual and sends nothing at all. In
 legrace, a conv whose input channels R covers has no residual and sends nothing either (silent).
+Under the engine's `trusted_inference` a releasing mode's conv computes conv(X, W) whole on the
+trusted side instead (the unconverted model's output): no split, no noise, nothing crosses.
 
 Each request to the accelerator is sent before the trusted side computes its own part of the
 same layer and collected after, so with `Boundary(overlap=True)` the two legs run concurrently.
@@ -57,6 +59,7 @@ class SplitConfig:
     boundary: Optional[Boundary] = None
     outputs: Optional[ConvOutputs] = None  # conv outputs that backward rebuilds instead of keeping
     on_release: Optional[Callable[[int, int], None]] = None  # told each release's point and rows (accounting)
+    trusted_only: Optional[Callable[[], bool]] = None  # whether this thread's forwards stay trusted (trusted_inference)
     # (thread, point) -> [its input, the input's version, its A, V and noised residual, reusers
     # left], kept by a conv whose input later convs read too (SplitConv2d.reusers) until the last
     # takes it: per thread, since two threads' forwards may be between the same two convs
@@ -497,6 +500,10 @@ class SplitConv2d(nn.Module):
             raise ValueError(f"layer {self.point} expects a 4-d N x C x H x W input, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"layer {self.point} expects a floating-point input, got {x.dtype}")
+        if self.config.trusted_only is not None and self.config.trusted_only():
+            # trusted inference: the plain conv of the whole input, as nn.Conv2d computes it; no
+            # split (none kept for a conv that reuses it), no noise, nothing crosses or is accounted
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         sends = self.sends_at(tuple(x.shape[2:]))
         if sends and not self.crosses:
             raise RuntimeError(
