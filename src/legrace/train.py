@@ -76,13 +76,16 @@ RUN_SETTINGS = ("epochs", "out", "progress", "accelerator", "accelerator_timeout
 INFERENCES = ("trusted", "split")
 
 
-def measured_by(mode: str, inference: str) -> str:
-    """In words, what an accuracy measured by `inference` in `mode` is the accuracy of."""
+def measured_by(mode: str, inference: str, releases: bool = True) -> str:
+    """In words, what an accuracy measured by `inference` in `mode` is the accuracy of (`releases`:
+    whether the model has a conv that releases, see TrustedEngine.releases_per_sample)."""
     if mode == "gpu_only":
         return "the plain model, without privacy (gpu_only)"
     if mode in ("lowrank_only", "tee_only"):
         what = "the low-rank model it trained as" if mode == "lowrank_only" else "the model"
         return f"{what}, wholly on the trusted side ({mode}); nothing released"
+    if inference == "split" and not releases:
+        return "split inference, which releases nothing here (R covers every conv's input): noise-free"
     if inference == "trusted":
         return ("trusted inference: the model as deployed in the TEE, every conv on the trusted side; exact and "
                 "noise-free, nothing released or accounted")
@@ -514,7 +517,8 @@ def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "a
     finally:
         engine.close()
     return {"checkpoint": str(path), "data": data_spec, "split": split, "samples": len(ds), "mode": cfg.mode,
-            "inference": inference, "measured": measured_by(cfg.mode, inference), "accuracy": acc, "loss": loss,
+            "inference": inference, "measured": measured_by(cfg.mode, inference, bool(engine.releases_per_sample)),
+            "accuracy": acc, "loss": loss,
             "epsilon_of_this_pass": engine.epsilon_of_uses(1, cfg.delta) if split_inference else 0.0,
             "accounted_as": list(names) if split_inference else [], "uses": dict(engine.ledger.uses),
             "epsilon_before": before, "epsilon": engine.get_epsilon(cfg.delta), "target_epsilon": target,
