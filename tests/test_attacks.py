@@ -1,5 +1,6 @@
 """Attacks on what the accelerator sees: the tap, inversion, gradient inversion, membership."""
 
+import json
 import os
 from pathlib import Path
 
@@ -249,3 +250,51 @@ def test_a_fresh_target_model_is_the_one_its_seed_makes():
     weights = [list(digits_target(seed=seed).model.state_dict().values()) for seed in (0, 0, 1)]
     assert all(torch.equal(p, q) for p, q in zip(weights[0], weights[1]))
     assert not torch.equal(weights[0][0], weights[2][0])
+
+
+# ---- defaults on the bundled digits ------------------------------------------------------------
+
+
+def test_the_auxiliary_data_is_never_trained_on_and_by_default_is_all_the_run_left():
+    from legrace.attacks.target import auxiliary
+
+    whole = digits_target(max_samples=None)  # all of digits: 1617 members, 180 held out, nothing unused
+    assert not whole.unused
+    aux = auxiliary(whole, None, 2000)
+    assert sorted(aux) == sorted(whole.held_out) and not set(aux) & set(whole.members)
+    with pytest.raises(AttackError, match="asked for 181 auxiliary samples"):
+        auxiliary(whole, 181, 2000)
+    part = digits_target()  # --max-samples 900: the unused samples first, then the validation split
+    assert auxiliary(part, 50, 2000) == part.unused[:50]
+    aux = auxiliary(part, None, 2000)
+    assert aux == part.unused + part.held_out and not set(aux) & set(part.members)
+    assert len(auxiliary(part, None, 100)) == 100
+    no_val = digits_target(max_samples=None, val_fraction=0.0)
+    with pytest.raises(AttackError, match="leaving the adversary no auxiliary data"):
+        auxiliary(no_val, None, 2000)
+
+
+def test_inversion_runs_on_digits_with_its_default_data_and_auxiliary_count(tmp_path, capsys):
+    out = tmp_path / "inv"  # no --max-samples, no --aux (was: "asked for 2000 auxiliary (unused) samples but only 0")
+    assert main(["attack", "inversion", "--views", "gpu_only", "--layers", "1", "--victims", "16",
+                 "--decoder-epochs", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "inversion.json").read_text())["budget"]["auxiliary_samples"] == 180
+
+
+def test_membership_runs_on_a_default_digits_run_and_says_why_it_trains_no_shadow(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "mem"  # was: "asked for 1000 non-members (validation and unused samples) but only 180"
+    assert main(["attack", "membership", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out)]) == 0
+    result = json.loads((out / "membership.json").read_text())
+    assert result["budget"]["members"] == result["budget"]["nonmembers"] == 180
+    assert [r["attack"] for r in result["rows"]] == ["loss threshold"]
+    assert "no shadow model: 0 samples are left beyond the 180 non-members" in capsys.readouterr().err
+    assert main(["attack", "membership", "--checkpoint", str(run / "checkpoint.pt"), "--shadow",
+                 "--out", str(out)]) == 2  # asked for, it cannot be trained: one line says so
+    err = capsys.readouterr().err
+    assert "a shadow model needs 2 x 20" in err and err.count("\n") == 1
+    assert main(["attack", "membership", "--checkpoint", str(run / "checkpoint.pt"), "--samples", "181",
+                 "--out", str(out)]) == 2
+    assert "only 180 are available" in capsys.readouterr().err

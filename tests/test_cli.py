@@ -451,3 +451,149 @@ def test_a_delta_of_one_over_n_or_more_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match="at least 1/n"):
         assert main(["train", "--epochs", "1", "--max-samples", "100", "--delta", "0.05", "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 0
+
+
+# ---- the command line keeps its promises (issue 32, item 4) ----------------------------------
+
+
+def test_every_option_of_every_command_shows_its_default_from_the_parser():
+    """--help ends each option with the default the parser holds; none is also written by hand (it would drift)."""
+    missing, by_hand = [], []
+    for path, parser in _commands(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction) or action.required:
+                continue
+            name = f"legrace {' '.join(path)} {action.option_strings[-1]}"
+            if "default" not in formatter._expand_help(action):
+                missing.append(name)
+            if action.default is not None and any(w in action.help.lower() for w in ("(default", "default:")):
+                by_hand.append(name)
+    assert missing == [] and by_hand == []
+
+
+def test_help_shows_defaults_as_they_are_typed(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for shown in ("--rank RANK R per conv: an int, a comma-separated list, or auto (default: 8)",
+                  "(default: 0)", "(default: 1e-05)", "(default: runs/legrace)", "(default: cnn)",
+                  "--verify check every answer", "test (a few % more trusted work) (default: off)",
+                  "--keep-heap, --no-keep-heap", "(default: on)",
+                  "--threads THREADS torch CPU threads (default: torch's)"):
+        assert shown in text, shown
+    with pytest.raises(SystemExit):
+        main(["study", "privacy-utility", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1,8,64,1000)" in text and "(default: 0,1)" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--train forward + backward (default: on)" in text and "--infer forward only (default: off)" in text
+
+
+@pytest.mark.parametrize("command", [["train"], ["evaluate", "--checkpoint", "c.pt", "--data", "digits"], ["worker"],
+                                     ["bench"], ["attack", "inversion"], ["attack", "gradients"],
+                                     ["attack", "membership"], ["study", "privacy-utility"], ["analyze", "rank"]])
+def test_threads_is_an_option_wherever_torch_runs_and_is_set_before_the_command_starts(command, monkeypatch):
+    import torch
+
+    import legrace.cli as cli
+
+    seen, real = [], cli.build_parser
+
+    def recording():
+        parser = real()
+        for _, sub in _commands(parser):
+            if sub.get_default("func") is not None:
+                sub.set_defaults(func=lambda args: seen.append(torch.get_num_threads()) or 0)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", recording)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    try:
+        assert main(command + ["--threads", str(want)]) == 0  # train and evaluate refused --threads
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [want]
+
+
+@pytest.mark.parametrize("argv,kept", [([], True), (["--no-keep-heap"], False), (["--keep-heap"], True)])
+def test_train_keeps_the_heap_unless_told_not_to(tmp_path, monkeypatch, argv, kept):
+    import legrace.trusted.heap
+
+    calls = []
+    monkeypatch.setattr(legrace.trusted.heap, "keep_freed_memory", lambda: calls.append(1))
+    assert main(["train", "--epochs", "1", "--max-samples", "100", "--out", str(tmp_path / "r"), "--no-progress",
+                 *argv]) == 0  # --no-keep-heap was refused
+    assert calls == ([1] if kept else [])
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, keeping what is written."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.parts = tty, []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty,argv,bar", [(True, [], True), (True, ["--no-progress"], False), (False, [], False)])
+def test_a_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty, argv, bar):
+    stderr = _Terminal(tty)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["train", "--epochs", "1", "--max-samples", "200", "--out", str(tmp_path / "r"), *argv]) == 0
+    written = "".join(stderr.parts)
+    assert "epoch 1/1: train_acc" in written  # the epoch's log line, bar or none
+    assert ("%|" in written) == bar  # tqdm's bar (was drawn into log files too)
+
+
+def _not_checkpoints(tmp_path):
+    import pickle
+    import zipfile
+
+    import torch
+
+    (tmp_path / "notes.txt").write_text("hello, not a checkpoint\n")
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as z:
+        z.writestr("a.txt", "a zip that is not torch's")
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}))
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("the payload ran",))
+
+    torch.save({"config": Payload()}, tmp_path / "objects.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "objects.pt").read_bytes()[:100])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.pt")
+    return ["notes.txt", "archive.zip", "plain.pkl", "objects.pt", "cut.pt", "empty.pt", "list.pt"]
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_one_line_that_never_suggests_unsafe_loading(tmp_path, capsys):
+    from legrace.train import TrainError, load_checkpoint
+
+    for name in _not_checkpoints(tmp_path):
+        path = tmp_path / name
+        assert main(["evaluate", "--checkpoint", str(path), "--data", "digits"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{path} is not a legrace checkpoint (" in err and "give the checkpoint.pt that `legrace train` wrote" \
+            in err, err
+        for advice in ("weights_only", "trusted source", "safe_globals", "arbitrary code"):  # was: torch's advice
+            assert advice not in err, (name, err)
+        with pytest.raises(TrainError) as ei:  # nor does a traceback of the library, through a chained cause
+            load_checkpoint(path)
+        chained = ei.value.__cause__ or (None if ei.value.__suppress_context__ else ei.value.__context__)
+        assert "weights_only" not in str(chained), name
+    assert "holds objects other than tensors" in str(pytest.raises(TrainError, load_checkpoint,
+                                                                   tmp_path / "objects.pt").value)

@@ -353,6 +353,26 @@ def test_unreadable_images_are_refused_at_load_naming_them(tmp_path):
     _one_line_error(ei, "2 file(s)", "broken.png", "empty.jpg", "not readable images")
 
 
+def test_a_file_that_is_not_an_image_is_refused_by_name_not_skipped(tmp_path):
+    root = _make_folder(tmp_path / "imgs")
+    (root / "cats" / "notes.txt").write_text("taken on a sunny day")  # was: left out of the data without a word
+    with pytest.raises(DataError) as ei:
+        load_data(f"imagefolder:{root}", val_fraction=0)
+    _one_line_error(ei, "1 file(s)", "cats/notes.txt", "would be left out", "remove them or move them out")
+    (root / "cats" / "notes.txt").unlink()
+    (root / "dogs" / "2.png").rename(root / "7.png")  # an image in no class folder
+    (root / "cats" / "deeper").mkdir()
+    (root / "cats" / "deeper" / "labels.csv").write_text("0,1\n")  # ImageFolder reads class folders' subfolders
+    with pytest.raises(DataError) as ei:
+        load_data(f"imagefolder:{root}")
+    _one_line_error(ei, "2 file(s)", "7.png", "cats/deeper/labels.csv")
+    (root / "7.png").unlink()
+    (root / "cats" / "deeper" / "labels.csv").unlink()
+    (root / "cats" / ".DS_Store").write_bytes(b"\0\1")  # a hidden file is no sample: still ignored
+    (root / "README").write_text("where these came from")  # nor is a file beside the classes that is no image
+    assert len(load_data(f"imagefolder:{root}", val_fraction=0).train) == 5
+
+
 def test_an_image_cut_short_after_its_header_is_a_data_error_at_load_naming_it(tmp_path):
     root = _make_folder(tmp_path / "imgs")
     from PIL import Image

@@ -483,3 +483,25 @@ def test_a_single_client_worker_is_not_spent_on_a_stranger():
     thread.join(timeout=10)
     assert not thread.is_alive() and any("refused" in line for line in lines)
     server.close()
+
+
+def test_a_worker_serves_each_client_with_the_threads_it_was_given(monkeypatch):
+    import legrace.accelerator.worker as worker_module
+
+    want = 1 if torch.get_num_threads() > 1 else 2  # not what a new thread would start with
+    seen, real = [], worker_module.answer
+    monkeypatch.setattr(worker_module, "answer",
+                        lambda acc, body: seen.append(torch.get_num_threads()) or real(acc, body))
+    server = WorkerServer("127.0.0.1:0", SECRET, log=lambda line: None, threads=want)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        engine = LegRace(rank=2, clip=None, noise_multiplier=0, accelerator=server.address, secret=SECRET)
+        model = engine.convert(SmallCNN(3, 3))
+        with torch.no_grad(), engine.unaccounted():
+            model(torch.randn(2, 3, 8, 8))
+        engine.close()
+    finally:
+        server.close()
+        thread.join(timeout=5)
+    assert seen and set(seen) == {want}

@@ -109,3 +109,26 @@ def test_tables_keep_the_sign_of_an_infinite_value():
 
     assert (_cell(float("-inf")), _cell(float("inf"))) == ("-inf", "inf")
     assert "-inf" in text_table([{"a": float("-inf")}], ["a"])
+
+
+def test_analyze_rank_runs_with_its_defaults_on_digits_and_says_what_it_read(tmp_path, capsys):
+    out = tmp_path / "rank"  # was: "asked for 256 unused samples but only 0 are available"
+    assert main(["analyze", "rank", "--out", str(out)]) == 0
+    budget = json.loads((out / "rank.json").read_text())["budget"]
+    assert (budget["source"], budget["samples"], budget["data"]) == ("heldout", 180, "digits")
+    assert "reads its validation split: a C chosen from these norms is a choice made on private data" in \
+        capsys.readouterr().err
+    assert main(["analyze", "rank", "--max-samples", "1000", "--out", str(out)]) == 0  # public samples left: those
+    budget = json.loads((out / "rank.json").read_text())["budget"]
+    assert (budget["source"], budget["samples"]) == ("unused", 256)
+    assert "validation split" not in capsys.readouterr().err
+    assert main(["analyze", "rank", "--source", "unused", "--out", str(out)]) == 2  # asked for, there are none
+    assert "no unused samples to analyse" in capsys.readouterr().err
+
+
+def test_the_study_attacks_with_the_runs_validation_split_when_nothing_is_left_out(tmp_path):
+    out = tmp_path / "study"  # no --max-samples, no --aux (was: no auxiliary data, after training the first run)
+    assert main(["study", "privacy-utility", "--modes", "gpu_only", "--epochs", "1", "--attack-layers", "1",
+                 "--victims", "16", "--decoder-epochs", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["budget"]["attack_aux"] == 180 and "ssim_layer1" in result["rows"][0]

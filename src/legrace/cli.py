@@ -11,7 +11,10 @@ from typing import Optional, Sequence
 
 from legrace.trusted.engine import MODES
 from legrace.models import model_names
-from legrace.options import clip, mebibytes, model_name, positive, rank, seed
+from legrace.options import (DefaultsHelpFormatter, add_threads, clip, mebibytes, model_name, positive, rank, seed,
+                             use_threads)
+
+DEFAULT_TARGET_EPSILON = 8.0  # unless --noise-multiplier fixes the noise
 
 # Modules that add a subcommand: each defines add_parser(subparsers), setting func=handler(args) -> int.
 COMMAND_MODULES: list[str] = ["legrace.bench.runner", "legrace.accelerator.worker", "legrace.attacks.commands", "legrace.attacks.study", "legrace.attacks.rank"]
@@ -21,59 +24,68 @@ def _accelerator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerator", default="cpu",
                    help="cpu or cuda (in this process), process[:DEVICE] (a private worker process), "
                         "or tcp://HOST:PORT (a `legrace worker`)")
-    p.add_argument("--secret", default=None, help="the worker's shared secret (default $LEGRACE_SECRET)")
+    p.add_argument("--secret", default=None, help="the worker's shared secret (default: $LEGRACE_SECRET)")
 
 
 def _train_options(t: argparse.ArgumentParser) -> None:
     """The options of `legrace train` (also parsed alone, to tell which ones a command line gave)."""
-    t.add_argument("--model", type=model_name, default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
-    t.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR (default digits)")
+    t.add_argument("--model", type=model_name, default="cnn", help=f"one of {', '.join(model_names())}")
+    t.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR")
     t.add_argument("--epochs", type=positive(int), default=None,
-                   help="passes over the training split (default 10; with --resume, the checkpoint's)")
-    t.add_argument("--batch-size", type=positive(int), default=64, help="samples per step (default 64)")
-    t.add_argument("--lr", type=positive(float), default=0.05, help="SGD learning rate, cosine-annealed over the epochs (default 0.05)")
+                   help="passes over the training split (default: 10; with --resume, the checkpoint's)")
+    t.add_argument("--batch-size", type=positive(int), default=64, help="samples per step")
+    t.add_argument("--lr", type=positive(float), default=0.05, help="SGD learning rate, cosine-annealed over the epochs")
     t.add_argument("--mode", choices=MODES, default="legrace",
                    help="legrace (the split), dp_only (the same mechanism on whole activations), lowrank_only (the "
-                        "residual dropped), tee_only (all trusted), gpu_only (no privacy) (default legrace)")
+                        "residual dropped), tee_only (all trusted), gpu_only (no privacy)")
     t.add_argument("--rank", type=rank, default=8, help="R per conv: an int, a comma-separated list, or auto")
     t.add_argument("--clip", type=clip, default="auto",
-                   help="C, per-sample l2 bound of a residual; 'auto' (data-independent default) or 'none'")
+                   help="C, per-sample l2 bound of a residual; 'auto' (a data-independent C) or 'none'")
     noise = t.add_mutually_exclusive_group()
     noise.add_argument("--target-epsilon", type=positive(float), default=None,
-                       help="calibrate the noise for this epsilon over all epochs (default 8)")
-    noise.add_argument("--noise-multiplier", type=float, default=None, help="z: noise std = z * C")
-    t.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP (default 1e-5)")
+                       help="calibrate the noise for this epsilon over all epochs "
+                            f"(default: {DEFAULT_TARGET_EPSILON:g}, unless --noise-multiplier)")
+    noise.add_argument("--noise-multiplier", type=float, default=None,
+                       help="z: noise std = z * C (default: calibrated for --target-epsilon)")
+    t.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP")
     t.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the training data held out for validation (default 0.1)")
+                   help="share of the training data held out for validation")
     t.add_argument("--val-inference", choices=("trusted", "split"), default="trusted",
                    help="how each epoch's validation accuracy is measured: trusted (every conv on the trusted side, "
                         "exact; nothing released or accounted) or split (as training runs, on noised residuals; "
                         "accounted as passes over the validation split)")
     t.add_argument("--seed", type=seed, default=0, help="model init, data split and shuffling (noise stays secret)")
     t.add_argument("--noise-seed", type=seed, default=None, help="fix the noise generator: experiments only, insecure")
-    t.add_argument("--max-samples", type=positive(int), default=None, help="use only this many samples")
-    t.add_argument("--image-size", type=positive(int), default=None, help="resize images (imagefolder default 32)")
+    t.add_argument("--max-samples", type=positive(int), default=None, help="use only this many samples (default: all)")
+    t.add_argument("--image-size", type=positive(int), default=None,
+                   help="resize images (default: the data's own size; imagefolder 32)")
     t.add_argument("--download", action="store_true", help="allow downloading cifar10 (needs network)")
     _accelerator_arguments(t)
     t.add_argument("--accelerator-timeout", type=positive(float), default=120.0,
-                   help="seconds to wait for one answer of a worker before giving up (default 120)")
+                   help="seconds to wait for one answer of a worker before giving up")
     t.add_argument("--verify", action="store_true",
                    help="check every answer of the accelerator with a Freivalds test (a few %% more trusted work)")
     t.add_argument("--audit", default=None, metavar="FILE",
                    help="write a JSON line per message that crosses the trust boundary")
     t.add_argument("--decomposition", choices=("light", "deflation", "exact"), default="light",
                    help="how A and V are found: light (batched power iteration), deflation (the paper's rank-1 "
-                        "steps) or exact (a full SVD) (default light)")
+                        "steps) or exact (a full SVD)")
     t.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the noised residuals on the wire (bfloat16: half the bytes, no privacy cost)")
     t.add_argument("--keep-outputs-mb", type=mebibytes, default=0.0,
                    help="MiB of conv outputs (BatchNorm's inputs) kept per forward instead of rebuilt in "
-                        "backward, those costliest to rebuild first: memory for speed (default 0)")
+                        "backward, those costliest to rebuild first: memory for speed")
     t.add_argument("--accountant", choices=("rdp", "prv"), default="rdp",
-                   help="Opacus accountant for epsilon: rdp or prv (default rdp)")
-    t.add_argument("--out", default="runs/legrace", help="output directory (default runs/legrace)")
+                   help="Opacus accountant for epsilon: rdp or prv")
+    t.add_argument("--out", default="runs/legrace", help="output directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is one only when stderr is a terminal)")
+    t.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory in the process for reuse, as an enclave's fixed heap does (glibc's "
+                        "mallopt): each step's activations reuse the last step's pages; --no-keep-heap leaves glibc's "
+                        "default, which hands large blocks back to the system and page-faults them again")
+    add_threads(t)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,12 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let --inference split spend even if that takes the run past its target epsilon "
                         "(refused otherwise)")
     _accelerator_arguments(e)
+    add_threads(e)
     e.set_defaults(func=_evaluate)
 
     # Further commands live in their own modules: each has add_parser(subparsers) that sets func.
     for name in COMMAND_MODULES:
         import_module(name).add_parser(sub)
+    for parser in _parsers(p):  # subparsers do not inherit formatter_class: every --help shows its defaults
+        parser.formatter_class = DefaultsHelpFormatter
     return p
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """`parser` and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
 
 
 def _train_options_given(argv: Sequence[str]) -> set[str]:
@@ -130,6 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from legrace.train import TrainError
 
     try:
+        use_threads(args)  # before the command builds anything that sizes itself by torch's threads
         return args.func(args) or 0
     except (BoundaryError, DataError, ModelError, UnsupportedModelError, TrainError, ValueError) as err:
         print(f"legrace: error: {err}", file=sys.stderr)
@@ -140,11 +165,12 @@ def _train(args: argparse.Namespace) -> int:
     from legrace.trusted.heap import keep_freed_memory
     from legrace.train import TrainConfig, run_training
 
-    keep_freed_memory()  # as an enclave's fixed heap: each step's activations reuse the last step's pages
+    if args.keep_heap:
+        keep_freed_memory()  # as an enclave's fixed heap: each step's activations reuse the last step's pages
 
     target = args.target_epsilon
     if target is None and args.noise_multiplier is None:
-        target = 8.0
+        target = DEFAULT_TARGET_EPSILON
     cfg = TrainConfig(
         model=args.model, data=args.data, epochs=args.epochs,  # None: 10, or the checkpoint's on --resume
         batch_size=args.batch_size, lr=args.lr,

@@ -240,6 +240,7 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
     except (OSError, RuntimeError) as err:  # FileNotFoundError: no class folders / no images
         raise DataError(f"imagefolder:{root}: no images found; "
                         f"expected DIR/CLASS/IMAGE files ({err})") from err
+    _check_listing(root, [path for path, _ in ds.samples], ds.classes)
     # Names, classes and sizes, not every image's bytes (cheaper) and not modification times: the
     # split follows the sorted listing, so these pin it, while a copy, a checkout or `touch` of the
     # same files (new times, same content) must still resume. An edit that keeps a file's exact
@@ -254,6 +255,30 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
         timed.append((*files[-1], st.st_mtime_ns))  # the form of checkpoints made before 2026-12-04
     _check_headers(root, [path for path, _ in ds.samples])
     return ds, len(ds.classes), 3, size, list(ds.classes), (_fingerprint(files), _fingerprint(timed))
+
+
+def _check_listing(root: Path, listed: list[str], classes: list[str]) -> None:
+    """Refuse, by name, the files ImageFolder would skip without a word: in a class folder, one
+    whose name does not end as an image's (notes.txt, data.csv); beside the class folders, an
+    image in none of them. Hidden files (.DS_Store) are not data and stay ignored."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    base = os.path.expanduser(str(root))  # as ImageFolder lists it
+    taken = {os.path.abspath(p) for p in listed}
+    skipped = []
+    for cls in classes:
+        for folder, _, names in os.walk(os.path.join(base, cls), followlinks=True):
+            skipped += [os.path.join(folder, n) for n in sorted(names)
+                        if not n.startswith(".") and os.path.abspath(os.path.join(folder, n)) not in taken]
+    with os.scandir(base) as entries:
+        skipped += sorted(e.path for e in entries
+                          if not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS) and not e.is_dir())
+    if skipped:
+        named = ", ".join(os.path.relpath(p, base) for p in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise DataError(f"imagefolder:{root}: {len(skipped)} file(s) are not images in a class folder, so they "
+                        f"would be left out: {named}{more} (the layout is DIR/CLASS/IMAGE, an image's name ending "
+                        f"in {', '.join(IMG_EXTENSIONS)}); remove them or move them out of {root} before training")
 
 
 def _check_headers(root: Path, paths: list[str]) -> None:

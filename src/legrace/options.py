@@ -69,3 +69,47 @@ def mebibytes(text: str) -> float:
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a number of MiB >= 0, got {text}")
     return value
+
+
+def _shown(value) -> str:
+    """A default as one would type it: 1e-05, 0.05, 1,8,64 (a tuple), on/off (a bool)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_shown(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    return str(value)
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that ends each option's line with the default the parser holds, so the text cannot
+    drift from what runs: a flag reads on or off; an option whose default is None either says in its
+    own help what happens without it ('default: ...') or reads 'default: none'. Descriptions keep
+    their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS \
+                or "%(default)" in help:
+            return help
+        if action.default is None and (action.nargs != 0 or action.const is None):
+            return help if "default" in help else help + " (default: none)"
+        shown = _shown(action.default == action.const) if action.nargs == 0 and action.const is not None \
+            else _shown(action.default)  # store_true/false: on when the flag's value is the default
+        return f"{help} (default: {shown.replace('%', '%%')})"
+
+
+def add_threads(p: argparse.ArgumentParser, more: str = "") -> None:
+    """--threads N, torch's CPU threads; the command line sets them (use_threads) before the
+    command starts any work, so every thread pool the command builds is sized by them."""
+    p.add_argument("--threads", type=positive(int), default=None, help=f"torch CPU threads{more} (default: torch's)")
+
+
+def use_threads(args: argparse.Namespace) -> None:
+    """Apply --threads, if the command has it and it was given, to the calling thread."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        import torch  # here, so `legrace --help` stays quick
+
+        torch.set_num_threads(threads)

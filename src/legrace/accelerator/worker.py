@@ -23,6 +23,7 @@ import torch
 from legrace.accelerator.compute import Accelerator, AcceleratorError, local_device
 from legrace.boundary.messages import MAX_TEXT, TO_ACCELERATOR, BoundaryError, Message, Refused, decode, encode
 from legrace.boundary.transport import HANDSHAKE_TIMEOUT, SECRET_ENV, admit_client, listen, read_frame, tune, write_frame
+from legrace.options import DefaultsHelpFormatter, add_threads, use_threads
 
 MAX_CONNECTIONS = 64  # open at once, clients and strangers in their handshake together
 
@@ -37,14 +38,17 @@ class WorkerServer:
     """Listens on `address` and serves each admitted client with its own Accelerator on `device`.
 
     once: serve a single client, then return from serve_forever (a private worker process);
-    it also gives up if no client comes within `accept_timeout` seconds.
+    it also gives up if no client comes within `accept_timeout` seconds. threads: torch CPU threads
+    of each client's thread (None: torch's default).
     """
 
     def __init__(self, address: str, secret: Optional[str], device: str = "cpu", *, once: bool = False,
-                 accept_timeout: float = 120.0, log: Callable[[str], None] = _stderr) -> None:
+                 accept_timeout: float = 120.0, log: Callable[[str], None] = _stderr,
+                 threads: Optional[int] = None) -> None:
         if not secret:
             raise ValueError(f"the worker needs a shared secret: pass --secret or set {SECRET_ENV}")
         self.secret, self.device, self.once, self.log = secret, local_device(device), once, log
+        self.threads = threads
         self.accept_timeout = accept_timeout
         self._listener, self.address = listen(address)
         self._listener.settimeout(0.2)  # so close() from another thread is noticed
@@ -106,6 +110,8 @@ class WorkerServer:
                 return False
             self.log(f"serving {name} on {self.device}")
             conn.settimeout(None)
+            if self.threads is not None:  # a new thread starts with OpenMP's default team, not the main thread's
+                torch.set_num_threads(self.threads)
             accelerator = Accelerator(self.device)
             while True:
                 try:
@@ -136,18 +142,18 @@ def answer(accelerator: Accelerator, body: torch.Tensor) -> Message:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or a torch device such as cuda (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu or a torch device such as cuda")
     p.add_argument("--listen", default=DEFAULT_LISTEN,
-                   help=f"HOST:PORT (port 0 picks one) or unix:PATH (default {DEFAULT_LISTEN}; "
-                        "0.0.0.0:PORT for other hosts)")
-    p.add_argument("--secret", default=None, help=f"shared secret (default ${SECRET_ENV}, which keeps it out of ps)")
+                   help="HOST:PORT (port 0 picks one; 0.0.0.0:PORT for other hosts) or unix:PATH")
+    p.add_argument("--secret", default=None, help=f"shared secret (default: ${SECRET_ENV}, which keeps it out of ps)")
     p.add_argument("--once", action="store_true", help="serve one client, then exit")
+    add_threads(p)
 
 
 def add_parser(subparsers) -> None:
     w = subparsers.add_parser(
         "worker", help="serve the untrusted accelerator (holds no data, labels, X_main, A or V)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, formatter_class=DefaultsHelpFormatter,
     )
     _arguments(w)
     w.set_defaults(func=run)
@@ -155,7 +161,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        server = WorkerServer(args.listen, args.secret or os.environ.get(SECRET_ENV), args.device, once=args.once)
+        server = WorkerServer(args.listen, args.secret or os.environ.get(SECRET_ENV), args.device, once=args.once,
+                              threads=args.threads)
     except OSError as err:
         raise ValueError(f"cannot listen on {args.listen}: {err.strerror or err}") from None
     print(f"legrace worker listening on {server.address} (device {server.device})", flush=True)
@@ -170,11 +177,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m legrace.accelerator.worker ...`: the worker alone, without the trusted side's imports."""
-    parser = argparse.ArgumentParser(prog="legrace worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="legrace worker", description=__doc__, formatter_class=DefaultsHelpFormatter)
     _arguments(parser)
     try:
-        return run(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        use_threads(args)
+        return run(args)
     except ValueError as err:
         print(f"legrace worker: error: {err}", file=sys.stderr)
         return 2

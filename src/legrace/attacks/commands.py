@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from legrace.options import positive
+from legrace.options import add_threads, positive
 from legrace.attacks.figures import image_grid, roc_chart
 from legrace.attacks.gradients import match_gradient, observed_gradient, trusted_gradient_part
 from legrace.attacks.inversion import invert, quality
@@ -26,7 +26,7 @@ from legrace.outputs import output_folder
 from legrace.attacks.results import text_table, write_csv, write_json
 from legrace.trusted.split_conv import conv_padding
 from legrace.trusted.convert import conv_modules
-from legrace.attacks.target import AttackError, Target, images, load_target, take, to_unit
+from legrace.attacks.target import AttackError, Target, auxiliary, images, load_target, take, to_unit
 from legrace.train import TrainConfig
 from legrace.attacks.views import RealRun, ViewSpec, own_view, parse_clip_rule, parse_views
 
@@ -87,11 +87,12 @@ def _close(run: RealRun) -> None:
 # ---- 1. inversion ------------------------------------------------------------------------------
 
 
-def inversion_attack(target: Target, views: list[ViewSpec], layers: list[int], *, n_aux: int = 2000,
+def inversion_attack(target: Target, views: list[ViewSpec], layers: list[int], *, n_aux: Optional[int] = None,
                      n_victims: int = 128, decoder_epochs: int = 10, epsilon_epochs: Optional[int] = None,
                      device: str = "cpu", seed: int = 0, log=print) -> dict:
-    """Decoder inversion of each view at each layer; returns rows, reconstructions and the budget."""
-    aux = target.subset(take(target.unused, n_aux, "auxiliary (unused) samples"))
+    """Decoder inversion of each view at each layer; returns rows, reconstructions and the budget.
+    n_aux: the adversary's images (`auxiliary`; default: all not trained on, up to 2000)."""
+    aux = target.subset(auxiliary(target, n_aux, 2000))
     victims = target.subset(take(target.members, n_victims, "victims (training samples)"))
     aux_images, victim_images = to_unit(images(aux)[0]), to_unit(images(victims)[0])
     epochs = epsilon_epochs or target.config.epochs
@@ -116,7 +117,7 @@ def inversion_attack(target: Target, views: list[ViewSpec], layers: list[int], *
             recons[(layer, spec.label)] = rec
             log(f"inversion layer {layer} {spec.label}: SSIM {q['ssim']:.3f} PSNR {q['psnr']:.1f} dB "
                 f"({time.perf_counter() - t0:.0f} s)")
-    budget = _budget(target, auxiliary_samples=n_aux, victims=n_victims, decoder_epochs=decoder_epochs,
+    budget = _budget(target, auxiliary_samples=len(aux), victims=n_victims, decoder_epochs=decoder_epochs,
                      epsilon_over_epochs=epochs)
     return {"attack": "inversion", "budget": budget, "rows": rows, "victim_images": victim_images,
             "reconstructions": recons}
@@ -139,15 +140,17 @@ def write_inversion(result: dict, out: Path) -> list[Path]:
 # ---- 2. gradients ------------------------------------------------------------------------------
 
 
-def gradient_attack(target: Target, views: list[ViewSpec], layer: int = 0, *, n_aux: int = 1000, n_victims: int = 16,
+def gradient_attack(target: Target, views: list[ViewSpec], layer: int = 0, *, n_aux: Optional[int] = None,
+                    n_victims: int = 16,
                     batch_size: int = 1, lr: float = 0.01, iters: int = 400, tv: float = 0.2,
                     decoder_epochs: int = 10, epsilon_epochs: Optional[int] = None, device: str = "cpu",
                     seed: int = 0, log=print) -> dict:
-    """Gradient matching and a dL/dY decoder against victims' training steps, per view."""
+    """Gradient matching and a dL/dY decoder against victims' training steps, per view.
+    n_aux: the decoder's images (`auxiliary`; default: all not trained on, up to 1000)."""
     if batch_size > n_victims:  # the steps would hold fewer victims than the batch size reported
         raise ValueError(f"--batch-size {batch_size} is more than the {n_victims} victims (--victims): "
                          "a step cannot hold more victims than there are")
-    aux = target.subset(take(target.unused, n_aux, "auxiliary (unused) samples"))
+    aux = target.subset(auxiliary(target, n_aux, 1000))
     victims = target.subset(take(target.members, n_victims, "victims (training samples)"))
     aux_images, victim_images = to_unit(images(aux)[0]), to_unit(images(victims)[0])
     convs = conv_modules(target.model)
@@ -198,7 +201,7 @@ def gradient_attack(target: Target, views: list[ViewSpec], layer: int = 0, *, n_
         recons[f"{label}: dL/dY decoder"] = decoded
         log("gradients " + "; ".join(f"{r['view']} {r['attack']}: SSIM {r['ssim']:.3f}" for r in rows
                                      if r["view"] == label) + f" ({time.perf_counter() - t0:.0f} s)")
-    budget = _budget(target, auxiliary_samples=n_aux, victims=n_victims, attack_batch_size=batch_size, attack_lr=lr,
+    budget = _budget(target, auxiliary_samples=len(aux), victims=n_victims, attack_batch_size=batch_size, attack_lr=lr,
                      matching_iters=iters, tv=tv, decoder_epochs=decoder_epochs, epsilon_over_epochs=epochs)
     return {"attack": "gradients", "budget": budget, "rows": rows, "victim_images": victim_images,
             "reconstructions": recons}
@@ -219,13 +222,21 @@ def write_gradients(result: dict, out: Path) -> list[Path]:
 # ---- 3. membership -----------------------------------------------------------------------------
 
 
-def membership_attack(target: Target, *, n: int = 1000, shadow: bool = True, shadow_samples: Optional[int] = None,
-                      log=print) -> dict:
-    """Loss-threshold and (optionally) shadow-model membership inference on the trained target."""
+def membership_attack(target: Target, *, n: Optional[int] = None, shadow: Optional[bool] = None,
+                      shadow_samples: Optional[int] = None, log=print) -> dict:
+    """Loss-threshold and shadow-model membership inference on the trained target.
+
+    n: members and as many non-members (default: as many as the run has of both, up to 1000).
+    shadow: True needs the samples for a shadow model, False skips it, None trains one when the
+    samples left beyond the non-members allow (2 x 20 or more)."""
     if not target.trained:
         raise AttackError("membership inference needs a trained model: give --checkpoint")
-    n = min(n, len(target.members))
     outsiders = target.held_out + target.unused
+    if n is None:
+        n = min(1000, len(target.members), len(outsiders))
+        if n == 0:
+            raise AttackError("the run held out no samples to compare its members with: attack a run trained "
+                              "with a --val-fraction above 0 or --max-samples below the data's size")
     members = take(target.members, n, "members")
     nonmembers = take(outsiders, n, "non-members (validation and unused samples)")
     engine = engine_for(target)
@@ -235,9 +246,13 @@ def membership_attack(target: Target, *, n: int = 1000, shadow: bool = True, sha
         loss_out, phi_out, y_out, right_out = confidences(model, target.subset(nonmembers))
     attacks = {"loss threshold": roc(-loss_in, -loss_out)}
     budget = _budget(target, members=n, nonmembers=n)
-    if shadow:
-        pool = outsiders[n:]
-        m = shadow_samples or min(len(target.members), len(pool) // 2)
+    pool = outsiders[n:]
+    m = shadow_samples or min(len(target.members), len(pool) // 2)
+    if shadow is None and (m < 20 or 2 * m > len(pool)):
+        log(f"no shadow model: {len(pool)} samples are left beyond the {n} non-members, it needs 2 x "
+            f"{max(m, 20)} (lower --samples or the run's --max-samples)")
+        shadow = False
+    if shadow is not False:
         if m < 20 or 2 * m > len(pool):
             raise AttackError(f"a shadow model needs 2 x {max(m, 20)} unused samples, {len(pool)} are left "
                               "(lower the run's --max-samples, or pass --no-shadow)")
@@ -271,16 +286,18 @@ def write_membership(result: dict, out: Path) -> list[Path]:
 
 
 def _target_args(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("--checkpoint", help="checkpoint.pt of a `legrace train` run (its model, data split and weights)")
+    p.add_argument("--checkpoint", help="checkpoint.pt of a `legrace train` run (its model, data split and weights) "
+                                        "(default: none, a fresh model of --model on --data)")
     p.add_argument("--model", default="cnn", help="without --checkpoint: the model, at its initial weights")
     p.add_argument("--data", default="digits", help="without --checkpoint: digits | npz:PATH | ...")
     p.add_argument("--max-samples", type=positive(int), default=None,
-                   help="without --checkpoint: samples the 'run' uses; the rest is the adversary's auxiliary data")
+                   help="without --checkpoint: samples the 'run' uses; the rest is the adversary's auxiliary data "
+                        "(default: all)")
     p.add_argument("--seed", type=int, default=0,
-                   help="the attack's randomness (and without --checkpoint the model's and the split's) (default 0)")
+                   help="the attack's randomness (and without --checkpoint the model's and the split's)")
     p.add_argument("--device", default="cpu", help="where the accelerator and the attack's own training run")
-    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    add_threads(p)
+    p.add_argument("--out", default=out, help="output directory")
 
 
 def _load(args) -> Target:
@@ -293,8 +310,6 @@ def _load(args) -> Target:
 
 def _start(args) -> None:
     output_folder(args.out)  # before the attack: a bad --out fails now, not after it
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
 
 def _print(result: dict, columns: list[str], paths: list[Path]) -> None:
@@ -329,7 +344,7 @@ def _membership(args) -> int:
     _start(args)
     if args.checkpoint is None:
         raise AttackError("membership inference needs a trained model: give --checkpoint")
-    result = membership_attack(load_target(args.checkpoint), n=args.samples, shadow=not args.no_shadow,
+    result = membership_attack(load_target(args.checkpoint), n=args.samples, shadow=args.shadow,
                                shadow_samples=args.shadow_samples, log=_log)
     _print(result, ["attack", "auc", "tpr_at_1%_fpr"], write_membership(result, Path(args.out)))
     print("generalisation: " + ", ".join(f"{k}={v:.3g}" for k, v in result["generalisation"].items()))
@@ -352,9 +367,11 @@ def add_parser(subparsers) -> None:
     inv.add_argument("--clip", default="auto", help="clip rule of the views: auto | std:S | a number")
     inv.add_argument("--epochs", type=positive(int), default=None,
                      help="passes the views' epsilon is spent over (default: the checkpoint's epochs, else 5)")
-    inv.add_argument("--aux", type=positive(int), default=2000, help="the adversary's auxiliary images")
+    inv.add_argument("--aux", type=positive(int), default=None,
+                     help="the adversary's auxiliary images, none trained on: those --max-samples left out, then "
+                          "the run's validation split (default: all of them, up to 2000)")
     inv.add_argument("--victims", type=positive(int), default=128, help="training images to reconstruct")
-    inv.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of the decoder (default 10)")
+    inv.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of the decoder")
     inv.set_defaults(func=_inversion)
 
     grad = sub.add_parser("gradients", help="gradient inversion from the weights, dL/dY and residuals")
@@ -369,15 +386,20 @@ def add_parser(subparsers) -> None:
     grad.add_argument("--lr", type=positive(float), default=0.01, help="learning rate of the victims' SGD steps")
     grad.add_argument("--iters", type=positive(int), default=400, help="gradient-matching iterations")
     grad.add_argument("--tv", type=_non_negative, default=0.2, help="total-variation weight of gradient matching")
-    grad.add_argument("--aux", type=positive(int), default=1000, help="auxiliary images for the dL/dY decoder")
-    grad.add_argument("--victims", type=positive(int), default=16, help="training images to reconstruct (default 16)")
-    grad.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of the dL/dY decoder (default 10)")
+    grad.add_argument("--aux", type=positive(int), default=None,
+                      help="auxiliary images for the dL/dY decoder, none trained on: those --max-samples left out, "
+                           "then the run's validation split (default: all of them, up to 1000)")
+    grad.add_argument("--victims", type=positive(int), default=16, help="training images to reconstruct")
+    grad.add_argument("--decoder-epochs", type=positive(int), default=10, help="training passes of the dL/dY decoder")
     grad.set_defaults(func=_gradients)
 
     mem = sub.add_parser("membership", help="membership inference on a trained model (loss threshold, shadow model)")
     _target_args(mem, "runs/attack-membership")
-    mem.add_argument("--samples", type=positive(int), default=1000, help="members and as many non-members")
-    mem.add_argument("--no-shadow", action="store_true", help="loss-threshold attack only")
+    mem.add_argument("--samples", type=positive(int), default=None,
+                     help="members and as many non-members (default: as many as the run has of both, up to 1000)")
+    mem.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=None,
+                     help="a shadow-model attack besides the loss threshold (default: when the samples left "
+                          "beyond the non-members allow one); --no-shadow: loss threshold only")
     mem.add_argument("--shadow-samples", type=positive(int), default=None,
                      help="shadow training set size (default: the target's, as far as unused data allows)")
     mem.set_defaults(func=_membership)

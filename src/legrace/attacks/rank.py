@@ -13,13 +13,14 @@ data, which the accountant does not cover (DESIGN section 9).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-from legrace.options import positive
+from legrace.options import add_threads, positive
 from legrace.trusted.decompose import channel_entropy, decompose
 from legrace.attacks.figures import rank_chart
 from legrace.outputs import output_folder
@@ -38,13 +39,31 @@ def _quantile(values: torch.Tensor, q: float) -> float:
 
 
 @torch.no_grad()
-def rank_profile(target: Target, *, samples: int = 256, rank: Optional[int] = None, ranks: Sequence[int] = (1, 2, 4, 8, 16),
-                 batch_size: int = 64, source: str = "unused") -> dict:
-    """Per-layer statistics of the conv inputs of `samples` images (see the module docstring).
+def rank_profile(target: Target, *, samples: Optional[int] = None, rank: Optional[int] = None,
+                 ranks: Sequence[int] = (1, 2, 4, 8, 16), batch_size: int = 64, source: str = "unused",
+                 log=print) -> dict:
+    """Per-layer statistics of the conv inputs of `samples` images (default: all the source has, up
+    to 256; see the module docstring).
 
-    source: 'unused' (the samples the run left out: public for the analysis) or 'members'.
+    source: 'unused' (the samples the run left out: public for the analysis), 'heldout' (its
+    validation split), 'members' (its training samples), or 'auto': unused if the run left any
+    out, else heldout, saying so (a C read off them is a choice made on private data).
     """
-    pool = target.unused if source == "unused" else target.members
+    if source == "auto":
+        source = "unused" if target.unused or not target.held_out else "heldout"
+        if source == "heldout":
+            log(f"note: the run left no samples out, so the analysis reads its validation split: a C chosen from "
+                f"these norms is a choice made on private data (--max-samples below {len(target.base)} leaves "
+                "public samples)")
+    pools = {"unused": target.unused, "heldout": target.held_out, "members": target.members}
+    if source not in pools:
+        raise AttackError(f"source must be auto, {', '.join(pools)}, not {source!r}")
+    pool = pools[source]
+    if samples is None:
+        if not pool:
+            raise AttackError(f"the run has no {source} samples to analyse: give --source members, or "
+                              "--max-samples below the data's size")
+        samples = min(256, len(pool))
     data = target.subset(take(pool, samples, f"{source} samples"))
     cfg_rank = target.config.rank
     if rank is None:
@@ -111,8 +130,6 @@ def write_profile(result: dict, out: Path) -> list[Path]:
 
 
 def _rank(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = None
     if args.checkpoint is None:
         config = TrainConfig(model=args.model, data=args.data, max_samples=args.max_samples, seed=args.seed,
@@ -125,7 +142,8 @@ def _rank(args) -> int:
         ranks = ()
     if not ranks or min(ranks) < 1:
         raise AttackError(f"--ranks must be comma-separated ints >= 1, not {args.ranks!r}")
-    result = rank_profile(target, samples=args.samples, rank=args.rank, ranks=ranks, source=args.source)
+    result = rank_profile(target, samples=args.samples, rank=args.rank, ranks=ranks, source=args.source,
+                          log=lambda m: print(m, file=sys.stderr, flush=True))
     paths = write_profile(result, Path(args.out))
     print(text_table(result["layers"], COLUMNS))
     print("budget: " + ", ".join(f"{k}={v}" for k, v in result["budget"].items()))
@@ -138,18 +156,21 @@ def add_parser(subparsers) -> None:
     sub = analyze.add_subparsers(dest="analysis", required=True)
     p = sub.add_parser("rank", help="per-layer SVD-channel entropy, energy kept by R, residual norms")
     p.add_argument("--checkpoint", help="checkpoint.pt of a `legrace train` run (default: a fresh model)")
-    p.add_argument("--model", default="cnn", help="without --checkpoint: the model, at its initial weights (default cnn)")
+    p.add_argument("--model", default="cnn", help="without --checkpoint: the model, at its initial weights")
     p.add_argument("--data", default="digits", help="without --checkpoint: digits | npz:PATH | cifar10:DIR | imagefolder:DIR")
     p.add_argument("--max-samples", type=positive(int), default=None,
-                   help="samples a run would use; the analysis reads the others (public) unless --source members")
-    p.add_argument("--seed", type=int, default=0, help="without --checkpoint: model init and data split (default 0)")
+                   help="samples a run would use; --source unused reads the others (public) (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="without --checkpoint: model init and data split")
     p.add_argument("--rank", type=positive(int), default=None, help="R of the residual norms (default: the run's, else 8)")
     p.add_argument("--ranks", default="1,2,4,8,16", help="R values of the energy-kept curve")
-    p.add_argument("--samples", type=positive(int), default=256, help="images whose activations are analysed (default 256)")
-    p.add_argument("--source", choices=("unused", "members"), default="unused",
-                   help="read samples the run left out (public) or its training samples (private)")
-    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="runs/analyze-rank", help="output directory (default runs/analyze-rank)")
+    p.add_argument("--samples", type=positive(int), default=None,
+                   help="images whose activations are analysed (default: all --source has, up to 256)")
+    p.add_argument("--source", choices=("auto", "unused", "heldout", "members"), default="auto",
+                   help="read samples the run left out (unused: public), its validation split (heldout: "
+                        "private) or its training samples (members: private); auto: unused if the run left any "
+                        "out, else heldout")
+    add_threads(p)
+    p.add_argument("--out", default="runs/analyze-rank", help="output directory")
     p.set_defaults(func=_rank)
 
 

@@ -59,7 +59,7 @@ class StudyConfig:
     seeds: tuple = (0,)
     delta: float = 1e-5
     attack_layers: tuple = (0, 1)
-    aux: int = 2000
+    aux: Optional[int] = None  # None: every sample the runs did not train on, up to 2000
     victims: int = 128
     decoder_epochs: int = 10
     device: str = "cpu"
@@ -113,7 +113,8 @@ def _check_attack_layers(cfg: StudyConfig) -> None:
 def _train_config(cfg: StudyConfig, run: dict, out: Path) -> TrainConfig:
     base = TrainConfig(model=cfg.model, data=cfg.data, max_samples=cfg.max_samples, epochs=cfg.epochs,
                        batch_size=cfg.batch_size, lr=cfg.lr, mode=run["mode"], rank=cfg.rank, seed=run["seed"],
-                       delta=cfg.delta, accelerator=cfg.device, out=str(out), progress=False)
+                       delta=cfg.delta, accelerator=cfg.device, out=str(out), progress=False,
+                       val_inference="split")  # accuracy as the model is served, noise included (accounted)
     if run["epsilon"] is None:
         return base
     if run["clip_rule"] == "auto":
@@ -151,15 +152,16 @@ def _attack(cfg: StudyConfig, run: dict, log) -> dict:
     out = Path(cfg.out) / "runs" / run["name"]
     cached = out / "inversion.json"
     if cached.exists():
-        return {f"ssim_layer{r['layer']}": r["ssim"] for r in json.loads(cached.read_text())["rows"]} | \
-               {f"psnr_layer{r['layer']}": r["psnr"] for r in json.loads(cached.read_text())["rows"]}
-    target = load_target(str(out / "checkpoint.pt"))
-    result = inversion_attack(target, [own_view(target)], list(cfg.attack_layers), n_aux=cfg.aux,
-                              n_victims=cfg.victims, decoder_epochs=cfg.decoder_epochs, device=cfg.device,
-                              seed=run["seed"], log=lambda m: log(f"{run['name']}: {m}"))
-    write_json(cached, {"attack": "inversion", "budget": result["budget"], "rows": result["rows"]})
+        result = json.loads(cached.read_text())
+    else:
+        target = load_target(str(out / "checkpoint.pt"))
+        result = inversion_attack(target, [own_view(target)], list(cfg.attack_layers), n_aux=cfg.aux,
+                                  n_victims=cfg.victims, decoder_epochs=cfg.decoder_epochs, device=cfg.device,
+                                  seed=run["seed"], log=lambda m: log(f"{run['name']}: {m}"))
+        write_json(cached, {"attack": "inversion", "budget": result["budget"], "rows": result["rows"]})
     return {f"ssim_layer{r['layer']}": r["ssim"] for r in result["rows"]} | \
-           {f"psnr_layer{r['layer']}": r["psnr"] for r in result["rows"]}
+           {f"psnr_layer{r['layer']}": r["psnr"] for r in result["rows"]} | \
+           {"attack_aux": result["budget"].get("auxiliary_samples")}
 
 
 def _aggregate(runs: list[dict]) -> list[dict]:
@@ -245,7 +247,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
               "train_samples": runs[0]["train_samples"], "val_samples": runs[0]["val_samples"], "epochs": cfg.epochs,
               "batch_size": cfg.batch_size, "lr": cfg.lr, "rank": cfg.rank, "seeds": list(cfg.seeds),
               "delta": cfg.delta, "clip_rules": list(cfg.clip_rules), "attack_layers": list(cfg.attack_layers),
-              "attack_aux": cfg.aux, "attack_victims": cfg.victims, "decoder_epochs": cfg.decoder_epochs,
+              "attack_aux": next((r["attack_aux"] for r in runs if "attack_aux" in r), cfg.aux),
+              "attack_victims": cfg.victims, "decoder_epochs": cfg.decoder_epochs,
               "device": cfg.device, "torch_threads": torch.get_num_threads(),
               "runs_reused": reused, "wall_seconds_this_invocation": round(time.perf_counter() - t0)}
     return {"budget": budget, "rows": rows, "runs": runs, "findings": findings(rows, tuple(cfg.attack_layers))}
@@ -286,8 +289,6 @@ def _ints(text: str) -> tuple:
 
 
 def _study(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = StudyConfig(model=args.model, data=args.data, max_samples=args.max_samples, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, rank=args.rank, epsilons=args.epsilons,
                       modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
@@ -309,29 +310,33 @@ def add_parser(subparsers) -> None:
     study = subparsers.add_parser("study", help="privacy-utility study: accuracy and leakage against epsilon")
     sub = study.add_subparsers(dest="study", required=True)
     p = sub.add_parser("privacy-utility", help="train a grid of modes and epsilons, attack each, chart the result")
-    p.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())} (default cnn)")
+    p.add_argument("--model", default="cnn", help=f"one of {', '.join(model_names())}")
     p.add_argument("--data", default="digits", help="digits | npz:PATH | cifar10:DIR | imagefolder:DIR")
     p.add_argument("--max-samples", type=options.positive(int), default=None,
-                   help="samples the runs use; the rest is the attacker's auxiliary data (needed for the attacks)")
-    p.add_argument("--epochs", type=options.positive(int), default=5, help="training passes of each run (default 5)")
-    p.add_argument("--batch-size", type=options.positive(int), default=64, help="samples per step (default 64)")
-    p.add_argument("--lr", type=options.positive(float), default=0.05, help="SGD learning rate of each run (default 0.05)")
+                   help="samples the runs use; the rest is the attacker's auxiliary data (default: all, the "
+                        "attacks then take the runs' validation split)")
+    p.add_argument("--epochs", type=options.positive(int), default=5, help="training passes of each run")
+    p.add_argument("--batch-size", type=options.positive(int), default=64, help="samples per step")
+    p.add_argument("--lr", type=options.positive(float), default=0.05, help="SGD learning rate of each run")
     p.add_argument("--rank", type=options.rank, default=8, help="R per conv: an int, a comma-separated list or auto")
     p.add_argument("--epsilons", type=_floats, default=(1.0, 8.0, 64.0, 1000.0),
-                   help="comma-separated target epsilons of the releasing modes (default 1,8,64,1000)")
+                   help="comma-separated target epsilons of the releasing modes")
     p.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     p.add_argument("--clip-rules", default="auto",
                    help="data-independent clip rules, comma-separated: auto (C = 0.05/z), std:S (C = S/z), or a fixed C")
     p.add_argument("--seeds", type=_ints, default=(0,), help="comma-separated seeds; accuracy is averaged over them")
-    p.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP (default 1e-5)")
+    p.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP")
     p.add_argument("--attack-layers", type=_ints, default=(0, 1),
                    help="decomposition points to invert (empty string: no attacks)")
-    p.add_argument("--aux", type=options.positive(int), default=2000, help="the attacker's auxiliary images")
-    p.add_argument("--victims", type=options.positive(int), default=128, help="training images each attack reconstructs (default 128)")
-    p.add_argument("--decoder-epochs", type=options.positive(int), default=10, help="training passes of each attack's decoder (default 10)")
+    p.add_argument("--aux", type=options.positive(int), default=None,
+                   help="the attacker's auxiliary images, none trained on: those --max-samples left out, then the "
+                        "runs' validation split (default: all of them, up to 2000)")
+    p.add_argument("--victims", type=options.positive(int), default=128, help="training images each attack reconstructs")
+    p.add_argument("--decoder-epochs", type=options.positive(int), default=10,
+                   help="training passes of each attack's decoder")
     p.add_argument("--device", default="cpu", help="accelerator of the runs and device of the attacks")
-    p.add_argument("--threads", type=options.positive(int), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="runs/study", help="output directory (default runs/study)")
+    options.add_threads(p)
+    p.add_argument("--out", default="runs/study", help="output directory")
     p.set_defaults(func=_study)
 
 

@@ -3,7 +3,8 @@
 An attack needs three disjoint groups of samples, all from the same data set:
   members   the training split of the target run (its residuals crossed during training);
   held_out  the run's validation split (seen only by evaluation, never trained on);
-  unused    samples `--max-samples` left out: the adversary's public, auxiliary data.
+  unused    samples `--max-samples` left out: the adversary's public, auxiliary data (with too few,
+            the auxiliary data goes on into held_out: see `auxiliary`).
 They are recovered from the `DataSplit` that `load_data` returns for the run's settings, so an
 attack sees the very split the run trained on.
 """
@@ -92,6 +93,19 @@ def load_target(checkpoint: Optional[str] = None, config: Optional[TrainConfig] 
         model.load_state_dict(state["model"])
         noise, clip = state["engine"]["noise_multiplier"], state["engine"]["clip"]
     return Target(model.eval(), config, data, base, members, held_out, unused, state is not None, noise, clip)
+
+
+def auxiliary(target: Target, n: Optional[int], most: int) -> list[int]:
+    """The adversary's auxiliary samples, none of them trained on: the ones --max-samples left out,
+    then the run's validation split; `n` of them, or by default all there are, up to `most`."""
+    pool = target.unused + target.held_out
+    if n is None:
+        if not pool:
+            raise AttackError("the run trained on every sample of its data, leaving the adversary no auxiliary "
+                              "data: attack a run trained with --max-samples below the data's size or a "
+                              "--val-fraction above 0")
+        n = min(most, len(pool))
+    return take(pool, n, "auxiliary samples (left out or held out: not trained on)")
 
 
 def take(indices: Sequence[int], n: int, what: str) -> list[int]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from legrace.trusted import kernels
 from legrace.precision import full_float32
-from legrace.options import mebibytes, positive
+from legrace.options import add_threads, mebibytes, positive
 from legrace.trusted.decompose import GRAM_MAX_CHANNELS
 from legrace.trusted.engine import MODES
 from legrace.wiring import LegRace
@@ -514,33 +514,33 @@ def _check_settings(modes: list[str], batch_size: int, warmup: int, repeats: int
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="time steps of each mode side by side (JSON + PNG charts)")
-    b.add_argument("--model", default="vgg16", help=f"one of {', '.join(model_names())} (default vgg16)")
+    b.add_argument("--model", default="vgg16", help=f"one of {', '.join(model_names())}")
     b.add_argument("--input-size", type=int, default=224,
-                   help="side of the synthetic square images in pixels (default 224, the paper's)")
-    b.add_argument("--batch-size", type=positive(int), default=8, help="(default 8; the paper's is 32)")
+                   help="side of the synthetic square images in pixels (the paper's: 224)")
+    b.add_argument("--batch-size", type=positive(int), default=8, help="samples per step (the paper's: 32)")
     b.add_argument("--modes", default=f"tee_only,{TEE_CHANNELS_LAST},legrace,gpu_only",
                    help=f"comma-separated, from {', '.join(BENCH_MODES)} ({TEE_CHANNELS_LAST}: the unconverted "
                         "model in plain PyTorch with channels_last tensors, a second TEE-only baseline; ratios "
                         "use the faster TEE-only run, and for memory the leaner)")
     group = b.add_mutually_exclusive_group()
-    group.add_argument("--train", dest="train", action="store_true", default=True, help="forward + backward (default)")
+    group.add_argument("--train", dest="train", action="store_true", default=True, help="forward + backward")
     group.add_argument("--infer", dest="train", action="store_false", help="forward only")
-    b.add_argument("--rank", type=int, default=8, help="R, the rank kept on the trusted side per conv (default 8)")
-    b.add_argument("--power-iters", type=int, default=2, help="power iterations of the light SVD (default 2)")
+    b.add_argument("--rank", type=int, default=8, help="R, the rank kept on the trusted side per conv")
+    b.add_argument("--power-iters", type=int, default=2, help="power iterations of the light SVD")
     b.add_argument("--warmup", type=int, default=1,
-                   help="untimed rounds (a step of each mode in turn) before timing (default 1)")
+                   help="untimed rounds (a step of each mode in turn) before timing")
     b.add_argument("--settle-rounds", type=int, default=SETTLE_ROUNDS,
                    help=f"after --warmup (if not 0), up to this many more untimed rounds while a mode's last step "
                         f"still page-faulted over {SETTLED_PAGES} fresh pages, which an enclave's committed heap "
-                        f"would not (default {SETTLE_ROUNDS})")
-    b.add_argument("--repeats", type=positive(int), default=3, help="timed steps per mode; medians are reported (default 3)")
+                        "would not")
+    b.add_argument("--repeats", type=positive(int), default=3, help="timed steps per mode; medians are reported")
     b.add_argument("--accelerator", default="cpu",
                    help="where legrace's residual convs run: cpu or cuda (in this process), process[:DEVICE] "
                         "(a worker process) or tcp://HOST:PORT (a `legrace worker`; gpu_only needs a device of "
-                        "this machine) (default cpu)")
-    b.add_argument("--secret", default=None, help="a tcp:// worker's shared secret (default $LEGRACE_SECRET)")
+                        "this machine)")
+    b.add_argument("--secret", default=None, help="a tcp:// worker's shared secret (default: $LEGRACE_SECRET)")
     b.add_argument("--accelerator-timeout", type=positive(float), default=120.0,
-                   help="seconds to wait for one answer of a worker before giving up (default 120)")
+                   help="seconds to wait for one answer of a worker before giving up")
     b.add_argument("--wire-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the noised residuals on the wire (bfloat16: half the bytes, no privacy cost)")
     b.add_argument("--noise-ahead", type=int, default=None,
@@ -557,15 +557,14 @@ def add_parser(sub) -> None:
                         "trusted memory for time")
     b.add_argument("--keep-outputs-mb", type=mebibytes, default=0.0,
                    help="with rebuilt outputs, keep up to this many MiB of them per forward after all, those that "
-                        "cost most to rebuild per byte first (default 0)")
-    b.add_argument("--threads", type=positive(int), default=None,
-                   help="torch CPU threads for every mode (default: torch's, one per core). With an "
-                        "accelerator on its own thread, leaving cores free can pay: see docs/performance.md")
+                        "cost most to rebuild per byte first")
+    add_threads(b, " for every mode (with an accelerator on its own thread, leaving cores free can pay: see "
+                   "docs/performance.md)")
     b.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
                    help="keep freed memory in the process for reuse, as an enclave's fixed heap does (glibc's "
-                        "mallopt, unless GLIBC_TUNABLES sets it; default: on). --no-keep-heap times glibc's "
+                        "mallopt, unless GLIBC_TUNABLES sets it). --no-keep-heap times glibc's "
                         "default, which page-faults every large block afresh")
-    b.add_argument("--out", default="runs/bench", help="folder for bench.json and the charts (default runs/bench)")
+    b.add_argument("--out", default="runs/bench", help="folder for bench.json and the charts")
     b.set_defaults(func=_cli)
 
 
@@ -573,8 +572,6 @@ def _cli(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.keep_heap:
         keep_freed_memory()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     run_bench(args.model, args.input_size, args.batch_size, modes, train=args.train, rank=args.rank,
               warmup=args.warmup, repeats=args.repeats, settle_rounds=args.settle_rounds,
               accelerator=args.accelerator, iters=args.power_iters,
