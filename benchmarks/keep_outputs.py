@@ -16,7 +16,7 @@ import argparse
 from bench_common import add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch, \
     write_results
 
-from legrace.bench.runner import _ModeRun
+from legrace.bench.runner import ModeRun
 from legrace.options import mebibytes
 
 
@@ -43,8 +43,8 @@ def main() -> None:
     args = p.parse_args()
     apply_process_arguments(args)
     model, x, y = model_and_batch(args)
-    runs = {b: _ModeRun("legrace", model, x, y, train=True, rank=8, accelerator="cpu", iters=2,
-                        rebuild_outputs=b != "all", keep_outputs_mb=0.0 if b == "all" else float(b))
+    runs = {b: ModeRun("legrace", model, x, y, train=True, rank=8, accelerator="cpu", iters=2,
+                       rebuild_outputs=b != "all", keep_outputs_mb=0.0 if b == "all" else float(b))
             for b in args.budgets}
     for run in runs.values():  # warm-up; it also plans which outputs the next steps keep
         run.step()

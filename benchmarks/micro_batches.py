@@ -29,7 +29,7 @@ from legrace.models import build_model
 
 
 def micro_batched_forward(k: int, whole_batch):
-    """An inference forward for _SplitConvFunction that sends k requests per conv, interleaved
+    """An inference forward for SplitConvFunction that sends k requests per conv, interleaved
     (a conv that sends nothing, SplitConv2d.silent, keeps `whole_batch`, the real forward)."""
 
     def forward(ctx, x, weight, bias, layer, sends, grad):
@@ -62,12 +62,12 @@ def micro_batched_forward(k: int, whole_batch):
 
 @contextmanager
 def micro_batches(k: int):
-    real = split_conv._SplitConvFunction.forward
-    split_conv._SplitConvFunction.forward = micro_batched_forward(k, real)
+    real = split_conv.SplitConvFunction.forward
+    split_conv.SplitConvFunction.forward = micro_batched_forward(k, real)
     try:
         yield
     finally:
-        split_conv._SplitConvFunction.forward = real
+        split_conv.SplitConvFunction.forward = real
 
 
 def compare(name: str, image_size: int, batch_size: int, ks: list[int], accelerator: str, steps: int) -> dict:

@@ -22,13 +22,13 @@ import torch
 from bench_common import (add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch,
                           write_results)
 
-from legrace.bench.runner import _ModeRun
+from legrace.bench.runner import ModeRun
 from legrace.trusted.mechanism import GaussianMechanism, GaussianStreams
 
 
 def released_shapes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Size]:
     """The shape of every residual one legrace training step releases, for a batch like x."""
-    run = _ModeRun("legrace", model, x[:1], y[:1], train=True, rank=8, accelerator="cpu", iters=2)
+    run = ModeRun("legrace", model, x[:1], y[:1], train=True, rank=8, accelerator="cpu", iters=2)
     shapes = []
     release = run.mechanism.release
     run.mechanism.release = lambda x_res, *a, **k: shapes.append(x_res.shape[1:]) or release(x_res, *a, **k)
@@ -51,9 +51,9 @@ def main() -> None:
 
     mechanism = GaussianMechanism(clip=1.0, noise_multiplier=1.0)
     torch_sampler = GaussianStreams(torch.get_num_threads(), None, sampler="torch")  # for comparison
-    draws = {"ziggurat": lambda shape: mechanism._noise(shape, torch.float32),
+    draws = {"ziggurat": lambda shape: mechanism.draw_noise(shape, torch.float32),
              "torch": lambda shape: torch_sampler.normal(shape, torch.float32, 1.0)}
-    tee = _ModeRun("tee_only", model, x, y, train=True, rank=8, accelerator="cpu", iters=2)
+    tee = ModeRun("tee_only", model, x, y, train=True, rank=8, accelerator="cpu", iters=2)
     tee_times, noise_times = [], {name: [] for name in draws}
     for i in range(args.steps + 1):  # interleaved, the first of each a warm-up
         t0 = time.perf_counter()

@@ -25,10 +25,10 @@ import torch
 
 from bench_common import add_model_arguments, add_process_arguments, apply_process_arguments, count, model_and_batch
 
-import legrace.boundary.messages as boundary
+import legrace.boundary.gateway as gateway
 import legrace.trusted.compact as compact
 import legrace.trusted.split_conv as split_conv
-from legrace.bench.runner import _minor_faults, _ModeRun
+from legrace.bench.runner import ModeRun, minor_faults
 from legrace.trusted.mechanism import GaussianMechanism
 
 seconds: collections.Counter = collections.Counter()
@@ -42,7 +42,7 @@ recording = False
 
 def _faults() -> int:
     """The process's minor page faults so far (0 where the OS does not count them)."""
-    return _minor_faults() or 0
+    return minor_faults() or 0
 
 
 def _timed(owner, name: str, label: str) -> None:
@@ -67,12 +67,12 @@ def instrument() -> None:
     _timed(split_conv, "decompose", "decomposition")
     _timed(split_conv, "lowrank_conv", "low-rank conv")
     _timed(split_conv, "lowrank_weight_grad", "low-rank weight gradient")
-    _timed(split_conv, "_combine", "Y_main + Y_res")
-    _timed(boundary, "_checked", "checking replies")
+    _timed(split_conv, "combine_outputs", "Y_main + Y_res")
+    _timed(gateway, "checked_tensor", "checking replies")
     _timed(GaussianMechanism, "release", "noise and clipping")
-    _timed(GaussianMechanism, "_noise", "  of which drawing noise")
-    for cls, label in ((compact._PackedReLU, "ReLU"), (compact._CompactMaxPool2x2, "max-pool 2x2"),
-                       (compact._CompactMaxPool, "max-pool")):
+    _timed(GaussianMechanism, "draw_noise", "  of which drawing noise")
+    for cls, label in ((compact.PackedReLUFunction, "ReLU"), (compact.CompactMaxPool2x2Function, "max-pool 2x2"),
+                       (compact.CompactMaxPoolFunction, "max-pool")):
         _timed(cls, "forward", f"{label} forward")
         _timed(cls, "backward", f"{label} backward")
 
@@ -112,8 +112,8 @@ def main() -> None:
 
 def profile(args: argparse.Namespace) -> None:
     model, x, y = model_and_batch(args)
-    run = _ModeRun("legrace", model, x, y, train=not args.infer, rank=8, accelerator=args.accelerator, iters=2,
-                   overlap=False if args.no_overlap else None)
+    run = ModeRun("legrace", model, x, y, train=not args.infer, rank=8, accelerator=args.accelerator, iters=2,
+                  overlap=False if args.no_overlap else None)
     for _ in range(2):  # warm-up
         run.step()
     seconds.clear()

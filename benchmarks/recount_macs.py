@@ -44,8 +44,8 @@ def _per_sample(macs, report: dict, mode: str, with_engine: bool) -> int:
     size = report["input_size"]
     model = bench.build_model(report["model"], num_classes=10, image_size=size)
     x, y = torch.randn(1, 3, size, size), torch.zeros(1, dtype=torch.long)
-    run = bench._ModeRun(mode, model, x, y, train=report["train"], rank=report["rank"], accelerator="cpu",
-                         iters=report["power_iters"])
+    run = bench.ModeRun(mode, model, x, y, train=report["train"], rank=report["rank"], accelerator="cpu",
+                        iters=report["power_iters"])
     extra = (run.engine,) if with_engine else ()
     return macs(run.net, run.x, mode, report["rank"], report["power_iters"], report["train"], frozenset(),
                 *extra)["trusted_macs"]
@@ -63,10 +63,10 @@ def main() -> None:
         reports[folder] = json.loads(path.read_text())
         if not {"tee_only", "legrace"} <= {m["mode"] for m in reports[folder]["modes"]}:
             raise SystemExit(f"{folder}: the run has no tee_only and legrace modes to compare")
-    old = _old_bench(Path(__file__).resolve().parents[1])
+    old = _old_bench(Path(__file__).resolve().parents[1])  # a frozen copy: its count is still named _macs
     for folder, report in reports.items():
         stored = {m["mode"]: m["trusted_macs"] for m in report["modes"]}
-        now = {mode: stored[mode] + report["batch_size"] * (_per_sample(bench._macs, report, mode, True)
+        now = {mode: stored[mode] + report["batch_size"] * (_per_sample(bench.count_macs, report, mode, True)
                                                             - _per_sample(old._macs, report, mode, False))
                for mode in ("tee_only", "legrace")}
         print(f"{folder}: TEE-only ÷ legrace trusted MACs {stored['tee_only'] / stored['legrace']:.2f}x as stored, "

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_common import (add_model_arguments, add_process_arguments, apply_process_arguments, count, median_seconds,
                           model_and_batch, write_results)
 
-from legrace.bench.runner import TEE_CHANNELS_LAST, _ModeRun
+from legrace.bench.runner import TEE_CHANNELS_LAST, ModeRun
 
 
 def is_split_conv(event, image_shape: list[int]) -> bool:
@@ -58,10 +58,10 @@ def main() -> None:
     # the channels_last model first: the profiled step follows tee_only's own timed steps, so
     # finds its memory as they left it (after the other model, VGG-19 inference profiled 1.4x
     # slower than its timed steps, its passes outside the convs 2.9x)
-    plain = _ModeRun(TEE_CHANNELS_LAST, model, x, y, train=not args.infer, rank=8, accelerator="cpu", iters=2)
+    plain = ModeRun(TEE_CHANNELS_LAST, model, x, y, train=not args.infer, rank=8, accelerator="cpu", iters=2)
     plain_step = median_seconds(plain.step, args.steps)
     del plain
-    tee = _ModeRun("tee_only", model, x, y, train=not args.infer, rank=8, accelerator="cpu", iters=2)
+    tee = ModeRun("tee_only", model, x, y, train=not args.infer, rank=8, accelerator="cpu", iters=2)
     step = median_seconds(tee.step, args.steps)
     profiled_steps = []
     for _ in range(args.steps):

@@ -50,12 +50,12 @@ class Recorder(FreivaldsVerifier):
         self.calls.append(("grad_weight", tuple(a.detach().cpu().clone() if torch.is_tensor(a) else a for a in args)))
         super().grad_weight(*args)
 
-    def _compare(self, got, want, squares, terms, sent_dtype, what) -> None:
+    def compare(self, got, want, squares, terms, sent_dtype, what) -> None:
         kind = what.split(" of ")[0]
         scale = squares.clamp_min(0).sqrt() * math.sqrt(terms)
         ratio = float(((got - want).abs() / (scale + torch.finfo(got.dtype).tiny)).max())
         self.worst[kind] = max(self.worst.get(kind, 0.0), ratio)
-        super()._compare(got, want, squares, terms, sent_dtype, what)
+        super().compare(got, want, squares, terms, sent_dtype, what)
 
 
 def setup(name: str, size: int, channels: int, image: int):

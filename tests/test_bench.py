@@ -36,16 +36,16 @@ def test_bench_smoke(tmp_path):
 def test_page_faults_count_first_touches_of_fresh_memory():
     import mmap
 
-    from legrace.bench.runner import _minor_faults
+    from legrace.bench.runner import minor_faults
 
-    if _minor_faults() is None:
+    if minor_faults() is None:
         pytest.skip("this OS does not count page faults")
     size = 64 << 20
     fresh = mmap.mmap(-1, size)
-    before = _minor_faults()
+    before = minor_faults()
     for offset in range(0, size, 4096):
         fresh[offset] = 1
-    assert _minor_faults() - before >= size // (2 << 20)  # one per page, or per 2 MiB huge page at least
+    assert minor_faults() - before >= size // (2 << 20)  # one per page, or per 2 MiB huge page at least
     fresh.close()
 
 
@@ -100,7 +100,7 @@ def test_bench_warms_up_until_no_mode_faults_fresh_pages(monkeypatch, tmp_path, 
             faults["total"] += faults["planned"].pop(0)
         return faults["total"]
 
-    monkeypatch.setattr(bench, "_minor_faults", minor_faults)
+    monkeypatch.setattr(bench, "minor_faults", minor_faults)
     out = tmp_path / "bench"
     assert main(["bench", "--model", "cnn", "--input-size", "16", "--batch-size", "2", "--repeats", "1",
                  "--warmup", "1", "--settle-rounds", str(settle), "--modes", "tee_only,legrace",
@@ -361,8 +361,8 @@ def test_bench_refuses_a_bad_output_folder_before_it_times_anything(tmp_path, ca
     def no_timing(*args, **kwargs):
         raise AssertionError("ran a step before checking --out")
 
-    monkeypatch.setattr(bench._ModeRun, "step", no_timing)
-    monkeypatch.setattr(bench._ModeRun, "timed_step", no_timing)
+    monkeypatch.setattr(bench.ModeRun, "step", no_timing)
+    monkeypatch.setattr(bench.ModeRun, "timed_step", no_timing)
     afile = tmp_path / "a-file"
     afile.write_text("kept")
     for out, message in ((afile, "is a file"), (afile / "below", "cannot write in the output folder"),
@@ -629,7 +629,7 @@ def test_macs_of_tee_only_are_those_torch_counts_for_a_step():
     # the first conv's input is the image: autograd computes no dL/dX for it (was counted)
     from torch.utils.flop_counter import FlopCounterMode
 
-    from legrace.bench.runner import _macs
+    from legrace.bench.runner import count_macs
     from legrace.models import build_model
 
     torch.manual_seed(0)
@@ -637,7 +637,7 @@ def test_macs_of_tee_only_are_those_torch_counts_for_a_step():
     x = torch.randn(1, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.cross_entropy(model.train()(x), torch.tensor([3])).backward()
-    counted = _macs(model, x, "tee_only", 8, 2, True)["trusted_macs"]
+    counted = count_macs(model, x, "tee_only", 8, 2, True)["trusted_macs"]
     assert counted == counter.get_total_flops() // 2
 
 
@@ -696,13 +696,13 @@ def _counted_step(run, monkeypatch) -> tuple[int, int]:
 def test_macs_are_what_the_accelerator_and_the_trusted_side_compute(monkeypatch, model, size, mode, rank, rebuild,
                                                                      trusted):
     # was: a conv whose map R covers, R = 0's Gram matrix and the accelerator's rebuilt Y_res were miscounted
-    from legrace.bench.runner import _ModeRun
+    from legrace.bench.runner import ModeRun
     from legrace.models import build_model
 
     torch.manual_seed(0)
-    run = _ModeRun(mode, build_model(model, num_classes=10, image_size=size), torch.randn(2, 3, size, size),
-                   torch.randint(0, 10, (2,)), train=True, rank=rank, accelerator="cpu", iters=2,
-                   rebuild_outputs=rebuild)
+    run = ModeRun(mode, build_model(model, num_classes=10, image_size=size), torch.randn(2, 3, size, size),
+                  torch.randint(0, 10, (2,)), train=True, rank=rank, accelerator="cpu", iters=2,
+                  rebuild_outputs=rebuild)
     computed_trusted, computed_accelerator = _counted_step(run, monkeypatch)
     counted = run.result()
     assert counted["accelerator_macs"] == computed_accelerator > 0
@@ -716,7 +716,7 @@ def test_bench_subtracts_the_time_weights_spend_in_transport_from_the_trusted_ti
     # was: SetWeight (sent each forward) and hold_weight were booked as trusted work
     import time
 
-    from legrace.bench.runner import _ModeRun
+    from legrace.bench.runner import ModeRun
     from legrace.boundary.messages import SetWeight
     from legrace.models import build_model
 
@@ -733,8 +733,8 @@ def test_bench_subtracts_the_time_weights_spend_in_transport_from_the_trusted_ti
             return getattr(self.inner, name)
 
     torch.manual_seed(0)
-    run = _ModeRun("legrace", build_model("cnn", num_classes=10, image_size=16), torch.randn(2, 3, 16, 16),
-                   torch.randint(0, 10, (2,)), train=True, rank=8, accelerator="cpu", iters=2, overlap=False)
+    run = ModeRun("legrace", build_model("cnn", num_classes=10, image_size=16), torch.randn(2, 3, 16, 16),
+                  torch.randint(0, 10, (2,)), train=True, rank=8, accelerator="cpu", iters=2, overlap=False)
     boundary = run.engine.boundary
     boundary.transport = SlowWeights(boundary.transport)
     before = boundary.seconds_waiting

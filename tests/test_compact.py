@@ -183,7 +183,7 @@ def test_relu_then_maxpool_runs_as_maxpool_then_relu_with_the_same_gradients():
 def test_without_backward_nothing_is_packed_and_the_values_are_the_same(monkeypatch, layers):
     mine, ref = layers
     packed = []  # calls of the autograd functions that keep masks or window codes
-    for name in ("_PackedReLU", "_CompactMaxPool2x2", "_CompactMaxPool"):
+    for name in ("PackedReLUFunction", "CompactMaxPool2x2Function", "CompactMaxPoolFunction"):
         function = getattr(compact, name)
         monkeypatch.setattr(function, "apply", lambda *a, _f=function.apply: packed.append(1) or _f(*a))
     x = torch.randn(2, 3, 9, 10)

@@ -40,13 +40,13 @@ def test_fused_max_pool_keeps_the_torch_paths_bytes(monkeypatch, shape, dtype, t
         torch.manual_seed(0)
         for x in (torch.randn(shape, dtype=dtype), torch.randint(-1, 2, shape).to(dtype)):  # ties and zeros
             ctx, ctx_ref = _Ctx(), _Ctx()
-            y = compact._CompactMaxPool2x2.forward(ctx, x)
-            y_ref = _torch_path(compact._CompactMaxPool2x2.forward, ctx_ref, x)
+            y = compact.CompactMaxPool2x2Function.forward(ctx, x)
+            y_ref = _torch_path(compact.CompactMaxPool2x2Function.forward, ctx_ref, x)
             assert torch.equal(y, y_ref)
             assert all(torch.equal(a, b) for a, b in zip(ctx.saved, ctx_ref.saved))
             grad = torch.randn(y.shape, dtype=dtype)
-            assert torch.equal(compact._CompactMaxPool2x2.backward(ctx, grad),
-                               _torch_path(compact._CompactMaxPool2x2.backward, ctx_ref, grad))
+            assert torch.equal(compact.CompactMaxPool2x2Function.backward(ctx, grad),
+                               _torch_path(compact.CompactMaxPool2x2Function.backward, ctx_ref, grad))
     finally:
         torch.set_num_threads(before)
 
@@ -74,14 +74,14 @@ def test_fused_max_pool_of_any_window_keeps_the_torch_paths_bytes(monkeypatch, w
         for x in (torch.randn(2, 3, 11, 12, dtype=torch.float64), torch.randint(-1, 2, (2, 3, 9, 10)).float(),
                   torch.full((1, 2, 5, 7), float("-inf")), nan, torch.randn(1, 1, 3, 3)):
             ctx, ctx_ref = _Ctx(), _Ctx()
-            y = compact._CompactMaxPool.forward(ctx, x, *args)
-            y_ref = _torch_path(compact._CompactMaxPool.forward, ctx_ref, x, *args)
+            y = compact.CompactMaxPoolFunction.forward(ctx, x, *args)
+            y_ref = _torch_path(compact.CompactMaxPoolFunction.forward, ctx_ref, x, *args)
             assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
             assert torch.equal(ctx.saved[0], ctx_ref.saved[0])
             ctx.args, ctx.x_shape = ctx_ref.args, ctx_ref.x_shape
             grad = torch.randn(y.shape, dtype=x.dtype)
-            assert torch.equal(compact._CompactMaxPool.backward(ctx, grad)[0],
-                               _torch_path(compact._CompactMaxPool.backward, ctx_ref, grad)[0])
+            assert torch.equal(compact.CompactMaxPoolFunction.backward(ctx, grad)[0],
+                               _torch_path(compact.CompactMaxPoolFunction.backward, ctx_ref, grad)[0])
     finally:
         torch.set_num_threads(before)
 

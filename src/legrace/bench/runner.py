@@ -162,8 +162,8 @@ def _crosses(m: nn.Module, hw: tuple[int, int]) -> bool:
     return isinstance(m, SplitConv2d) and m.sends_at(hw)
 
 
-def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train: bool,
-          rebuilt: frozenset = frozenset(), engine: Optional[LegRace] = None) -> dict:
+def count_macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train: bool,
+               rebuilt: frozenset = frozenset(), engine: Optional[LegRace] = None) -> dict:
     """Trusted and accelerator multiply-accumulates of one step, counted from the layer shapes.
     `rebuilt`: decomposition points whose output backward rebuilt (one more low-rank conv each on
     the trusted side, and where the conv crosses, its Y_res again on the accelerator).
@@ -212,14 +212,18 @@ def _macs(model: nn.Module, x: torch.Tensor, mode: str, rank, iters: int, train:
     return {"trusted_macs": trusted, "accelerator_macs": accel}
 
 
-def _minor_faults() -> Optional[int]:
-    """The process's minor page faults so far (None where the OS does not say). Each first touch
-    of fresh memory is one per page: an enclave's committed heap would not pay them every step."""
+def minor_faults() -> Optional[int]:
+    """The process's minor page faults so far (None where the OS does not say): how bench tells
+    whether a step still touches fresh memory, which an enclave's committed heap would not."""
     return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-class _ModeRun:
-    """One mode's model, engine and step, with its timings so far."""
+class ModeRun:
+    """One mode's model, engine and step, with its timings so far: what `legrace bench` runs in
+    turn, and what benchmarks/ scripts build to time or instrument a step the same way.
+
+    `step()` runs one untimed step, `timed_step()` a timed one (its total, trusted, accelerator and
+    per-layer times appended to `steps`, `trusted`, `accel` and `layers`), `result()` the medians."""
 
     def __init__(self, mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, train: bool, rank,
                  accelerator: str, iters: int, noise_ahead: Optional[int] = None,
@@ -267,10 +271,10 @@ class _ModeRun:
 
     def warm_step(self) -> None:
         """An untimed step, whose page faults are kept (they say whether the heap has settled)."""
-        faults = _minor_faults()
+        faults = minor_faults()
         self.step()
         if faults is not None:
-            self.warmup_faults.append(_minor_faults() - faults)
+            self.warmup_faults.append(minor_faults() - faults)
 
     def settled(self) -> bool:
         """Whether the last warm-up step touched (almost) no fresh memory, or faults are not counted here."""
@@ -286,7 +290,7 @@ class _ModeRun:
         before = self.timer.seconds if self.timer else 0.0
         noise_before = self.mechanism.noise_thread_seconds if self.mechanism else 0.0
         waiting = self._waiting()
-        faults = _minor_faults()
+        faults = minor_faults()
         t0 = time.perf_counter()
         try:
             self.step()
@@ -295,7 +299,7 @@ class _ModeRun:
             if observed is not None:
                 observed.remove()
         if faults is not None:
-            self.faults.append(_minor_faults() - faults)
+            self.faults.append(minor_faults() - faults)
         waited = self._waiting() - waiting
         if observed is not None:
             self.layers.append(timings.seconds)
@@ -312,8 +316,8 @@ class _ModeRun:
              "step_page_faults": list(self.faults), "warmup_page_faults": list(self.warmup_faults)}
         rebuilt = frozenset(p for p, kind in (self.layers[-1] if self.layers else {}) if kind == "rebuilds")
         r.update({k: v * len(self.x) for k, v in
-                  _macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train, rebuilt,
-                        self.engine).items()})
+                  count_macs(self.net, self.x[:1], self.mode, self.rank, self.iters, self.train, rebuilt,
+                             self.engine).items()})
         r["trusted_saved_bytes"] = 0 if self.mode == "gpu_only" or not self.train else \
             _trusted_saved_bytes(self.net, self.step, self.config.outputs if self.config else None)
         if self.layers:
@@ -321,7 +325,7 @@ class _ModeRun:
         return r
 
 
-def _warm_up(runs: list[_ModeRun], warmup: int, settle_rounds: int) -> int:
+def _warm_up(runs: list[ModeRun], warmup: int, settle_rounds: int) -> int:
     """Untimed rounds of every mode in turn, as the timed ones go: `warmup` of them, then up to
     `settle_rounds` more while a mode's last step still faulted more than SETTLED_PAGES (modes that
     share a process shape each other's heap, so it settles in rounds, not per mode). Returns the
@@ -364,10 +368,10 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
                          "--input-size, or --infer")
     x = torch.randn(batch_size, 3, input_size, input_size)
     y = torch.randint(0, num_classes, (batch_size,))
-    runs = [_ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
-                     noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap, pinned=pinned,
-                     rebuild_outputs=rebuild_outputs, keep_outputs_mb=keep_outputs_mb, secret=secret,
-                     accelerator_timeout=accelerator_timeout)
+    runs = [ModeRun(m, model, x, y, train=train, rank=rank, accelerator=accelerator, iters=iters,
+                    noise_ahead=noise_ahead, wire_dtype=wire_dtype, overlap=overlap, pinned=pinned,
+                    rebuild_outputs=rebuild_outputs, keep_outputs_mb=keep_outputs_mb, secret=secret,
+                    accelerator_timeout=accelerator_timeout)
             for m in modes]
     if out is not None:  # made before the timing (the engines have checked their settings): a bad path
         out = output_folder(out)  # fails now, not after minutes of timing

@@ -241,7 +241,7 @@ class Boundary:
 
         def finish() -> tuple[Tensor, Optional[Stored]]:
             reply = self._expect(flight.reply(), ConvForwardReply, request)
-            y = _checked(reply.y_res, out_shape, dtype, f"Y_res of layer {layer}")
+            y = checked_tensor(reply.y_res, out_shape, dtype, f"Y_res of layer {layer}")
             if keep and reply.stored is None:
                 raise BoundaryError(f"the accelerator did not keep the residual of layer {layer} for backward")
             if self.verifier is not None:
@@ -277,7 +277,7 @@ class Boundary:
 
         def finish() -> Tensor:
             reply = self._expect(flight.reply(), ConvForwardReply, request)
-            y = _checked(reply.y_res, out_shape, stored.dtype, f"the resent Y_res of layer {layer}")
+            y = checked_tensor(reply.y_res, out_shape, stored.dtype, f"the resent Y_res of layer {layer}")
             if self.verifier is not None:
                 self.verifier.conv_forward(layer, stored.residual, self._weights[layer], y, *self._convs[layer])
             return y
@@ -296,8 +296,8 @@ class Boundary:
 
         def finish() -> tuple[Optional[Tensor], Optional[Tensor]]:
             reply = self._expect(flight.reply(), ConvBackwardReply, f"ConvBackward of layer {layer}")
-            gx = _checked(reply.grad_x, x_shape, grad_y.dtype, f"dL/dX of layer {layer}") if need_grad_x else None
-            gw = _checked(reply.grad_w, w_shape, grad_y.dtype, f"dW_res of layer {layer}") if msg.need_grad_w else None
+            gx = checked_tensor(reply.grad_x, x_shape, grad_y.dtype, f"dL/dX of layer {layer}") if need_grad_x else None
+            gw = checked_tensor(reply.grad_w, w_shape, grad_y.dtype, f"dW_res of layer {layer}") if msg.need_grad_w else None
             if self.verifier is not None:
                 conv = self._convs[layer]
                 if gx is not None:
@@ -332,7 +332,9 @@ class Boundary:
         return reply
 
 
-def _checked(t: object, shape: Shape, dtype: torch.dtype, what: str) -> Tensor:
+def checked_tensor(t: object, shape: Shape, dtype: torch.dtype, what: str) -> Tensor:
+    """t, a tensor of the accelerator's reply, if it has the shape and dtype asked for and only
+    finite values; otherwise a BoundaryError naming `what`."""
     if not isinstance(t, Tensor):
         raise BoundaryError(f"the accelerator sent {type(t).__name__} for {what}, not a tensor")
     if tuple(t.shape) != tuple(shape):

@@ -144,7 +144,9 @@ def masked_by_bits(grad: Tensor, packed: Tensor) -> Tensor:
     return torch.from_numpy(out).view(grad.shape)
 
 
-class _PackedReLU(torch.autograd.Function):
+class PackedReLUFunction(torch.autograd.Function):
+    """PackedReLU's autograd function: keeps the sign of its input as one bit per value."""
+
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         y = torch.relu(x)
@@ -166,7 +168,7 @@ class PackedReLU(nn.Module):
     """nn.ReLU that keeps a 1-bit mask for backward (and nothing when no backward will come)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _PackedReLU.apply(x) if _needs_backward(x) else torch.relu(x)
+        return PackedReLUFunction.apply(x) if _needs_backward(x) else torch.relu(x)
 
 
 def _windows(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -199,7 +201,10 @@ def _max_unpool_2x2_fused(grad: Tensor, row: Tensor, col: Tensor, x_shape: torch
     return torch.from_numpy(out).view(x_shape)
 
 
-class _CompactMaxPool2x2(torch.autograd.Function):
+class CompactMaxPool2x2Function(torch.autograd.Function):
+    """CompactMaxPool2d's autograd function for 2x2 windows of stride 2: keeps each winner's row
+    and column in its window, a bit each, instead of an int64 index."""
+
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.x_shape = x.shape
@@ -232,7 +237,7 @@ class _CompactMaxPool2x2(torch.autograd.Function):
         return F.max_unpool2d(grad, idx, 2, 2, output_size=(h, w))
 
 
-class _CompactMaxPool(torch.autograd.Function):
+class CompactMaxPoolFunction(torch.autograd.Function):
     """Any max-pool window of up to 256 positions: the winner's position in its window, one byte
     per output, instead of an int64 index and the whole input (which max-pool's backward keeps)."""
 
@@ -347,8 +352,8 @@ class CompactMaxPool2d(nn.Module):
                 return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
             return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         if two_by_two:  # anything else (too small for one window: torch's own error) takes the general path
-            return _CompactMaxPool2x2.apply(x)
-        return _CompactMaxPool.apply(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+            return CompactMaxPool2x2Function.apply(x)
+        return CompactMaxPoolFunction.apply(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

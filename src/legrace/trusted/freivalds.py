@@ -69,7 +69,7 @@ class FreivaldsVerifier:
         want = F.conv2d(x, _out_combination(w, r), None, stride, padding, dilation)
         squares = F.conv2d(x * x, _out_combination(w * w, r * r), None, stride, padding, dilation)
         terms = w[0].numel() + w.shape[0]  # products in one output, then the combination over M
-        self._compare(got, want, squares, terms, sent_dtype, f"Y_res of layer {layer} (ConvForwardReply)")
+        self.compare(got, want, squares, terms, sent_dtype, f"Y_res of layer {layer} (ConvForwardReply)")
 
     def grad_input(self, layer: int, grad_y: Tensor, w: Tensor, grad_x: Tensor, stride: Shape, padding: Shape,
                    dilation: Shape) -> None:
@@ -81,7 +81,7 @@ class FreivaldsVerifier:
         want = conv2d_input(shape, _in_combination(w, s), grad_y, stride, padding, dilation)
         squares = conv2d_input(shape, _in_combination(w * w, s * s), grad_y * grad_y, stride, padding, dilation)
         terms = w.shape[0] * w[0, 0].numel() + w.shape[1]
-        self._compare(got, want, squares, terms, sent_dtype, f"dL/dX of layer {layer} (ConvBackwardReply)")
+        self.compare(got, want, squares, terms, sent_dtype, f"dL/dX of layer {layer} (ConvBackwardReply)")
 
     def grad_weight(self, layer: int, x: Tensor, grad_y: Tensor, grad_w: Tensor, stride: Shape, padding: Shape,
                     dilation: Shape) -> None:
@@ -93,10 +93,13 @@ class FreivaldsVerifier:
         want = conv2d_weight(x, shape, _combine(grad_y, r), stride, padding, dilation)
         squares = conv2d_weight(x * x, shape, _combine(grad_y * grad_y, r * r), stride, padding, dilation)
         terms = grad_y[:, 0].numel() + grad_w.shape[0]  # a sum over samples and positions, then over M
-        self._compare(got, want, squares, terms, sent_dtype, f"dW_res of layer {layer} (ConvBackwardReply)")
+        self.compare(got, want, squares, terms, sent_dtype, f"dW_res of layer {layer} (ConvBackwardReply)")
 
-    def _compare(self, got: Tensor, want: Tensor, squares: Tensor, terms: int, sent_dtype: torch.dtype,
-                 what: str) -> None:
+    def compare(self, got: Tensor, want: Tensor, squares: Tensor, terms: int, sent_dtype: torch.dtype,
+                what: str) -> None:
+        """Raise BoundaryError where the accelerator's answer `got` differs from the check `want`
+        by more than rounding (`squares`: the check of the squared terms, `terms`: how many are
+        summed). Every check ends here: a subclass may override it to observe them."""
         self.checks += 1
         # Half-precision answers are rounded once more, by about their eps, whatever n is.
         tolerance = max(self.tolerance * math.sqrt(terms), 4 * torch.finfo(sent_dtype).eps)

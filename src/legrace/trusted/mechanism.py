@@ -91,7 +91,7 @@ class GaussianMechanism:
             scale = (self.clip / norms.clamp_min(torch.finfo(x_res.dtype).tiny)).clamp(max=1.0)
             scale = scale.reshape(-1, *([1] * (x_res.dim() - 1)))
         if self.sigma > 0:
-            out = self._noise(x_res.shape, x_res.dtype).to(x_res.device)
+            out = self.draw_noise(x_res.shape, x_res.dtype).to(x_res.device)
             out = out.addcmul_(x_res, scale) if scale is not None else out.add_(x_res)
         else:
             out = x_res * scale if scale is not None else x_res
@@ -101,8 +101,9 @@ class GaussianMechanism:
             out = out.to(wire_dtype)
         return NoisedResidual(out, self.clip, self.sigma)
 
-    def _noise(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-        """A fresh N(0, sigma^2) buffer, used once: from the pool when one is ready."""
+    def draw_noise(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """A fresh N(0, sigma^2) buffer, used once: from the pool when one is ready. `release`
+        draws through it; public so that benchmarks can time the draw alone."""
         if self._pool is not None:
             ready = self._pool.take(shape, dtype)
             if ready is not None:

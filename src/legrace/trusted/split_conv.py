@@ -276,7 +276,8 @@ def _timed_call(layer: "SplitConv2d", phase: str, fn, *args, **kwargs):
         _tell(layer, phase, "wait", boundary.seconds_waiting - before)
 
 
-def _combine(y_main: Optional[Tensor], y_res: Optional[Tensor], bias: Optional[Tensor], out_shape, like: Tensor):
+def combine_outputs(y_main: Optional[Tensor], y_res: Optional[Tensor], bias: Optional[Tensor], out_shape,
+                    like: Tensor) -> Tensor:
     """Y = Y_main (bias included) + Y_res, in one fixed order, so a rebuilt Y has the same bits."""
     if y_main is not None:
         return y_main.add_(y_res) if y_res is not None else y_main
@@ -311,7 +312,7 @@ def _rebuilder(layer: "SplitConv2d", A: Tensor, V: Tensor, weight: Tensor, bias:
             y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
         if pending is not None:
             y_res = _timed_call(layer, "bwd", pending.result)
-        y = _combine(y_main, y_res, bias, out_shape, A)
+        y = combine_outputs(y_main, y_res, bias, out_shape, A)
         if layer._observers:
             seconds = time.perf_counter() - t0
             _tell(layer, "bwd", "rebuild", seconds)
@@ -344,7 +345,9 @@ def _take_shared(layer: "SplitConv2d", x: Tensor):
     return entry[2:5]
 
 
-class _SplitConvFunction(torch.autograd.Function):
+class SplitConvFunction(torch.autograd.Function):
+    """SplitConv2d's autograd function: the split forward and backward of one conv call."""
+
     # Under autocast the trusted side still computes in float32: the split and the noise are
     # defined on the activations' own values (and a residual's Y_res must match its dtype).
     @staticmethod
@@ -381,7 +384,7 @@ class _SplitConvFunction(torch.autograd.Function):
             y_main = lowrank_conv(A, V, weight, hw, layer.stride, layer.padding, layer.dilation, bias)
         if pending is not None:
             y_res, stored = _timed_call(layer, "fwd", pending.result)
-        y = _combine(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
+        y = combine_outputs(y_main, y_res, bias, out_shape, x)  # lowrank_only: the residual is dropped
         if grad and cfg.outputs is not None and (stored is not None or pending is None):
             cfg.outputs.offer(y, _rebuilder(layer, A, V, weight, bias, hw, stored, out_shape), layer.point,
                               rebuild_cost(A.shape[1], A.shape[2], weight.shape[0], hw[0] * hw[1],
@@ -396,7 +399,7 @@ class _SplitConvFunction(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_y: Tensor):
         with ctx.layer.config.lock:
-            return _SplitConvFunction._backward(ctx, grad_y)
+            return SplitConvFunction._backward(ctx, grad_y)
 
     @staticmethod
     def _backward(ctx, grad_y: Tensor):
@@ -513,7 +516,7 @@ class SplitConv2d(nn.Module):
         with self.config.lock:
             if sends:
                 self._sync_weight()
-            y = _SplitConvFunction.apply(x, self.weight, self.bias, self, sends, torch.is_grad_enabled())
+            y = SplitConvFunction.apply(x, self.weight, self.bias, self, sends, torch.is_grad_enabled())
         return layout_of(y, x)
 
     def _sync_weight(self) -> None:
