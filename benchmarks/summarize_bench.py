@@ -7,8 +7,8 @@ folder also holds benchmarks/shared_work.py's JSON for the same model, size, bat
 (its top level, as gpu_bench.sh and cpu_bench.sh write it), each time target's row shows the cap
 that TEE-only's work outside the split convs puts on that ratio on this host, for any split."""
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -134,4 +134,7 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/cpu-bench")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", default="runs/cpu-bench",
+                        help="the folder whose */bench.json runs to summarise (default runs/cpu-bench)")
+    main(parser.parse_args().folder)
