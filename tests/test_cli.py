@@ -186,7 +186,7 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", "digits"]) == 2
 
 
-def test_a_bare_resume_keeps_the_runs_epochs_and_more_epochs_say_they_pass_the_target(tmp_path, capsys):
+def test_a_bare_resume_keeps_the_runs_epochs_and_more_epochs_past_the_target_need_a_flag(tmp_path, capsys):
     out = str(tmp_path / "run")
     common = ["train", "--max-samples", "200", "--out", out, "--no-progress"]
     assert main(common + ["--epochs", "1"]) == 0
@@ -194,8 +194,15 @@ def test_a_bare_resume_keeps_the_runs_epochs_and_more_epochs_say_they_pass_the_t
     assert main(common + ["--resume"]) == 0  # not the default 10 epochs: nothing to do
     assert "nothing to do" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epsilon"] == first["epsilon"] <= 8
-    assert main(common + ["--resume", "--epochs", "2"]) == 0
+    ledger = (tmp_path / "run" / "privacy_ledger.json").read_bytes()
+    assert main(common + ["--resume", "--epochs", "2"]) == 2  # past the target: refused, nothing spent
+    err = capsys.readouterr().err
+    assert "past the target 8" in err and "--allow-past-target" in err and "--epochs 1 or fewer" in err
+    assert err.splitlines()[-1].startswith("legrace: error: ") and "past the target" in err.splitlines()[-1]
+    assert (tmp_path / "run" / "privacy_ledger.json").read_bytes() == ledger
+    assert main(common + ["--resume", "--epochs", "2", "--allow-past-target"]) == 0
     assert "past the target 8" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epsilon"] > 8
 
 
 def test_resume_refuses_options_that_would_change_what_the_run_trains(tmp_path, capsys):

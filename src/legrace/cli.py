@@ -54,6 +54,9 @@ def _train_options(t: argparse.ArgumentParser) -> None:
                    help="how each epoch's validation accuracy is measured: trusted (every conv on the trusted side, "
                         "exact; nothing released or accounted) or split (as training runs, on noised residuals; "
                         "accounted as passes over the validation split)")
+    t.add_argument("--allow-past-target", action="store_true",
+                   help="let a --resume with more epochs spend past the target epsilon the noise was calibrated for "
+                        "(refused otherwise, before anything is spent)")
     t.add_argument("--seed", type=seed, default=0, help="model init, data split and shuffling (noise stays secret)")
     t.add_argument("--noise-seed", type=seed, default=None, help="fix the noise generator: experiments only, insecure")
     t.add_argument("--max-samples", type=positive(int), default=None, help="use only this many samples (default: all)")
@@ -181,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
         accelerator_timeout=args.accelerator_timeout, verify=args.verify, audit=args.audit,
         decomposition=args.decomposition, wire_dtype=args.wire_dtype, keep_outputs_mb=args.keep_outputs_mb,
         accountant=args.accountant, out=args.out, val_inference=args.val_inference,
-        progress=not args.no_progress,
+        allow_past_target=args.allow_past_target, progress=not args.no_progress,
     )
     summary = run_training(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr), secret=args.secret,
                            given=getattr(args, "given", ()))

@@ -61,6 +61,7 @@ class TrainConfig:
     out: str = "runs/legrace"
     progress: bool = True
     val_inference: str = "trusted"  # how validation is measured (INFERENCES); "split" releases and is accounted
+    allow_past_target: bool = False  # a resume with more epochs may spend past target_epsilon
 
 
 DEFAULT_EPOCHS = 10
@@ -68,7 +69,7 @@ DEFAULT_EPOCHS = 10
 # On --resume these come from the command, not the checkpoint: where and how to run, not what to train
 # (epochs only when the command gives them).
 RUN_SETTINGS = ("epochs", "out", "progress", "accelerator", "accelerator_timeout", "verify", "audit", "wire_dtype",
-                "keep_outputs_mb", "download", "val_inference")
+                "keep_outputs_mb", "download", "val_inference", "allow_past_target")
 
 # How an accuracy is measured: "trusted" runs every conv on the trusted side (TrustedEngine.trusted_inference:
 # nothing released, nothing accounted); "split" serves the model with the accelerator as training does
@@ -275,8 +276,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print, secret: Opti
     elif state is not None and cfg.target_epsilon is not None and engine.releases_per_sample:
         projected = engine.epsilon_of_uses(engine.ledger.max_uses + cfg.epochs - start_epoch, cfg.delta)
         if projected > cfg.target_epsilon * 1.001:
-            log(f"warning: {cfg.epochs} epochs will spend epsilon {projected:.3g}, past the target "
-                f"{cfg.target_epsilon:g} the noise was calibrated for")
+            past = (f"{cfg.epochs} epochs would spend epsilon {projected:.3g}, past the target {cfg.target_epsilon:g} "
+                    "the noise was calibrated for")
+            if not cfg.allow_past_target:
+                raise TrainError(f"{past}; nothing was spent: pass --allow-past-target to spend it, or give "
+                                 f"--epochs {start_epoch + _epochs_within(engine, cfg)} or fewer")
+            log(f"warning: {past} (--allow-past-target)")
 
     def save(epoch: int) -> None:
         _save(ckpt_path, {"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(),
@@ -412,6 +417,14 @@ def _unloadable(err: Exception) -> str:
     if isinstance(err, EOFError):
         return "the file is empty or cut short"
     return f"not a file torch.save wrote, or a damaged one: {type(err).__name__}"
+
+
+def _epochs_within(engine, cfg: TrainConfig) -> int:
+    """How many more epochs keep a resumed run within its target epsilon (0 if none do)."""
+    more, limit = 0, cfg.target_epsilon * 1.001
+    while more < 100_000 and engine.epsilon_of_uses(engine.ledger.max_uses + more + 1, cfg.delta) <= limit:
+        more += 1
+    return more
 
 
 def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print,
