@@ -401,7 +401,7 @@ def run_bench(model_name: str, input_size: int, batch_size: int, modes: list[str
               "wire_dtype": wire_dtype or "float32",
               "overlap": next((r.engine.overlap for r in runs if r.engine.boundary is not None), None),
               "pinned_memory": any(r.engine.pinned_memory for r in runs if r.engine.boundary is not None),
-              "rebuild_outputs": next((r.engine.rebuild_outputs for r in runs if r.engine.boundary is not None), None),
+              "rebuild_outputs": next((r.engine.settings.rebuild_outputs for r in runs if r.engine.boundary is not None), None),
               "keep_outputs_mb": keep_outputs_mb,
               "threads": torch.get_num_threads(), "fused_kernels": kernels.usable(np.float32),
               "torch": torch.__version__, "glibc_tunables": tunables, "heap_kept": kept,
