@@ -252,7 +252,7 @@ def _load_imagefolder(root: Path, size: int | None) -> _Loaded:
         except OSError as err:  # a broken symlink, a file removed since the listing
             raise DataError(f"imagefolder:{root}: cannot read {path} ({err.strerror})") from None
         files.append((os.path.relpath(path, root), label, st.st_size))
-        timed.append((*files[-1], st.st_mtime_ns))  # the form of checkpoints made before 2026-12-04
+        timed.append((*files[-1], st.st_mtime_ns))  # the fingerprint's older form, with times, as old checkpoints hold it
     _check_headers(root, [path for path, _ in ds.samples])
     return ds, len(ds.classes), 3, size, list(ds.classes), (_fingerprint(files), _fingerprint(timed))
 

@@ -60,11 +60,7 @@ class Accelerator:
 
     pinned: move requests and answers through page-locked host memory (DMA at full bus speed,
     instead of the driver staging each pageable copy through a small buffer). Default: on for
-    CUDA. Measured on an H200 host with pinned answers alone: 55 GB/s against 15 GB/s pageable,
-    VGG-16 legrace step 3.36 s against 4.17 s, ResNet-18 1.16 s against 1.63 s (docs/performance.md,
-    "GPU runs"). Pinned requests (the engine draws noise straight into pinned memory; dL/dY
-    goes through a pinned buffer) and the sleeping wait came later: each copy was timed there on
-    its own, the whole step with them not yet."""
+    CUDA (what it saves per step: docs/performance.md)."""
 
     def __init__(self, device: str | torch.device = "cpu", pinned: bool | None = None) -> None:
         self.device = local_device(device)
@@ -117,9 +113,8 @@ class Accelerator:
             return t.to(self.device)
         if t.is_pinned():  # a noised residual drawn into pinned memory (GaussianMechanism.pinned_output)
             return t.to(self.device, non_blocking=True)
-        # via a pinned buffer: 21.6 GB/s counting the copy into it, against 8.2 GB/s straight from
-        # pageable memory (411 MB on an H200 host); the buffer returns to torch's cache once the
-        # copy is done
+        # via a pinned buffer: faster than a copy straight from pageable memory, even counting the
+        # copy into it; the buffer returns to torch's cache once the copy is done
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def _to_host(self, t: Tensor) -> Tensor:

@@ -43,20 +43,17 @@ except ImportError:
     resource = None
 
 # A TEE-only baseline that only the benchmark runs: the user's model unconverted, in plain PyTorch with
-# channels_last tensors, on the trusted side's CPU and threads. On 2 cores it trained 1.02-1.28x faster
-# than legrace's own tee_only (docs/bench/cpu) (NCHW, with the bit-packed ReLU and pooling that save memory), so the
-# headline ratios use whichever TEE-only is faster, and the memory ratio whichever keeps less.
+# channels_last tensors, on the trusted side's CPU and threads. It can train faster than legrace's own
+# tee_only (NCHW, with the bit-packed ReLU and pooling that save memory), so the headline ratios use
+# whichever TEE-only is faster, and the memory ratio whichever keeps less (docs/performance.md).
 TEE_CHANNELS_LAST = "tee_only_channels_last"
 TEE_MODES = ("tee_only", TEE_CHANNELS_LAST)
 BENCH_MODES = MODES + (TEE_CHANNELS_LAST,)
 
 # Warm-up goes on (up to --settle-rounds more rounds) while a mode's last warm-up step still
 # page-faulted more than this many pages: its heap was still growing into fresh pages. An enclave
-# commits its heap once, so those first touches are not a cost of its steps. Measured on 2 cores
-# (224x224, batch 32, modes in round robin, one warm-up step each): VGG-16's legrace steps faulted
-# 100 thousand pages (a 392 MiB block that no hole of the kept heap fitted yet) in each of the
-# first three rounds and none after; ResNet-18's and -34's TEE-only and legrace steps 6-56 thousand
-# in the first one to three.
+# commits its heap once, so those first touches are not a cost of its steps. A heap can take a few
+# rounds to settle (see _warm_up).
 SETTLED_PAGES = 1024
 SETTLE_ROUNDS = 4
 

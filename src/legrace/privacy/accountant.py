@@ -49,7 +49,7 @@ def _check(accountant: str) -> None:
 
 def check_delta(delta: float) -> None:
     """delta is a probability of failure: outside (0, 1) an accountant's epsilon means nothing
-    (delta 1.5 gave a negative epsilon)."""
+    (delta 1.5 gives a negative epsilon)."""
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
         raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
 

@@ -54,11 +54,9 @@ def _own_channels(X: Tensor, R: int) -> Tensor:
     return torch.gather(X, 1, idx.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
 
 
-# Up to this many channels, _light iterates on the Gram matrix X·X^T (N x N) instead of on X.
-# Measured on 2 cores (VGG-16 and ResNet shapes, batch 2-32): never slower at N <= 64, and 1.6-1.8x
-# faster on large maps, where each pass over X goes to memory. At N = 128 it won only on 112x112
-# maps at batch 32 (lost on them at batch 8, and on 56x56 maps); at N = 256-512 the N^2·hw MACs of
-# the Gram matrix always cost more than the passes they save (up to 5.7x slower).
+# Up to this many channels, _light iterates on the Gram matrix X·X^T (N x N) instead of on X: it
+# reads X twice instead of 1 + 2·iters times, which pays where each pass over X goes to memory;
+# with more channels the Gram matrix's N^2·hw MACs cost more than the passes they save.
 GRAM_MAX_CHANNELS = 64
 
 

@@ -19,10 +19,10 @@ grow like sqrt(n) times the root-sum-square of its terms. So each value is compa
 (one more conv of the same size), and flagged when
     |answer - check| > TOLERANCE * sqrt(n) * (scale + rms(scale) / 10);
 the second term allows for conv algorithms (FFT) whose rounding spreads over a whole output. The
-scale is about the size of the checked value itself. Honest float32 answers measured at most
-2e-7 * sqrt(n) * scale on CPU (benchmarks/verify.py), 50 times below TOLERANCE = 1e-5; errors
-larger than about TOLERANCE * sqrt(n) of a value (1e-3 for n = 10^4) are caught. Not measured on
-a GPU: check the margin there (benchmarks/verify.py --device cuda) before relying on it.
+scale is about the size of the checked value itself, so errors larger than about
+TOLERANCE * sqrt(n) of a value (1e-3 for n = 10^4) are caught. Honest float32 answers on a CPU stay
+far below TOLERANCE (docs/boundary.md); check the margin on a GPU (benchmarks/verify.py --device
+cuda) before relying on it there.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """The trusted side's Gaussian sampler: a ziggurat over xoshiro256++ streams, compiled by numba.
 
 Why not torch's `normal_`: on the CPU, torch draws float32 Gaussians by Box-Muller from 24-bit
-uniforms, so |z| <= sqrt(-2 ln 2^-24) = 5.77: the noise is a Gaussian truncated at 5.77 sigma
-(checked: 0 of 10^9 draws beyond it, where a Gaussian has 8). The Gaussian mechanism's guarantee
-does not survive truncation. A release whose clipped residual moves by d between neighbouring
-data sets can land where one of them has no support, an infinite privacy loss. This costs an
-extra delta of about the chance that some coordinate's noise lands within |d_i| of the edge,
-sum_i P(5.77 - |d_i| / sigma < N(0, 1) < 5.77), per release:
-up to 8e-5 for z = 1 when d sits in one coordinate, and up to 2e-6 for z = 45.7 on a 3.2 M-value
-VGG-16 activation when d is spread evenly; a VGG-16 step makes 12 releases. This sampler draws from
-53-bit uniforms, with the exact tail of Marsaglia's method: R + t is accepted when
--2 ln(u2) >= t^2, and u2 >= 2^-53, so its support reaches R + sqrt(106 ln 2) = 12.0 sigma, where
-the same extra delta is below 6e-16 for any z >= 0.5 (P(N(0, 1) > 12.01 - 4) = 5.5e-16 in the worst
-case, the change in one coordinate), and below 1e-23 for z >= 1.
-It is also faster: one 64-bit word per value in 97.2% of draws (the mean of RATIOS), with no
+uniforms, so |z| <= sqrt(-2 ln 2^-24) = 5.77: a Gaussian truncated at 5.77 sigma, and the Gaussian
+mechanism's guarantee does not survive truncation (near the edge a neighbour's output can be
+impossible; the extra delta this costs is in docs/privacy.md). This sampler draws from 53-bit
+uniforms, with the exact tail of Marsaglia's method: R + t is accepted when -2 ln(u2) >= t^2, and
+u2 >= 2^-53, so its support reaches R + sqrt(106 ln 2) = 12.0 sigma, where that extra delta is
+negligible. It also takes one 64-bit word per value in 97.2% of draws (the mean of RATIOS), with no
 logarithm or cosine, and a pass without branches (the rest are completed after it).
 
 What it does not change: the generator is not cryptographic (neither is torch's Mersenne

@@ -4,17 +4,13 @@ By default glibc maps every block over 32 MiB afresh and unmaps it on free, so e
 activations fault in every page again. An SGX enclave commits its heap once, so `legrace train`
 and `legrace bench` keep freed memory by raising glibc's mmap threshold and turning trimming off
 (mallopt), much as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...
-would. On 2 cores (VGG-16, 224x224, batch 8) a TEE-only step took 2.01 s with it against 3.21 s
-without, legrace's trusted side 0.80 s against 1.85 s, for a peak resident memory 1.1x as large
-(at batch 32, 10.7 GB against 7.0 GB; docs/performance.md).
+would, at the price of a larger resident memory (docs/performance.md).
 A block over 64 MiB allocated on another thread than the main one is still mapped afresh (a
 thread's arena is no larger); legrace's large trusted work runs on the main thread.
 
 Trimming is turned off altogether (M_TRIM_THRESHOLD = -1, as mallopt(3) documents), not set to
-mallopt's largest int: with a 2 GiB threshold, a step that freed more than that at the heap's top
-gave it back to the OS, and the next step faulted it in again. In `legrace bench` (VGG-16, 224x224,
-batch 32, 2 cores, medians of 2 runs) each mode then faulted 150-250 thousand pages a step against
-0-4, and TEE-only took 8.88 s a step against 7.99 s (benchmarks/heap_settings.py).
+mallopt's largest int: with a 2 GiB threshold, a step that frees more than that at the heap's top
+gives it back to the OS, and the next step faults it in again (benchmarks/heap_settings.py).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def max_pool_2x2(x, xi, yi, row_bits, col_bits, k0, k1, oh, ow, h, w):  # pragma
     Branch-free, so it vectorises: each winner is chosen by masking the integer bits (exact for
     NaN payloads and signed zeros), while the comparisons read the floats; the decisions go to a
     byte per output first and are packed eight to a byte after. With data-dependent branches
-    instead it ran 3.4x slower on random data (one thread, the largest VGG-16 pool).
+    instead it ran much slower on random data.
     """
     n = k1 - k0
     lower = np.empty(n + 8, np.uint8)
@@ -117,7 +117,7 @@ def max_unpool_2x2(gi, row_bits, col_bits, outi, k0, k1, oh, ow, h, w):  # pragm
     to the other three, and 0 to the odd row and column floor mode dropped (written with the
     output row or plane they end), so every element of out is written exactly once overall.
     gi and outi are the gradients' memory as unsigned integers: the gradient goes through a bit
-    mask, branch-free and exact (2.6x faster than branching on the bits)."""
+    mask, branch-free and exact (faster than branching on the bits)."""
     plane = k0 // (oh * ow)
     rest = k0 - plane * oh * ow
     i = rest // ow

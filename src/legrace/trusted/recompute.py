@@ -16,9 +16,8 @@ back from the token. Every other saved tensor is kept as usual.
 A memory budget (`keep_bytes`, LegRace's `keep_outputs_mb`) trades some of that memory back for
 time: the outputs that cost most to rebuild per byte are kept for real, up to the budget. The
 cost is the rebuild's multiply-accumulates per output element, which the split conv gives with
-its offer: forming W' = A·W costs N·R·k² per sample whatever the map's size, so on a deep layer's
-small map it dwarfs the low-rank conv (ResNet-18 at R = 8: 824 per element of its 512-channel
-7x7 outputs, 74 of its 64-channel 56x56 ones; split_conv.rebuild_cost). Which outputs a forward
+its offer (split_conv.rebuild_cost): forming W' = A·W costs N·R·k² per sample whatever the map's
+size, so on a deep layer's small map it dwarfs the low-rank conv. Which outputs a forward
 keeps is planned from the previous forward's saves, so the first training step rebuilds them all;
 within a forward the budget is never exceeded.
 """

@@ -90,12 +90,8 @@ def direct_is_cheaper(N: int, R: int, hw: int) -> bool:
 
 # The low-rank conv is R input channels per sample with per-sample kernels W'. oneDNN's grouped conv
 # (groups = B) runs it far below its dense-conv rate; im2col (F.unfold of V, R·k² rows) and one
-# batched GEMM per sample do better once M, the GEMM's other side, amortises the unfold. Measured
-# with benchmarks/lowrank_paths.py (docs/bench/lowrank_paths: batch 32 and 8, 2 cores): at M >= 128
-# on maps up to 56x56 the GEMM is 0.90-2.0x as fast forward and 0.97-1.7x for the weight gradient
-# (the 0.9x: forward on 56x56 maps, whose weight gradient gains 1.2x); at M = 64 and on 112x112
-# and larger maps it loses (0.6-0.95x). With this rule, one forward and weight gradient of every
-# split conv run 1.05x faster than with the grouped conv alone on VGG-16, 1.11x on ResNet-18.
+# batched GEMM per sample do better once M, the GEMM's other side, amortises the unfold, on maps
+# that are not too large (benchmarks/lowrank_paths.py; docs/performance.md).
 UNFOLD_MIN_OUT_CHANNELS = 128
 UNFOLD_MAX_PIXELS = 56 * 56
 
@@ -181,12 +177,10 @@ def lowrank_weight_grad(A: Tensor, V: Tensor, grad_y: Tensor, w_shape, hw, strid
 
 
 # oneDNN's grouped weight gradient reorders all of dL/dY into a scratch buffer of its own size, a
-# fresh allocation at each call: 411 MB for VGG-16's second conv at batch 32. glibc maps a block
-# that large afresh (every page faults) with its default tunables, on any thread but the main one,
-# and when the heap's free blocks are too short: 100,352 of a VGG-16 step's 101,047 minor faults on
-# the GPU host. In chunks of a few samples the scratch is reused, and the call is as fast as one
-# call without faults and bit for bit the same (benchmarks/wgrad_scratch.py, docs/bench/
-# wgrad_scratch: 2 cores, batch 32, 106-119 ms for that conv against 108 ms, or 193-226 ms with faults).
+# fresh allocation at each call, which glibc maps afresh (every page faults) on any thread but the
+# main one, or when the heap has no free block that large. In chunks of a few samples the scratch
+# is reused: as fast as one call without faults, bit for bit the same (benchmarks/wgrad_scratch.py;
+# docs/performance.md).
 GROUPED_CHUNK_BYTES = 16 * 2**20
 
 
