@@ -218,7 +218,7 @@ def test_resume_refuses_options_that_would_change_what_the_run_trains(tmp_path, 
     assert (tmp_path / "run" / "privacy_ledger.json").read_text() == ledger  # nothing ran
     # the command that started the run, repeated with --resume, is fine; so are run settings
     assert main(common + ["--resume", "--epochs", "2", "--model", "cnn", "--rank", "8", "--lr", "0.05",
-                          "--wire-dtype", "bfloat16"]) == 0
+                          "--wire-dtype", "bfloat16", "--allow-past-target"]) == 0
 
 
 def test_a_checkpoint_never_runs_code_when_loaded(tmp_path):
