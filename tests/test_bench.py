@@ -532,7 +532,6 @@ def test_benchmark_scripts_keep_the_heap_as_legrace_bench_does_unless_told(monke
     ("busy_thread.py", ["--steps", "x"]), ("transports.py", ["--steps", "0"]), ("verify.py", ["--steps", "0"]),
     ("micro_batches.py", ["--k", "2,0"]), ("exactness.py", ["--sizes", "32,x"]),
     ("keep_outputs.py", ["--steps", "0"]), ("noise_ceiling.py", ["--threads", "0"]),
-    ("recount_macs.py", ["/no/such/run"]),
     ("profile_trusted.py", ["--threads", "-1"]), ("wgrad_scratch.py", ["--rounds", "0"]),
     ("heap_settings.py", ["--rounds", "0"]), ("heap_settings.py", ["--settings", "kept,nope"]),
 ])
