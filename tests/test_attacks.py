@@ -285,7 +285,7 @@ def test_membership_runs_on_a_default_digits_run_and_says_why_it_trains_no_shado
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
     capsys.readouterr()
-    out = tmp_path / "mem"  # was: "asked for 1000 non-members (validation and unused samples) but only 180"
+    out = tmp_path / "mem"
     assert main(["attack", "membership", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out)]) == 0
     result = json.loads((out / "membership.json").read_text())
     assert result["budget"]["members"] == result["budget"]["nonmembers"] == 180

@@ -366,7 +366,7 @@ def test_bench_refuses_a_bad_output_folder_before_it_times_anything(tmp_path, ca
     afile = tmp_path / "a-file"
     afile.write_text("kept")
     for out, message in ((afile, "is a file"), (afile / "below", "cannot write in the output folder"),
-                         ("", "the output folder is empty")):  # was: written to the working folder
+                         ("", "the output folder is empty")):  # "" is refused, not taken as the working folder
         assert main(["bench", "--model", "cnn", "--input-size", "16", "--modes", "tee_only", "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert afile.read_text() == "kept"
@@ -625,7 +625,7 @@ def test_shared_work_counts_the_first_conv_as_shared_and_bounds_the_ratio(monkey
 
 
 def test_macs_of_tee_only_are_those_torch_counts_for_a_step():
-    # the first conv's input is the image: autograd computes no dL/dX for it (was counted)
+    # the first conv's input is the image: autograd computes no dL/dX for it, and the count has none
     from torch.utils.flop_counter import FlopCounterMode
 
     from legrace.bench.runner import count_macs
@@ -655,7 +655,6 @@ def test_decomposition_macs_are_those_the_light_svd_computes(channels):
 
 
 def test_bench_refuses_a_keep_budget_that_would_keep_nothing_more(tmp_path, capsys):
-    # was: run, and recorded as keep_outputs_mb 5 in bench.json
     for args, message in ((["--infer"], "--infer has no backward"),
                           (["--no-rebuild-outputs"], "every conv output is kept already")):
         out = tmp_path / args[0]
@@ -694,7 +693,6 @@ def _counted_step(run, monkeypatch) -> tuple[int, int]:
 ])
 def test_macs_are_what_the_accelerator_and_the_trusted_side_compute(monkeypatch, model, size, mode, rank, rebuild,
                                                                      trusted):
-    # was: a conv whose map R covers, R = 0's Gram matrix and the accelerator's rebuilt Y_res were miscounted
     from legrace.bench.runner import ModeRun
     from legrace.models import build_model
 
@@ -712,7 +710,7 @@ def test_macs_are_what_the_accelerator_and_the_trusted_side_compute(monkeypatch,
 
 
 def test_bench_subtracts_the_time_weights_spend_in_transport_from_the_trusted_time():
-    # was: SetWeight (sent each forward) and hold_weight were booked as trusted work
+    # SetWeight (sent each forward) and hold_weight count as transport time, not trusted work
     import time
 
     from legrace.bench.runner import ModeRun
@@ -778,7 +776,7 @@ def test_layer_observers_hear_each_split_conv_until_removed():
 
 
 def test_bench_refuses_batches_of_one_that_a_batchnorm_cannot_train_on(tmp_path, capsys):
-    # was: torch's "Expected more than 1 value per channel when training" after the engines had started
+    # refused before any engine starts, not by torch's "Expected more than 1 value per channel when training"
     from legrace.models import build_model, fails_on_one_sample
 
     out = tmp_path / "bench"

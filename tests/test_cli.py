@@ -211,7 +211,7 @@ def test_resume_refuses_options_that_would_change_what_the_run_trains(tmp_path, 
     assert main(common + ["--epochs", "1"]) == 0
     ledger = (tmp_path / "run" / "privacy_ledger.json").read_text()
     capsys.readouterr()
-    # was: ignored with a log line, the run going on as the checkpoint's cnn
+    # a resume that changes --model or --noise-multiplier is refused, not ignored
     assert main(common + ["--resume", "--epochs", "2", "--model", "vgg11", "--noise-multiplier", "2"]) == 2
     err = capsys.readouterr().err
     assert "--model (checkpoint: 'cnn', here: 'vgg11')" in err and "--noise-multiplier" in err
@@ -561,7 +561,7 @@ def test_a_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty, argv, bar
     assert main(["train", "--epochs", "1", "--max-samples", "200", "--out", str(tmp_path / "r"), *argv]) == 0
     written = "".join(stderr.parts)
     assert "epoch 1/1: train_acc" in written  # the epoch's log line, bar or none
-    assert ("%|" in written) == bar  # tqdm's bar (was drawn into log files too)
+    assert ("%|" in written) == bar  # tqdm's bar, never in a log file
 
 
 def _not_checkpoints(tmp_path):
@@ -596,7 +596,7 @@ def test_a_file_that_is_not_a_checkpoint_gets_one_line_that_never_suggests_unsaf
         assert err.count("\n") == 1 and "Traceback" not in err, err
         assert f"{path} is not a legrace checkpoint (" in err and "give the checkpoint.pt that `legrace train` wrote" \
             in err, err
-        for advice in ("weights_only", "trusted source", "safe_globals", "arbitrary code"):  # was: torch's advice
+        for advice in ("weights_only", "trusted source", "safe_globals", "arbitrary code"):  # not torch's advice
             assert advice not in err, (name, err)
         with pytest.raises(TrainError) as ei:  # nor does a traceback of the library, through a chained cause
             load_checkpoint(path)

@@ -257,7 +257,7 @@ def test_keyword_input_call_runs():
 
 
 def test_a_split_conv_keeps_its_inputs_memory_format():
-    # as nn.Conv2d does: channels_last in, channels_last out (was NCHW)
+    # as nn.Conv2d does: channels_last in, channels_last out
     plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
     engine = LegRace(rank=2, clip=None, noise_multiplier=0)
     model = engine.convert(plain)

@@ -346,7 +346,7 @@ def test_imagefolder_missing_or_empty(tmp_path):
 
 def test_unreadable_images_are_refused_at_load_naming_them(tmp_path):
     root = _make_folder(tmp_path / "imgs")
-    (root / "cats" / "broken.png").write_bytes(b"not a png")  # was found only mid-pass, by the loader
+    (root / "cats" / "broken.png").write_bytes(b"not a png")  # refused at load, not mid-pass by the loader
     (root / "dogs" / "empty.jpg").write_bytes(b"")
     with pytest.raises(DataError) as ei:
         load_data(f"imagefolder:{root}", val_fraction=0)
@@ -355,7 +355,7 @@ def test_unreadable_images_are_refused_at_load_naming_them(tmp_path):
 
 def test_a_file_that_is_not_an_image_is_refused_by_name_not_skipped(tmp_path):
     root = _make_folder(tmp_path / "imgs")
-    (root / "cats" / "notes.txt").write_text("taken on a sunny day")  # was: left out of the data without a word
+    (root / "cats" / "notes.txt").write_text("taken on a sunny day")
     with pytest.raises(DataError) as ei:
         load_data(f"imagefolder:{root}", val_fraction=0)
     _one_line_error(ei, "1 file(s)", "cats/notes.txt", "would be left out", "remove them or move them out")
@@ -395,7 +395,7 @@ def test_module_constants():
 
 def test_npz_labels_that_would_make_a_huge_head_or_leave_classes_out(tmp_path):
     x = np.zeros((4, 8, 8, 3), np.uint8)
-    with pytest.raises(DataError) as e:  # was a MemoryError from deep inside
+    with pytest.raises(DataError) as e:  # a one-line error, not a MemoryError from deep inside
         load_data(_write_npz(tmp_path / "huge.npz", x=x, y=np.array([0, 1, 2, 10**9])))
     _one_line_error(e, "labels go up to 1000000000")
     with pytest.warns(UserWarning, match="1 of 0..3 never occur"):  # one-based labels: class 0 is never seen
@@ -404,7 +404,7 @@ def test_npz_labels_that_would_make_a_huge_head_or_leave_classes_out(tmp_path):
 
 def test_npz_in_channel_first_layout_is_named_not_read_as_odd_images(tmp_path):
     spec = _write_npz(tmp_path / "nchw.npz", x=np.zeros((4, 3, 8, 8), np.uint8), y=np.arange(4))
-    for size in (None, 8):  # was: "not square; pass an image size", which then trained 8-channel 3x8 images
+    for size in (None, 8):  # an image size does not make it read as 8-channel 3x8 images
         with pytest.raises(DataError) as e:
             load_data(spec, image_size=size)
         _one_line_error(e, "looks channel-first")

@@ -154,7 +154,7 @@ def test_an_answer_whose_check_overflows_is_caught():
     bad = F.conv2d(x, w, None, 1, 1)
     big = torch.finfo(torch.float32).max
     bad[0, 0, 1, 1], bad[0, 300, 1, 1] = big, -big
-    for _ in range(100):  # before the fix about 1 check in 17 let it through
+    for _ in range(100):  # each check draws its own random vector: every one must catch it
         with pytest.raises(BoundaryError, match="integrity check failed"):
             FreivaldsVerifier().conv_forward(1, x, w, bad, (1, 1), (1, 1), (1, 1))
 

@@ -142,7 +142,7 @@ def test_evaluate_by_default_spends_no_privacy_and_leaves_the_ledger_as_it_was(t
     out = _run(tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     ledger = (out / "privacy_ledger.json").read_bytes()
-    for args in (["--data", "digits", "--split", "val"], ["--data", "digits"]):  # was: each one more use
+    for args in (["--data", "digits", "--split", "val"], ["--data", "digits"]):  # neither adds a use
         code, result, _ = _evaluate(capsys, out, *args)
         assert code == 0 and result["inference"] == "trusted" and "trusted inference" in result["measured"]
         assert result["epsilon_before"] == result["epsilon"] == summary["epsilon"] > 0
@@ -184,7 +184,7 @@ def test_split_inference_says_its_cost_first_and_keeps_to_the_target(tmp_path, c
 
 def test_validation_during_training_is_trusted_unless_asked(tmp_path, capsys):
     out = _run(tmp_path)
-    assert json.loads((out / "privacy_ledger.json").read_text())["uses"] == {"train": 2}  # was: validation 2 too
+    assert json.loads((out / "privacy_ledger.json").read_text())["uses"] == {"train": 2}  # no validation use
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["val_inference"] for r in rows] == ["trusted"] * 2 and summary["val_inference"] == "trusted"

@@ -112,7 +112,7 @@ def test_tables_keep_the_sign_of_an_infinite_value():
 
 
 def test_analyze_rank_runs_with_its_defaults_on_digits_and_says_what_it_read(tmp_path, capsys):
-    out = tmp_path / "rank"  # was: "asked for 256 unused samples but only 0 are available"
+    out = tmp_path / "rank"
     assert main(["analyze", "rank", "--out", str(out)]) == 0
     budget = json.loads((out / "rank.json").read_text())["budget"]
     assert (budget["source"], budget["samples"], budget["data"]) == ("heldout", 180, "digits")
