@@ -5,8 +5,8 @@ for VGG-16's second conv at batch 32). glibc gives a block that large fresh page
 whenever it is not carved from a free block of the main heap: always with glibc's default
 tunables (it is mmap'd), on any thread but the main one even with the heap kept (legrace.trusted.heap; a
 thread's arena maps anything over 64 MB afresh), and on the main thread when the heap's free
-blocks are step-sized holes a few bytes too short. On the GPU host, 100,352 of a VGG-16 step's
-101,047 minor faults fell in this one call. `split_conv` runs the call in chunks of a few samples
+blocks are step-sized holes a few bytes too short (docs/performance.md says how many of a step's
+faults that was). `split_conv` runs the call in chunks of a few samples
 (`GROUPED_CHUNK_BYTES` of dL/dY each), whose scratch every arena reuses. This script times both
 ways, interleaved round after round, on the main thread and on a second thread, for the layers of
 VGG-16 that take the grouped path: median time and minor faults per call.
