@@ -106,7 +106,7 @@ class TrustedEngine:
         # The model is checked before it is converted: a refused model can be mended and given to
         # the same engine again.
         self._check_unused()
-        sizes = self._probe_loader(module, data_loader) if self.mode in ("legrace", "dp_only") else None
+        sizes = self._probe_loader(module, data_loader) if self.settings.releases else None
         try:
             model = self._convert_once(module)
         except BaseException:
@@ -151,7 +151,7 @@ class TrustedEngine:
         ledger counts them, so a second model (or a second make_private) needs an engine of its own.
         An engine made with target_epsilon calibrates in make_private, which knows the epochs.
         """
-        if self.target_epsilon is not None and self.mode in ("legrace", "dp_only") and not self._converted:
+        if self.target_epsilon is not None and self.settings.releases and not self._converted:
             raise ValueError("an engine with target_epsilon calibrates its noise in make_private (it needs the "
                              "epochs and the data loader): call make_private, or give noise_multiplier to convert")
         return self._convert_once(module)
@@ -397,7 +397,7 @@ class TrustedEngine:
         points whose fixed R covers all their input channels (split exactly, they send nothing)."""
         if self._releasing_points is None:
             raise RuntimeError("call make_private (or convert) first: the count depends on the model")
-        return self._releasing_points if self.mode in ("legrace", "dp_only") else 0
+        return self._releasing_points if self.settings.releases else 0
 
     @property
     def batch_coupled_releases_per_sample(self) -> int:
@@ -503,7 +503,7 @@ class TrustedEngine:
     def _noise_setting(self) -> tuple[Optional[float], Optional[float]]:
         """(noise multiplier, clip) this engine releases with, as state_dict records them; z is
         None while it waits to calibrate from target_epsilon."""
-        if self.mechanism is not None or self.mode not in ("legrace", "dp_only"):
+        if self.mechanism is not None or not self.settings.releases:
             return self.noise_multiplier, self.clip
         if self.settings.noise_multiplier is None:
             return None, None
