@@ -420,11 +420,18 @@ def _unloadable(err: Exception) -> str:
 
 
 def _epochs_within(engine, cfg: TrainConfig) -> int:
-    """How many more epochs keep a resumed run within its target epsilon (0 if none do)."""
-    more, limit = 0, cfg.target_epsilon * 1.001
-    while more < 100_000 and engine.epsilon_of_uses(engine.ledger.max_uses + more + 1, cfg.delta) <= limit:
-        more += 1
-    return more
+    """How many more epochs keep a resumed run within its target epsilon (0 if none do): epsilon
+    grows with every use, so the most is found by doubling, then bisecting."""
+    def within(more: int) -> bool:
+        return engine.epsilon_of_uses(engine.ledger.max_uses + more, cfg.delta) <= cfg.target_epsilon * 1.001
+
+    lo, hi = 0, 1
+    while within(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if within(mid) else (lo, mid)
+    return lo
 
 
 def run_evaluation(checkpoint: Union[str, Path], data_spec: str, split: str = "all", log=print,
